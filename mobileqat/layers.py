@@ -1,0 +1,211 @@
+"""QAT layers and QuantizeConfigs.
+
+``FoldedConvBN`` is a Conv2D or DepthwiseConv2D (no bias) with its BatchNormalization and
+activation folded in, the way the TFLite converter folds them:
+
+    inference:  y = act(conv(x, Q(w * g / s)) + (beta - mean * g / s)),  s = sqrt(moving_var + eps)
+
+so the weights fake-quantized in training are exactly the folded weights the .tflite holds.
+In training, batch statistics normalise the output (the correction of Krishnamoorthi 2018,
+sec. 3.2): y = conv(x, Q(w * g / s)) * s / s_B + (beta - mean_B * g / s_B), while the
+quantized weights stay folded with the moving statistics, so training and inference
+quantize the same tensor.
+
+The QuantizeConfigs say which tensors of a layer are fake-quantized (tfmot's contract).
+"""
+from mobileqat._tf import keras, tf, tfmot
+from mobileqat.quantizers import ActivationQuantizer, WeightQuantizer
+
+_serializable = keras.utils.register_keras_serializable(package="mobileqat")
+_QuantizeConfig = tfmot.quantization.keras.QuantizeConfig
+
+
+@_serializable
+class FoldedConvBN(keras.layers.Layer):
+    """Conv2D / DepthwiseConv2D + BatchNormalization (+ activation) with BN folded into the weights.
+
+    Input (batch, H, W, C_in) float32; output (batch, H', W', C_out) with C_out = filters, or
+    C_in * depth_multiplier when ``depthwise``. The weight quantizer sees the folded kernel with
+    output channels on the last axis, (kh, kw, C_in, C_out) or (kh, kw, 1, C_in * multiplier).
+    """
+
+    def __init__(self, filters=None, kernel_size=3, strides=1, padding="same", depthwise=False,
+                 depth_multiplier=1, activation=None, momentum=0.9, epsilon=1e-3,
+                 weight_quantizer=None, kernel_initializer="he_normal", kernel_regularizer=None, **kwargs):
+        super().__init__(**kwargs)
+        if not depthwise and not filters:
+            raise ValueError(f"FoldedConvBN '{self.name}': give filters (a positive integer) or depthwise=True.")
+        self.filters = filters
+        self.kernel_size = tuple(kernel_size) if isinstance(kernel_size, (list, tuple)) else (kernel_size,) * 2
+        self.strides = tuple(strides) if isinstance(strides, (list, tuple)) else (strides,) * 2
+        self.padding = padding.lower()
+        self.depthwise = bool(depthwise)
+        self.depth_multiplier = int(depth_multiplier)
+        self.activation = keras.activations.get(activation)
+        self.momentum, self.epsilon = float(momentum), float(epsilon)
+        if isinstance(weight_quantizer, dict):
+            weight_quantizer = keras.utils.deserialize_keras_object(weight_quantizer)
+        self.weight_quantizer = weight_quantizer
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+
+    def build(self, input_shape):
+        c_in = int(input_shape[-1])
+        kh, kw = self.kernel_size
+        if self.depthwise:
+            self.out_channels = c_in * self.depth_multiplier
+            kernel_shape = (kh, kw, c_in, self.depth_multiplier)
+            self._quant_shape = (kh, kw, 1, self.out_channels)
+        else:
+            self.out_channels = int(self.filters)
+            kernel_shape = self._quant_shape = (kh, kw, c_in, self.out_channels)
+        self.kernel = self.add_weight("kernel", kernel_shape, initializer=self.kernel_initializer,
+                                      regularizer=self.kernel_regularizer)
+        n = (self.out_channels,)
+        self.gamma = self.add_weight("gamma", n, initializer="ones")
+        self.beta = self.add_weight("beta", n, initializer="zeros")
+        self.moving_mean = self.add_weight("moving_mean", n, initializer="zeros", trainable=False)
+        self.moving_variance = self.add_weight("moving_variance", n, initializer="ones", trainable=False)
+        self._wq_vars = (self.weight_quantizer.build(self._quant_shape, "kernel", self)
+                         if self.weight_quantizer is not None else None)
+        super().build(input_shape)
+
+    def load_conv_bn(self, kernel, gamma, beta, moving_mean, moving_variance):
+        """Take the weights of a Conv2D/DepthwiseConv2D (no bias) and its BatchNormalization."""
+        for var, value in zip((self.kernel, self.gamma, self.beta, self.moving_mean, self.moving_variance),
+                              (kernel, gamma, beta, moving_mean, moving_variance)):
+            var.assign(tf.reshape(tf.cast(value, var.dtype), var.shape))
+        if self.weight_quantizer is not None:  # range of the folded weights, as export will see them
+            self.folded_kernel(training=True)
+
+    def _conv(self, x, kernel):
+        strides = (1,) + self.strides + (1,)
+        if self.depthwise:
+            return tf.nn.depthwise_conv2d(x, kernel, strides, self.padding.upper())
+        return tf.nn.conv2d(x, kernel, strides, self.padding.upper())
+
+    def folded_kernel(self, training=False):
+        """The kernel the .tflite holds: w * gamma / sqrt(moving_var + eps), fake-quantized."""
+        scale = self.gamma * tf.math.rsqrt(self.moving_variance + self.epsilon)
+        w = tf.reshape(self.kernel, self._quant_shape) * scale
+        if self.weight_quantizer is not None:
+            w = self.weight_quantizer(w, training, self._wq_vars)
+        return tf.reshape(w, self.kernel.shape)
+
+    def folded_bias(self):
+        """The bias the .tflite holds (before int32 quantization): beta - mean * gamma / s, shape (C_out,)."""
+        return self.beta - self.moving_mean * self.gamma * tf.math.rsqrt(self.moving_variance + self.epsilon)
+
+    def call(self, inputs, training=None):
+        if training is None:
+            training = keras.backend.learning_phase()
+        return tf.__internal__.smart_cond.smart_cond(
+            training, lambda: self._train_step(inputs), lambda: self._infer(inputs))
+
+    def _infer(self, inputs):
+        y = self._conv(inputs, self.folded_kernel(training=False)) + self.folded_bias()
+        return self.activation(y)
+
+    def _train_step(self, inputs):
+        # Batch statistics of the float conv (as BatchNormalization computes them).
+        mean, var = tf.nn.moments(self._conv(inputs, self.kernel), axes=[0, 1, 2])
+        m = self.momentum
+        self.moving_mean.assign(m * self.moving_mean + (1.0 - m) * tf.stop_gradient(mean))
+        self.moving_variance.assign(m * self.moving_variance + (1.0 - m) * tf.stop_gradient(var))
+        inv_moving = tf.math.rsqrt(self.moving_variance + self.epsilon)
+        inv_batch = tf.math.rsqrt(var + self.epsilon)
+        y = self._conv(inputs, self.folded_kernel(training=True))
+        y = y * (inv_batch / inv_moving) + (self.beta - mean * self.gamma * inv_batch)
+        return self.activation(y)
+
+    def compute_output_shape(self, input_shape):
+        if not self.built:
+            self.build(input_shape)
+        n, h, w = input_shape[0], input_shape[1], input_shape[2]
+        out = []
+        for size, k, s in zip((h, w), self.kernel_size, self.strides):
+            if size is None:
+                out.append(None)
+            elif self.padding == "same":
+                out.append(-(-size // s))
+            else:
+                out.append(-(-(size - k + 1) // s))
+        return tf.TensorShape([n, out[0], out[1], self.out_channels])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            filters=self.filters, kernel_size=self.kernel_size, strides=self.strides, padding=self.padding,
+            depthwise=self.depthwise, depth_multiplier=self.depth_multiplier,
+            activation=keras.activations.serialize(self.activation), momentum=self.momentum,
+            epsilon=self.epsilon,
+            weight_quantizer=(keras.utils.serialize_keras_object(self.weight_quantizer)
+                              if self.weight_quantizer is not None else None),
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+            kernel_regularizer=keras.regularizers.serialize(self.kernel_regularizer)
+            if self.kernel_regularizer is not None else None,
+        )
+        return config
+
+
+def _serialize(q):
+    return keras.utils.serialize_keras_object(q) if q is not None else None
+
+
+def _deserialize(q):
+    return keras.utils.deserialize_keras_object(q) if isinstance(q, dict) else q
+
+
+@_serializable
+class QuantizeConfig(_QuantizeConfig):
+    """Which tensors of one layer are fake-quantized.
+
+    Args:
+      weight_attrs: names of the layer's weight attributes to quantize (e.g. ["kernel"]).
+      weight_quantizer: quantizer for those weights (output channels on the last axis).
+      output_quantizer: quantizer for the layer's output, or None when the layer only moves
+        integers (MaxPool, Reshape, Dropout) and keeps its input's scale.
+    """
+
+    def __init__(self, weight_attrs=(), weight_quantizer=None, output_quantizer=None):
+        self.weight_attrs = list(weight_attrs)
+        self.weight_quantizer = _deserialize(weight_quantizer)
+        self.output_quantizer = _deserialize(output_quantizer)
+
+    def get_weights_and_quantizers(self, layer):
+        return [(getattr(layer, a), self.weight_quantizer) for a in self.weight_attrs]
+
+    def get_activations_and_quantizers(self, layer):
+        return []
+
+    def set_quantize_weights(self, layer, quantize_weights):
+        for attr, w in zip(self.weight_attrs, quantize_weights):
+            setattr(layer, attr, w)
+
+    def set_quantize_activations(self, layer, quantize_activations):
+        pass
+
+    def get_output_quantizers(self, layer):
+        return [self.output_quantizer] if self.output_quantizer is not None else []
+
+    def get_config(self):
+        return {"weight_attrs": self.weight_attrs, "weight_quantizer": _serialize(self.weight_quantizer),
+                "output_quantizer": _serialize(self.output_quantizer)}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __eq__(self, other):
+        return isinstance(other, QuantizeConfig) and self.get_config() == other.get_config()
+
+    def __ne__(self, other):
+        return not self == other
+
+
+def default_weight_quantizer():
+    return WeightQuantizer(8, per_channel=True, narrow_range=True)
+
+
+def default_activation_quantizer():
+    return ActivationQuantizer(8)
