@@ -108,6 +108,13 @@ def quantize(model, scheme="w8a8"):
     return qat
 
 
+def load_qat_model(path):
+    """Load a QAT model saved with Keras as .h5 (tfmot's QuantizeLayer does not reload from .keras); mobileqat's and tfmot's objects are known."""
+    import os
+    with quantize_scope():
+        return keras.models.load_model(os.fspath(path))
+
+
 def quantize_scope():
     """tfmot's quantize_scope with mobileqat's objects (they are also registered with Keras)."""
     from mobileqat import layers, quantizers

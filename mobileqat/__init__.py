@@ -1,0 +1,51 @@
+"""mobileqat: quantization-aware training for Keras (tf-keras) to full-integer TFLite, verified.
+
+    import mobileqat as mq
+    model = mq.architectures.mobilenet_v2((32, 32, 3), classes=10, alpha=0.35)
+    qat = mq.quantize(model, "w8a8")              # folded BN, per-channel int8 weights
+    qat.compile(...); qat.fit(...)
+    mq.export_tflite(qat, "model.tflite")         # full-integer, int8 I/O
+    mq.validate("model.tflite", x_test, y_test, model=qat)
+
+Importing mobileqat selects Keras 2 (TF_USE_LEGACY_KERAS=1). TensorFlow itself is imported
+lazily, on first use of an API that needs it, so ``mobileqat.runtime`` works without it.
+"""
+import importlib
+import os
+import sys
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+if "tensorflow" in sys.modules:  # TensorFlow came first: check now that it uses Keras 2
+    importlib.import_module("mobileqat._tf")
+
+__version__ = "0.1.0"
+
+_API = {
+    "quantize": "mobileqat.quantize", "quantize_scope": "mobileqat.quantize",
+    "QuantScheme": "mobileqat.schemes", "get_scheme": "mobileqat.schemes",
+    "FoldedConvBN": "mobileqat.layers", "QuantizeConfig": "mobileqat.layers",
+    "WeightQuantizer": "mobileqat.quantizers", "ActivationQuantizer": "mobileqat.quantizers",
+    "FixedRangeQuantizer": "mobileqat.quantizers",
+    "fold_batchnorm": "mobileqat.transforms",
+    "export_tflite": "mobileqat.export",
+    "validate": "mobileqat.harness", "benchmark": "mobileqat.harness",
+    "Dataset": "mobileqat.data", "synthetic_shapes": "mobileqat.data", "load_image_folder": "mobileqat.data",
+    "calibration_subset": "mobileqat.data",
+    "fit": "mobileqat.training",
+    "run_pipeline": "mobileqat.pipeline", "RunConfig": "mobileqat.pipeline", "load_qat_model": "mobileqat.quantize",
+    "save_keras_model": "mobileqat.export",
+}
+_SUBMODULES = {"architectures", "data", "export", "harness", "layers", "quantizers", "quantize", "schemes",
+               "transforms", "training", "pipeline", "report", "runtime", "cli"}
+
+__all__ = sorted(_API) + ["architectures"]
+
+
+def __getattr__(name):
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"mobileqat.{name}")
+    raise AttributeError(f"module 'mobileqat' has no attribute {name!r}")

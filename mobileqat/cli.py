@@ -1,0 +1,143 @@
+"""The ``mobileqat`` command: demo, run, validate, bench."""
+import argparse
+import json
+import os
+import sys
+
+
+def _add_run_options(p, defaults):
+    p.add_argument("--out", required=True, help="output folder (report.json, .tflite files, models)")
+    p.add_argument("--model", default=defaults.model, choices=["mobilenet_v1", "mobilenet_v2"])
+    p.add_argument("--alpha", type=float, default=defaults.alpha, help="width multiplier")
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="float training epochs")
+    p.add_argument("--qat-epochs", type=int, default=defaults.qat_epochs, help="QAT fine-tuning epochs")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--io-type", default=defaults.io_type, choices=["int8", "uint8"])
+    p.add_argument("--threads", type=int, default=defaults.threads, help="interpreter threads")
+    p.add_argument("--bench-runs", type=int, default=defaults.bench_runs)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--quiet", action="store_true")
+
+
+def _config(args):
+    from mobileqat.pipeline import RunConfig
+    return RunConfig(model=args.model, alpha=args.alpha, epochs=args.epochs, qat_epochs=args.qat_epochs,
+                     batch_size=args.batch_size, io_type=args.io_type, threads=args.threads,
+                     bench_runs=args.bench_runs, seed=args.seed, verbose=0 if args.quiet else 1)
+
+
+def _finish(report, out):
+    from mobileqat.report import summary_lines
+    print("\n".join(summary_lines(report)))
+    print(f"report: {os.path.join(out, 'report.json')} and report.md")
+    for k, v in report.get("errors", {}).items():
+        print(f"runtime error ({k}): {v}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args):
+    from mobileqat.data import synthetic_shapes
+    from mobileqat.pipeline import run_pipeline
+    ds = synthetic_shapes(n_train=args.train, n_test=args.test, image_size=args.input_size, seed=args.seed)
+    return _finish(run_pipeline(ds, args.out, _config(args)), args.out)
+
+
+def cmd_run(args):
+    from mobileqat.data import load_image_folder
+    from mobileqat.pipeline import run_pipeline
+    ds = load_image_folder(args.data, image_size=args.input_size, channels=args.channels, seed=args.seed)
+    if ds.skipped:
+        print(f"skipped {len(ds.skipped)} unreadable files, e.g. {ds.skipped[0][0]}: {ds.skipped[0][1]}",
+              file=sys.stderr)
+    return _finish(run_pipeline(ds, args.out, _config(args)), args.out)
+
+
+def _eval_data(args):
+    from mobileqat.data import load_image_folder, synthetic_shapes
+    if args.data:
+        return load_image_folder(args.data, image_size=args.input_size, channels=args.channels, seed=args.seed)
+    return synthetic_shapes(n_train=0, n_test=args.test, image_size=args.input_size, seed=args.seed)
+
+
+def cmd_validate(args):
+    from mobileqat.harness import validate
+    from mobileqat.quantize import load_qat_model
+    ds = _eval_data(args)
+    model = load_qat_model(args.keras_model) if args.keras_model else None
+    result = validate(args.tflite, ds.x_test, ds.y_test, model=model, runtimes=args.runtimes,
+                      threads=args.threads)
+    print(json.dumps(result, indent=2))
+    failures = []
+    for name, r in result["runtimes"].items():
+        if "error" in r:
+            failures.append(f"{name}: {r['error']}")
+        elif args.min_agreement is not None and r.get("top1_agreement", 1.0) < args.min_agreement:
+            failures.append(f"{name}: top-1 agreement {r['top1_agreement']:.4f} < --min-agreement "
+                            f"{args.min_agreement}")
+    if failures:
+        print("validation FAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_bench(args):
+    from mobileqat.harness import benchmark
+    print(json.dumps(benchmark(args.tflite, runtimes=args.runtimes, threads=args.threads, runs=args.runs),
+                     indent=2))
+    return 0
+
+
+def build_parser():
+    from mobileqat.pipeline import RunConfig
+    d = RunConfig()
+    parser = argparse.ArgumentParser(prog="mobileqat", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="whole pipeline on the built-in synthetic shapes data")
+    _add_run_options(p, d)
+    p.add_argument("--train", type=int, default=4000, help="training images")
+    p.add_argument("--test", type=int, default=1000, help="test images")
+    p.add_argument("--input-size", type=int, default=32)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", help="whole pipeline on a folder of images, one sub-folder per class")
+    _add_run_options(p, d)
+    p.add_argument("--data", required=True, help="image folder: DATA/<class>/<image>")
+    p.add_argument("--input-size", type=int, default=32)
+    p.add_argument("--channels", type=int, default=3, choices=[1, 3])
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="run a .tflite on reference kernels and XNNPACK, compare with Keras")
+    p.add_argument("tflite")
+    p.add_argument("--keras-model", help="the QAT model (.h5) to compare with (e.g. OUT/qat_model.h5)")
+    p.add_argument("--data", help="image folder (default: the synthetic test split)")
+    p.add_argument("--input-size", type=int, default=32)
+    p.add_argument("--channels", type=int, default=3, choices=[1, 3])
+    p.add_argument("--test", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runtimes", nargs="+", default=["reference", "xnnpack"])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--min-agreement", type=float, default=None,
+                   help="fail (exit 1) when top-1 agreement with the Keras model is below this fraction")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("bench", help="latency (median of repeated invokes) and size of a .tflite")
+    p.add_argument("tflite")
+    p.add_argument("--runtimes", nargs="+", default=["xnnpack"])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--runs", type=int, default=100)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mobileqat: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Validation harness: run a .tflite on the reference kernels and XNNPACK, compare with the simulation.
+
+Fidelity is measured on quantized outputs (DESIGN.md): the Keras simulation's float output is
+quantized with the TFLite output tensor's scale/zero point and compared integer to integer, so
+1 LSB is one output quantization step. The simulation is fed exactly the images the integer model
+sees (the input quantized, then dequantized), so input rounding is not counted as a mismatch.
+Every interpreter runs in a child process: a runtime that aborts is reported, not fatal.
+"""
+import os
+
+import numpy as np
+
+from mobileqat import runtime as rt
+
+
+def quantize_output(values, scale, zero_point, dtype):
+    """Float values -> integer codes of a tensor (round half away from zero, clamp)."""
+    info = np.iinfo(np.dtype(dtype))
+    v = np.asarray(values, np.float64) / scale
+    q = np.sign(v) * np.floor(np.abs(v) + 0.5) + zero_point
+    return np.clip(q, info.min, info.max).astype(np.int64)
+
+
+def compare_codes(a, b):
+    """Two integer outputs (N, classes) -> top-1 agreement and LSB-difference statistics."""
+    a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
+    diff = np.abs(a - b)
+    return {"top1_agreement": float(np.mean(a.argmax(-1) == b.argmax(-1))),
+            "frac_within_1lsb": float(np.mean(diff <= 1)),
+            "max_lsb_diff": int(diff.max()) if diff.size else 0,
+            "mean_lsb_diff": float(diff.mean()) if diff.size else 0.0}
+
+
+def simulate(model, x, tflite_path, batch_size=256):
+    """The Keras model's float outputs for the images the .tflite sees (input quantized+dequantized)."""
+    m = _describe(tflite_path)
+    x_seen = np.asarray(x, np.float32)
+    if m["input_dtype"] != "float32":
+        scale, zero = m["input_quantization"]
+        x_seen = (quantize_output(x_seen, scale, zero, m["input_dtype"]).astype(np.float32) - zero) * scale
+    return model.predict(x_seen, batch_size=batch_size, verbose=0)
+
+
+def _describe(path):
+    from ai_edge_litert.interpreter import Interpreter
+    it = Interpreter(model_path=os.fspath(path))
+    i, o = it.get_input_details()[0], it.get_output_details()[0]
+    return {"input_dtype": np.dtype(i["dtype"]).name, "input_quantization": tuple(i["quantization"]),
+            "output_dtype": np.dtype(o["dtype"]).name, "output_quantization": tuple(o["quantization"])}
+
+
+def validate(tflite_path, x, y=None, model=None, runtimes=("reference", "xnnpack"), threads=1,
+             batch_size=64):
+    """Run ``tflite_path`` on each runtime over images ``x`` (N, H, W, C) float, labels ``y`` (N,).
+
+    Returns {"runtimes": {name: {"accuracy", and with ``model``: "top1_agreement",
+    "frac_within_1lsb", "max_lsb_diff", "mean_lsb_diff"} or {"error": message}},
+    "sim_accuracy" (with model and y), "reference_vs_xnnpack": LSB statistics between runtimes}.
+    Float-output files are compared by top-1 agreement and max absolute difference instead of LSB.
+    """
+    desc = _describe(tflite_path)
+    sim = simulate(model, x, tflite_path) if model is not None else None
+    result = {"tflite_bytes": os.path.getsize(tflite_path), "runtimes": {}}
+    if sim is not None and y is not None:
+        result["sim_accuracy"] = float(np.mean(sim.argmax(-1) == np.asarray(y)))
+    integer = desc["output_dtype"] != "float32"
+    raw_by_runtime = {}
+    for name in runtimes:
+        out, error = rt.predict_isolated(tflite_path, name, x, threads, batch_size)
+        if error:
+            result["runtimes"][name] = {"error": error}
+            continue
+        raw, (scale, zero), dtype = out
+        raw_by_runtime[name] = raw
+        entry = {}
+        if y is not None:
+            entry["accuracy"] = float(np.mean(raw.argmax(-1) == np.asarray(y)))
+        if sim is not None:
+            if integer:
+                entry.update(compare_codes(quantize_output(sim, scale, zero, dtype), raw))
+            else:
+                entry.update(top1_agreement=float(np.mean(sim.argmax(-1) == raw.argmax(-1))),
+                             max_abs_diff=float(np.abs(sim - raw).max()))
+        result["runtimes"][name] = entry
+    if integer and "reference" in raw_by_runtime and "xnnpack" in raw_by_runtime:
+        result["reference_vs_xnnpack"] = compare_codes(raw_by_runtime["reference"], raw_by_runtime["xnnpack"])
+    return result
+
+
+def benchmark(tflite_path, runtimes=("xnnpack",), threads=1, warmup=10, runs=100):
+    """Latency per runtime at batch 1: median and 90th percentile over ``runs`` invokes after
+    ``warmup``, in milliseconds, with ``threads`` threads; and the file size in bytes."""
+    result = {"tflite_bytes": os.path.getsize(tflite_path), "threads": threads, "runs": runs,
+              "latency_ms": {}, "latency_p90_ms": {}, "errors": {}}
+    for name in runtimes:
+        times, error = rt.latency_isolated(tflite_path, name, threads, warmup, runs)
+        if error:
+            result["errors"][name] = error
+            continue
+        result["latency_ms"][name] = float(np.median(times))
+        result["latency_p90_ms"][name] = float(np.percentile(times, 90))
+    return result

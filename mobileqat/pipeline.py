@@ -1,0 +1,131 @@
+"""The whole run: float training -> PTQ export -> QAT fine-tune -> QAT export -> harness -> report.
+
+``run_pipeline`` is what ``mobileqat demo`` and ``mobileqat run`` call. Every number in the report
+is measured in this run: accuracies by the TFLite runtime named, on the held-out test split.
+"""
+import dataclasses
+import os
+import time
+
+from mobileqat import architectures, export, harness, report as report_mod, training
+from mobileqat._tf import keras
+from mobileqat.data import calibration_subset
+from mobileqat.export import save_keras_model
+from mobileqat.quantize import quantize
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Knobs of one pipeline run (defaults: the demo)."""
+
+    model: str = "mobilenet_v2"
+    alpha: float = 0.35
+    epochs: int = 12
+    qat_epochs: int = 3
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    qat_learning_rate: float = 2e-4
+    io_type: str = "int8"
+    threads: int = 1
+    calibration_images: int = 256
+    bench_runs: int = 100
+    seed: int = 0
+    verbose: int = 1
+
+
+def _log(cfg, msg):
+    if cfg.verbose:
+        print(f"[mobileqat] {msg}", flush=True)
+
+
+def run_pipeline(dataset, out_dir, cfg=RunConfig()):
+    """Run every stage on ``dataset`` (mobileqat.data.Dataset) and write ``out_dir``/report.json.
+
+    Files in out_dir: float.tflite, ptq_int8.tflite, qat_int8.tflite, float_model.keras,
+    qat_model.h5, report.json, report.md. Training resumes from out_dir/checkpoints when
+    interrupted. Returns the report dict.
+    """
+    if cfg.model not in architectures.BUILDERS:
+        raise ValueError(f"unknown model {cfg.model!r}: use one of {sorted(architectures.BUILDERS)}.")
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    keras.utils.set_random_seed(cfg.seed)
+    t_start = time.perf_counter()
+    x_tr, y_tr, x_te, y_te = dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test
+
+    float_model = architectures.BUILDERS[cfg.model](
+        input_shape=dataset.input_shape, classes=dataset.classes, alpha=cfg.alpha)
+    _log(cfg, f"float training: {float_model.name}, {float_model.count_params():,} params, "
+              f"{len(x_tr)} images, {cfg.epochs} epochs")
+    float_fit = training.fit(float_model, x_tr, y_tr, cfg.epochs, cfg.batch_size, cfg.learning_rate,
+                             checkpoint_dir=os.path.join(out_dir, "checkpoints", "float"),
+                             seed=cfg.seed, verbose=cfg.verbose)
+    save_keras_model(float_model, os.path.join(out_dir, "float_model.keras"))
+    float_keras_acc = float(float_model.evaluate(x_te, y_te, verbose=0)[1])
+
+    paths = {k: os.path.join(out_dir, f"{k}.tflite") for k in export.KINDS}
+    _log(cfg, "export: float and PTQ int8")
+    export.export_tflite(float_model, paths["float"], "float")
+    calib = calibration_subset(dataset, cfg.calibration_images, seed=cfg.seed)
+    export.export_tflite(float_model, paths["ptq_int8"], "ptq_int8", calib, io_type=cfg.io_type)
+
+    _log(cfg, f"QAT fine-tune: {cfg.qat_epochs} epochs")
+    qat_model = quantize(float_model, "w8a8")
+    qat_fit = training.fit(qat_model, x_tr, y_tr, cfg.qat_epochs, cfg.batch_size, cfg.qat_learning_rate,
+                           checkpoint_dir=os.path.join(out_dir, "checkpoints", "qat"),
+                           seed=cfg.seed + 1, verbose=cfg.verbose)
+    save_keras_model(qat_model, os.path.join(out_dir, "qat_model.h5"))
+    export.export_tflite(qat_model, paths["qat_int8"], "qat_int8", io_type=cfg.io_type)
+
+    _log(cfg, "harness: reference kernels and XNNPACK")
+    variants, errors = {}, {}
+    for kind, model, runtimes in (("float", float_model, ("xnnpack",)),
+                                  ("ptq_int8", None, ("reference", "xnnpack")),
+                                  ("qat_int8", qat_model, ("reference", "xnnpack"))):
+        val = harness.validate(paths[kind], x_te, y_te, model=model, runtimes=runtimes, threads=cfg.threads)
+        bench = harness.benchmark(paths[kind], runtimes=("xnnpack", "reference") if kind == "qat_int8"
+                                  else ("xnnpack",), threads=cfg.threads, runs=cfg.bench_runs)
+        for name, r in val["runtimes"].items():
+            if "error" in r:
+                errors[f"{kind}/{name}"] = r["error"]
+        errors.update({f"{kind}/bench/{k}": v for k, v in bench["errors"].items()})
+        entry = {"accuracy": val["runtimes"].get("xnnpack", {}).get("accuracy"),
+                 "accuracy_reference": val["runtimes"].get("reference", {}).get("accuracy"),
+                 "tflite_bytes": val["tflite_bytes"], "latency_ms": bench["latency_ms"]}
+        if kind == "float":
+            entry["keras_accuracy"] = float_keras_acc
+        if kind == "qat_int8":
+            ref, xnn = val["runtimes"].get("reference", {}), val["runtimes"].get("xnnpack", {})
+            entry["sim_accuracy"] = val.get("sim_accuracy")
+            entry["fidelity"] = {
+                "top1_agreement_reference": ref.get("top1_agreement"),
+                "top1_agreement_xnnpack": xnn.get("top1_agreement"),
+                "frac_within_1lsb": ref.get("frac_within_1lsb"),
+                "max_lsb_diff": ref.get("max_lsb_diff"),
+                "mean_lsb_diff": ref.get("mean_lsb_diff"),
+                "frac_within_1lsb_xnnpack": xnn.get("frac_within_1lsb"),
+                "max_lsb_diff_xnnpack": xnn.get("max_lsb_diff"),
+                "reference_vs_xnnpack": val.get("reference_vs_xnnpack"),
+            }
+        variants[kind] = entry
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    lat = {k: v["latency_ms"].get("xnnpack") for k, v in variants.items()}
+    report = {
+        "dataset": dataset.summary(),
+        "model": {"name": cfg.model, "keras_name": float_model.name, "alpha": cfg.alpha,
+                  "params": int(float_model.count_params())},
+        "variants": variants,
+        "timings": {"float_step_s": float_fit["step_s"], "qat_step_s": qat_fit["step_s"],
+                    "total_s": time.perf_counter() - t_start},
+        "ratios": {"int8_fp32_latency_xnnpack": ratio(lat["qat_int8"], lat["float"]),
+                   "int8_fp32_size": ratio(variants["qat_int8"]["tflite_bytes"], variants["float"]["tflite_bytes"]),
+                   "qat_float_step_time": ratio(qat_fit["step_s"], float_fit["step_s"])},
+        "config": dataclasses.asdict(cfg),
+        "training": {"float": float_fit["history"], "qat": qat_fit["history"]},
+        "errors": errors,
+    }
+    report_mod.write_report(report, out_dir)
+    return report

@@ -1,0 +1,150 @@
+"""Run a .tflite file on one LiteRT runtime. Needs numpy and ai-edge-litert, not TensorFlow.
+
+Runtimes (ai_edge_litert.interpreter.OpResolverType):
+  "reference": BUILTIN_REF, the reference kernels (the arithmetic the spec defines);
+  "builtin":   BUILTIN_WITHOUT_DEFAULT_DELEGATES, optimized builtin kernels;
+  "xnnpack":   AUTO, the default, with the XNNPACK delegate.
+
+A runtime can abort the whole process (SIGABRT in a kernel's Prepare); ``run_isolated`` runs a
+function in a child process and turns such a death into an error message.
+"""
+import concurrent.futures
+import multiprocessing
+import os
+import time
+
+import numpy as np
+
+RUNTIMES = ("reference", "builtin", "xnnpack")
+
+
+def _resolver(runtime):
+    from ai_edge_litert.interpreter import OpResolverType
+    table = {"reference": OpResolverType.BUILTIN_REF,
+             "builtin": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+             "xnnpack": OpResolverType.AUTO}
+    if runtime not in table:
+        raise ValueError(f"unknown runtime {runtime!r}: use one of {list(table)}.")
+    return table[runtime]
+
+
+class TFLiteModel:
+    """One .tflite model with one input and one output on one runtime.
+
+    ``predict(x)`` takes float images (N, H, W, C) as the Keras model does, quantizes them with the
+    input tensor's scale/zero point when the input is integer, and returns the raw output
+    (N, classes) in the output tensor's dtype (int8/uint8 codes or float32).
+    """
+
+    def __init__(self, path, runtime="xnnpack", threads=1, preserve_all_tensors=False):
+        from ai_edge_litert.interpreter import Interpreter
+        self.path, self.runtime, self.threads = os.fspath(path), runtime, threads
+        self.interpreter = Interpreter(model_path=self.path, num_threads=threads,
+                                       experimental_op_resolver_type=_resolver(runtime),
+                                       experimental_preserve_all_tensors=preserve_all_tensors)
+        inputs, outputs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ValueError(f"{self.path}: mobileqat runs models with one input and one output, "
+                             f"this one has {len(inputs)} and {len(outputs)}.")
+        self.input, self.output = inputs[0], outputs[0]
+        self._batch = None
+
+    @property
+    def input_quantization(self):
+        """(scale, zero_point) of the input tensor; (0.0, 0) when it is float."""
+        return tuple(self.input["quantization"])
+
+    @property
+    def output_quantization(self):
+        """(scale, zero_point) of the output tensor; (0.0, 0) when it is float."""
+        return tuple(self.output["quantization"])
+
+    def quantize_input(self, x):
+        """Float images -> the input tensor's dtype (round half away from zero, clamp)."""
+        dtype = self.input["dtype"]
+        if dtype == np.float32:
+            return np.asarray(x, np.float32)
+        scale, zero = self.input_quantization
+        info = np.iinfo(dtype)
+        v = np.asarray(x, np.float64) / scale
+        q = np.sign(v) * np.floor(np.abs(v) + 0.5) + zero  # std::round, as TFLite's QUANTIZE
+        return np.clip(q, info.min, info.max).astype(dtype)
+
+    def _resize(self, n):
+        if self._batch != n:
+            shape = list(self.input["shape"])
+            shape[0] = n
+            self.interpreter.resize_tensor_input(self.input["index"], shape)
+            self.interpreter.allocate_tensors()
+            self._batch = n
+
+    def invoke_raw(self, xq):
+        """Run one batch already in the input dtype; returns the output tensor (a copy)."""
+        self._resize(len(xq))
+        self.interpreter.set_tensor(self.input["index"], xq)
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self.output["index"]).copy()
+
+    def predict(self, x, batch_size=64):
+        """Float images (N, H, W, C) -> raw outputs (N, ...) in the output dtype."""
+        xq = self.quantize_input(x)
+        outs = [self.invoke_raw(xq[i:i + batch_size]) for i in range(0, len(xq), batch_size)]
+        return np.concatenate(outs, axis=0)
+
+    def dequantize(self, raw):
+        scale, zero = self.output_quantization
+        if self.output["dtype"] == np.float32:
+            return np.asarray(raw, np.float32)
+        return (raw.astype(np.float32) - zero) * scale
+
+    def latency_ms(self, warmup=10, runs=50):
+        """Per-invoke wall times (ms) at batch 1 on a fixed random input, after ``warmup`` invokes."""
+        rng = np.random.default_rng(0)
+        shape = [1] + list(self.input["shape"][1:])
+        x = self.quantize_input(rng.uniform(-1, 1, shape))
+        self._resize(1)
+        self.interpreter.set_tensor(self.input["index"], x)
+        for _ in range(warmup):
+            self.interpreter.invoke()
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            self.interpreter.invoke()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times
+
+
+def _predict_job(path, runtime, threads, x, batch_size):
+    m = TFLiteModel(path, runtime, threads)
+    return m.predict(x, batch_size), m.output_quantization, str(np.dtype(m.output["dtype"]))
+
+
+def _latency_job(path, runtime, threads, warmup, runs):
+    return TFLiteModel(path, runtime, threads).latency_ms(warmup, runs)
+
+
+def run_isolated(fn, *args, timeout=None):
+    """Run ``fn(*args)`` in a fresh child process; return (result, None) or (None, error message).
+
+    A kernel that aborts the process (SIGABRT, SIGSEGV) becomes an error message, not a crash.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        try:
+            return pool.submit(fn, *args).result(timeout=timeout), None
+        except concurrent.futures.process.BrokenProcessPool:
+            return None, "the runtime killed the process (a kernel aborted, e.g. in Prepare)"
+        except Exception as e:  # an error raised inside the child, e.g. a failed allocate_tensors
+            return None, f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+
+
+def predict_isolated(path, runtime, x, threads=1, batch_size=64):
+    """``TFLiteModel(path, runtime).predict(x)`` in a child process.
+
+    Returns ((raw outputs, (scale, zero_point), dtype name), None) or (None, error message)."""
+    return run_isolated(_predict_job, os.fspath(path), runtime, threads, np.asarray(x, np.float32), batch_size)
+
+
+def latency_isolated(path, runtime, threads=1, warmup=10, runs=50):
+    """Per-invoke latencies (ms) in a child process: (list, None) or (None, error message)."""
+    return run_isolated(_latency_job, os.fspath(path), runtime, threads, warmup, runs)

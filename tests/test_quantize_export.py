@@ -1,0 +1,133 @@
+"""quantize() -> QAT model -> full-integer TFLite; the simulation agrees with the reference kernels."""
+import numpy as np
+import pytest
+
+from mobileqat import export, harness
+from mobileqat._tf import keras
+from mobileqat.export import save_keras_model
+from mobileqat.quantize import load_qat_model, quantize
+from mobileqat.runtime import TFLiteModel
+
+L = keras.layers
+
+
+def small_net(input_shape=(16, 16, 3), classes=4):
+    inp = keras.Input(input_shape)
+    x = L.ReLU(6.0)(L.BatchNormalization()(L.Conv2D(8, 3, strides=2, padding="same", use_bias=False)(inp)))
+    x = L.ReLU(6.0)(L.BatchNormalization()(L.DepthwiseConv2D(3, padding="same", use_bias=False)(x)))
+    y = L.BatchNormalization()(L.Conv2D(8, 1, use_bias=False)(x))
+    x = L.Add()([x, y])
+    x = L.GlobalAveragePooling2D()(x)
+    x = L.Activation("softmax")(L.Dense(classes)(x))
+    return keras.Model(inp, x, name="small_net")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (128, 16, 16, 3)).astype(np.float32)
+    y = (x[..., 0].mean(axis=(1, 2)) > 0).astype(int) + 2 * (x[..., 1].mean(axis=(1, 2)) > 0)
+    qat = quantize(small_net())
+    qat.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    qat.fit(x, y, epochs=2, batch_size=32, verbose=0)
+    folder = tmp_path_factory.mktemp("export")
+    path = str(folder / "qat.tflite")
+    export.export_tflite(qat, path, "qat_int8")
+    return qat, path, x, y, folder
+
+
+def test_quantize_folds_every_bn_and_wraps_every_layer():
+    qat = quantize(small_net())
+    inner = [type(getattr(layer, "layer", layer)).__name__ for layer in qat.layers]
+    assert "BatchNormalization" not in inner and inner.count("FoldedConvBN") == 3
+    assert all(type(layer).__name__ in ("InputLayer", "QuantizeLayer", "QuantizeWrapperV2") for layer in qat.layers)
+
+
+def test_single_conv_layer_simulation_matches_reference_kernels(tmp_path):
+    keras.utils.set_random_seed(1)
+    rng = np.random.default_rng(1)
+    inp = keras.Input((12, 12, 3))
+    out = L.ReLU(6.0)(L.BatchNormalization()(L.Conv2D(16, 3, padding="same", use_bias=False)(inp)))
+    qat = quantize(keras.Model(inp, out))
+    x = rng.uniform(-1, 1, (64, 12, 12, 3)).astype(np.float32)
+    qat.compile("adam", "mse")
+    qat.fit(x, rng.uniform(0, 6, (64, 12, 12, 16)), epochs=1, batch_size=16, verbose=0)
+    path = str(tmp_path / "one.tflite")
+    export.export_tflite(qat, path, "qat_int8")
+    m = TFLiteModel(path, "reference")
+    raw = m.predict(x)
+    scale, zero = m.output_quantization
+    sim = harness.simulate(qat, x, path)
+    diff = np.abs(harness.quantize_output(sim, scale, zero, "int8") - raw)
+    assert diff.max() <= 1 and np.mean(diff == 0) > 0.99
+
+
+@pytest.mark.parametrize("io_type", ["int8", "uint8"])
+def test_export_io_types_and_full_integer(trained, io_type):
+    qat, _, x, _, folder = trained
+    path = folder / f"qat_{io_type}.tflite"
+    size = export.export_tflite(qat, path, "qat_int8", io_type=io_type)
+    types = export.tensor_types(path)
+    assert size == path.stat().st_size
+    assert types["input"] == io_type and types["output"] == io_type and types["float_ops"] == []
+
+
+def test_export_float_and_ptq(trained):
+    qat, _, x, _, folder = trained
+    float_model = small_net()
+    export.export_tflite(float_model, folder / "f.tflite", "float")
+    assert export.tensor_types(folder / "f.tflite")["input"] == "float32"
+    export.export_tflite(float_model, folder / "p.tflite", "ptq_int8", representative_data=x[:16])
+    t = export.tensor_types(folder / "p.tflite")
+    assert (t["input"], t["output"], t["float_ops"]) == ("int8", "int8", [])
+    with pytest.raises(ValueError, match="representative_data"):
+        export.export_tflite(float_model, folder / "none.tflite", "ptq_int8")
+    assert not (folder / "none.tflite").exists()
+    with pytest.raises(ValueError, match="no fake-quant"):
+        export.export_tflite(float_model, folder / "none.tflite", "qat_int8")
+
+
+def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    import os
+    def boom(*a):
+        raise OSError("disk full")
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        export.write_atomic(tmp_path / "x.tflite", b"123")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_harness_agrees_on_true_model_and_catches_mismatched_one(trained):
+    qat, path, x, y, _ = trained
+    good = harness.validate(path, x, y, model=qat)
+    for name in ("reference", "xnnpack"):
+        r = good["runtimes"][name]
+        # a barely trained 4-class net: near-tied softmax codes flip top-1 on a 1-LSB difference
+        assert r["max_lsb_diff"] <= 2 and r["frac_within_1lsb"] > 0.99 and r["top1_agreement"] > 0.85
+    wrong = quantize(small_net())  # same architecture, different (untrained) weights
+    wrong.set_weights([w * 1.0 for w in qat.get_weights()])
+    kernel = next(layer for layer in wrong.layers if "conv2d_1" in layer.name).layer.kernel
+    kernel.assign(-kernel)
+    bad = harness.validate(path, x, y, model=wrong, runtimes=("reference",))
+    assert bad["runtimes"]["reference"]["max_lsb_diff"] > 5
+    assert bad["runtimes"]["reference"]["frac_within_1lsb"] < 0.9
+
+
+def test_qat_model_saves_and_loads_without_custom_objects(trained, tmp_path):
+    qat, _, x, _, _ = trained
+    path = str(tmp_path / "qat.h5")
+    save_keras_model(qat, path)
+    loaded = load_qat_model(path)
+    np.testing.assert_allclose(loaded.predict(x[:8], verbose=0), qat.predict(x[:8], verbose=0), atol=1e-6)
+
+
+def test_unsupported_layers_are_named_in_one_error():
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(4, 3, activation="tanh", name="tanh_conv")(inp)
+    x = L.LayerNormalization(name="ln")(x)
+    x = L.Dense(3, name="head")(L.Flatten()(x))
+    with pytest.raises(ValueError) as err:
+        quantize(keras.Model(inp, x))
+    msg = str(err.value)
+    assert "'tanh_conv' (Conv2D)" in msg and "'ln' (LayerNormalization)" in msg and "Activation layer" in msg
