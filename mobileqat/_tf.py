@@ -23,10 +23,8 @@ if os.environ["TF_USE_LEGACY_KERAS"].lower() not in ("1", "true", "yes"):
 
 import tensorflow as tf  # noqa: E402
 
-if _tf_was_imported:
-    _version = getattr(tf.keras, "__version__", "unknown")
-    if not str(_version).startswith("2."):
-        raise ImportError(_FIX.format(version=_version))
+if _tf_was_imported and not getattr(tf.keras, "__name__", "").startswith("tf_keras"):
+    raise ImportError(_FIX.format(version=getattr(tf.keras, "__version__", "3")))
 
 import tf_keras as keras  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402

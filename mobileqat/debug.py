@@ -1,0 +1,171 @@
+"""Per-tensor fidelity debugger: every quantized activation of the Keras QAT model against its
+tensor in the .tflite, on the reference kernels (and the optimized kernels, op by op).
+
+Matching: the converter names each TFLite tensor after the TF ops it fused ("model/quant_conv2d/
+Relu6;model/quant_conv2d/add;..."); the first Keras layer named there is the layer that produced
+it, and the last op whose output carries that name is the layer's output. The Keras value is
+quantized with the TFLite tensor's scale/zero point and compared as integer codes (LSB).
+"""
+import json
+import os
+import re
+
+import numpy as np
+
+from mobileqat import runtime as rt
+from mobileqat.harness import compare_codes, quantize_output
+
+
+def _nudged(min_value, max_value, num_bits=8, narrow_range=False):
+    """TF FakeQuant nudging: (scale, int8 zero point) of a [min, max] range."""
+    qmin, qmax = (1 if narrow_range else 0), 2 ** num_bits - 1
+    scale = (max_value - min_value) / (qmax - qmin)
+    zp = min(max(np.floor(qmin - min_value / scale + 0.5), qmin), qmax)
+    return float(scale), int(zp) - 2 ** (num_bits - 1)
+
+
+def keras_quant_params(layer):
+    """(scale, zero point) the QAT layer's output quantizer holds, or None (pass-through layer)."""
+    quantizer = getattr(layer, "_output_quantizers", None) or [getattr(layer, "quantizer", None)]
+    quantizer = quantizer[0]
+    weights = getattr(layer, "_output_quantizer_vars", None) or getattr(layer, "quantizer_vars", None)
+    if quantizer is None:
+        return None
+    config = quantizer.get_config()
+    bits = config.get("num_bits", 8)
+    if weights and "min_var" in weights:
+        return _nudged(float(weights["min_var"].numpy()), float(weights["max_var"].numpy()), bits)
+    if "min_value" in config:
+        return _nudged(config["min_value"], config["max_value"], bits)
+    return None
+
+
+def _layer_of(tensor_name, layer_names):
+    for part in tensor_name.split(";"):
+        for segment in re.split(r"[/:]", part):
+            if segment in layer_names:
+                return segment
+    return None
+
+
+def tflite_activations(path, x, runtime="reference"):
+    """Run the .tflite with every intermediate tensor kept.
+
+    Returns (list of {"name", "index", "scale", "zero_point", "dtype", "value"} for every op output
+    in execution order, the input scale/zero point)."""
+    m = rt.TFLiteModel(path, runtime, preserve_all_tensors=True)
+    m.invoke_raw(m.quantize_input(x))
+    it = m.interpreter
+    details = {t["index"]: t for t in it.get_tensor_details()}
+    found = []
+    for op in it._get_ops_details():
+        for idx in op["outputs"]:
+            t = details.get(idx)
+            if t is None or t["dtype"] not in (np.int8, np.uint8, np.int16):
+                continue
+            try:
+                value = it.get_tensor(idx)
+            except ValueError:  # not kept (e.g. inside a delegate partition)
+                continue
+            scale, zero = t["quantization"]
+            found.append({"name": t["name"], "index": idx, "op": op["op_name"], "scale": float(scale),
+                          "zero_point": int(zero), "dtype": np.dtype(t["dtype"]).name, "value": value.copy()})
+    return found, m.input_quantization
+
+
+def debug_fidelity(qat_model, tflite_path, samples, compare_runtime="builtin", grow_threshold=1):
+    """Compare every quantized activation of ``qat_model`` with the .tflite, layer by layer.
+
+    samples: float images (N, H, W, C). Returns {"layers": [{"layer", "tflite_tensor", "op",
+    "keras_scale", "keras_zero_point", "tflite_scale", "tflite_zero_point", "max_lsb_diff",
+    "mean_lsb_diff", "frac_within_1lsb", "runtime_max_lsb_diff"}], "first_divergence": name of the
+    first layer (execution order) whose max difference exceeds ``grow_threshold`` LSB, or None}.
+    ``runtime_max_lsb_diff``: reference kernels vs ``compare_runtime`` on the same tensor.
+    """
+    from mobileqat._tf import keras
+
+    x = np.asarray(samples, np.float32)
+    ref, (in_scale, in_zero) = tflite_activations(tflite_path, x, "reference")
+    other = {}
+    if compare_runtime:
+        try:
+            other = {t["name"]: t["value"] for t in tflite_activations(tflite_path, x, compare_runtime)[0]}
+        except Exception:  # a runtime that fails here is reported by validate(); keep the table
+            other = {}
+    layers = [layer for layer in qat_model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    names = {layer.name for layer in layers}
+    last_tensor = {}
+    for t in ref:
+        owner = _layer_of(t["name"], names)
+        if owner:
+            last_tensor[owner] = t
+    probe = keras.Model(qat_model.inputs, [layer.output for layer in layers])
+    if in_scale:
+        x_seen = (quantize_output(x, in_scale, in_zero, "int8").astype(np.float32) - in_zero) * in_scale
+    else:
+        x_seen = x
+    values = probe.predict(x_seen, verbose=0)
+    values = values if isinstance(values, list) else [values]
+    rows, first = [], None
+    for layer, value in zip(layers, values):
+        t = last_tensor.get(layer.name)
+        if t is None or tuple(np.shape(value)) != tuple(t["value"].shape):
+            continue
+        codes = quantize_output(value, t["scale"], t["zero_point"], t["dtype"])
+        stats = compare_codes(codes.reshape(len(x), -1), t["value"].reshape(len(x), -1))
+        kq = keras_quant_params(layer)
+        row = {"layer": getattr(layer, "layer", layer).name, "tflite_tensor": t["name"].split(";")[0],
+               "op": t["op"], "keras_scale": kq[0] if kq else None, "keras_zero_point": kq[1] if kq else None,
+               "tflite_scale": t["scale"], "tflite_zero_point": t["zero_point"],
+               "max_lsb_diff": stats["max_lsb_diff"], "mean_lsb_diff": stats["mean_lsb_diff"],
+               "frac_within_1lsb": stats["frac_within_1lsb"]}
+        if t["name"] in other:
+            d = np.abs(other[t["name"]].astype(np.int64) - t["value"].astype(np.int64))
+            row["runtime_max_lsb_diff"] = int(d.max())
+        rows.append(row)
+        if first is None and row["max_lsb_diff"] > grow_threshold:
+            first = row["layer"]
+    return {"tflite": os.fspath(tflite_path), "samples": len(x), "compare_runtime": compare_runtime,
+            "layers": rows, "first_divergence": first}
+
+
+def format_table(result):
+    """The debugger's result as a fixed-width text table."""
+    head = (f"{'layer':28} {'op':18} {'keras scale/zp':>20} {'tflite scale/zp':>20} "
+            f"{'max LSB':>7} {'mean LSB':>8} {'<=1 LSB':>8} {'ref vs ' + (result['compare_runtime'] or '-'):>14}")
+    lines = [head, "-" * len(head)]
+    for r in result["layers"]:
+        kq = f"{r['keras_scale']:.5g}/{r['keras_zero_point']}" if r["keras_scale"] else "(input's)"
+        tq = f"{r['tflite_scale']:.5g}/{r['tflite_zero_point']}"
+        lines.append(f"{r['layer'][:28]:28} {r['op'][:18]:18} {kq:>20} {tq:>20} {r['max_lsb_diff']:>7} "
+                     f"{r['mean_lsb_diff']:>8.4f} {100 * r['frac_within_1lsb']:>7.2f}% "
+                     f"{r.get('runtime_max_lsb_diff', '-'):>14}")
+    lines.append(f"first layer over 1 LSB: {result['first_divergence'] or 'none'}")
+    return "\n".join(lines)
+
+
+def plot(result, path):
+    """Bar plot of max/mean LSB difference per layer (PNG). Returns the path, or None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = result["layers"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows)), 4))
+    idx = np.arange(len(rows))
+    ax.bar(idx - 0.2, [r["max_lsb_diff"] for r in rows], 0.4, label="max LSB")
+    ax.bar(idx + 0.2, [r["mean_lsb_diff"] for r in rows], 0.4, label="mean LSB")
+    ax.set_xticks(idx, [r["layer"] for r in rows], rotation=90, fontsize=7)
+    ax.set_ylabel("|Keras - TFLite reference| (LSB)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.fspath(path), dpi=100)
+    plt.close(fig)
+    return os.fspath(path)
+
+
+def write_json(result, path):
+    from mobileqat.export import write_atomic
+    return write_atomic(path, (json.dumps(result, indent=2) + "\n").encode())

@@ -1,0 +1,59 @@
+"""numpy TFLite integer arithmetic (mobileqat.integer) vs the interpreter's reference kernels, bit for bit."""
+import numpy as np
+import pytest
+
+from mobileqat import export, integer
+from mobileqat._tf import keras
+from mobileqat.quantize import quantize
+from mobileqat.runtime import TFLiteModel
+
+L = keras.layers
+
+
+def test_multiply_by_quantized_multiplier_rounds_like_tflite():
+    m, s = integer.quantize_multiplier(0.5)
+    assert (m, s) == (1 << 30, 0)
+    # ties go toward +inf (-2.5 -> -2, 2.5 -> 3): floor(v + 0.5), the same rule as TF's FakeQuant
+    x = np.array([-5, -3, -1, 0, 1, 3, 5, 2 ** 20 + 1])
+    np.testing.assert_array_equal(integer.multiply_by_quantized_multiplier(x, m, s), [-2, -1, 0, 0, 1, 2, 3, 524289])
+    m, s = integer.quantize_multiplier(0.3)
+    assert 0.3 == pytest.approx(m * 2.0 ** (s - 31), rel=1e-9)
+    got = integer.multiply_by_quantized_multiplier(np.arange(-1000, 1000), m, s)
+    assert np.abs(got - np.arange(-1000, 1000) * 0.3).max() <= 0.5 + 1e-9
+
+
+def _export_one_layer(tmp_path, layer, seed):
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    inp = keras.Input((11, 11, 6))
+    qat = quantize(keras.Model(inp, L.ReLU(6.0)(L.BatchNormalization()(layer(inp)))))
+    x = rng.uniform(-1, 1, (32, 11, 11, 6)).astype(np.float32)
+    qat.compile("adam", "mse")
+    qat.fit(x, np.asarray(qat(x)) * 1.1, epochs=1, batch_size=8, verbose=0)
+    path = str(tmp_path / "m.tflite")
+    export.export_tflite(qat, path)
+    return path, x
+
+
+@pytest.mark.parametrize("kind,stride", [("conv", 1), ("conv", 2), ("depthwise", 1), ("depthwise", 2)])
+def test_numpy_integer_op_equals_reference_kernel(tmp_path, kind, stride):
+    layer = (L.Conv2D(5, 3, strides=stride, padding="same", use_bias=False) if kind == "conv"
+             else L.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False))
+    path, x = _export_one_layer(tmp_path, layer, seed=stride)
+    m = TFLiteModel(path, "reference", preserve_all_tensors=True)
+    xq = m.quantize_input(x)
+    out = m.invoke_raw(xq)
+    it = m.interpreter
+    tensors = {t["index"]: t for t in it.get_tensor_details()}
+    op = next(o for o in it._get_ops_details() if o["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D"))
+    t_in, t_w, t_b = (tensors[i] for i in op["inputs"])
+    t_out = tensors[op["outputs"][0]]
+    x_int = it.get_tensor(t_in["index"])
+    in_scale, in_zp = t_in["quantization"]
+    out_scale, out_zp = t_out["quantization"]
+    fn = integer.conv2d if kind == "conv" else integer.depthwise_conv2d
+    expected = fn(x_int, in_scale, in_zp, it.get_tensor(t_w["index"]),
+                  t_w["quantization_parameters"]["scales"], it.get_tensor(t_b["index"]), out_scale, out_zp,
+                  stride=(stride, stride), act_range=integer.activation_range("RELU6", out_scale, out_zp))
+    assert expected.shape == out.shape
+    np.testing.assert_array_equal(expected, out)
