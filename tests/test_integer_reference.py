@@ -18,8 +18,10 @@ def test_multiply_by_quantized_multiplier_rounds_like_tflite():
     np.testing.assert_array_equal(integer.multiply_by_quantized_multiplier(x, m, s), [-2, -1, 0, 0, 1, 2, 3, 524289])
     m, s = integer.quantize_multiplier(0.3)
     assert 0.3 == pytest.approx(m * 2.0 ** (s - 31), rel=1e-9)
-    got = integer.multiply_by_quantized_multiplier(np.arange(-1000, 1000), m, s)
-    assert np.abs(got - np.arange(-1000, 1000) * 0.3).max() <= 0.5 + 1e-9
+    err = np.abs(integer.multiply_by_quantized_multiplier(np.arange(-1000, 1000), m, s) - np.arange(-1000, 1000) * 0.3)
+    # double rounding (high mul, then a rounding shift by 1): up to 0.7 away from the exact product, so
+    # a float simulation that rounds once can sit 1 LSB from the integer kernel
+    assert err.max() == pytest.approx(0.7) and np.mean(err > 0.5 + 1e-9) > 0.05
 
 
 def _export_one_layer(tmp_path, layer, seed):
