@@ -28,6 +28,7 @@ _API = {
     "FixedRangeQuantizer": "mobileqat.quantizers",
     "fold_batchnorm": "mobileqat.transforms",
     "export_tflite": "mobileqat.export",
+    "debug_fidelity": "mobileqat.debug",
     "validate": "mobileqat.harness", "benchmark": "mobileqat.harness",
     "Dataset": "mobileqat.data", "synthetic_shapes": "mobileqat.data", "load_image_folder": "mobileqat.data",
     "calibration_subset": "mobileqat.data",
@@ -35,10 +36,10 @@ _API = {
     "run_pipeline": "mobileqat.pipeline", "RunConfig": "mobileqat.pipeline", "load_qat_model": "mobileqat.quantize",
     "save_keras_model": "mobileqat.export",
 }
-_SUBMODULES = {"architectures", "data", "export", "harness", "layers", "quantizers", "quantize", "schemes",
+_SUBMODULES = {"architectures", "data", "debug", "integer", "export", "harness", "layers", "quantizers", "quantize", "schemes",
                "transforms", "training", "pipeline", "report", "runtime", "cli"}
 
-__all__ = sorted(_API) + ["architectures"]
+__all__ = sorted(_API) + ["architectures", "debug", "integer"]
 
 
 def __getattr__(name):

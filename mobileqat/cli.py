@@ -1,4 +1,4 @@
-"""The ``mobileqat`` command: demo, run, validate, bench."""
+"""The ``mobileqat`` command: demo, run, validate, debug, bench."""
 import argparse
 import json
 import os
@@ -80,6 +80,20 @@ def cmd_validate(args):
     return 0
 
 
+def cmd_debug(args):
+    from mobileqat import debug
+    from mobileqat.quantize import load_qat_model
+    ds = _eval_data(args)
+    result = debug.debug_fidelity(load_qat_model(args.keras_model), args.tflite, ds.x_test[:args.samples])
+    print(debug.format_table(result))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        debug.write_json(result, os.path.join(args.out, "fidelity_per_layer.json"))
+        png = debug.plot(result, os.path.join(args.out, "fidelity_per_layer.png"))
+        print(f"written: {os.path.join(args.out, 'fidelity_per_layer.json')}" + (f" and {png}" if png else ""))
+    return 0
+
+
 def cmd_bench(args):
     from mobileqat.harness import benchmark
     print(json.dumps(benchmark(args.tflite, runtimes=args.runtimes, threads=args.threads, runs=args.runs),
@@ -120,6 +134,18 @@ def build_parser():
     p.add_argument("--min-agreement", type=float, default=None,
                    help="fail (exit 1) when top-1 agreement with the Keras model is below this fraction")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("debug", help="layer-by-layer comparison of the Keras QAT model with the .tflite")
+    p.add_argument("tflite")
+    p.add_argument("--keras-model", required=True, help="the QAT model (.h5), e.g. OUT/qat_model.h5")
+    p.add_argument("--data", help="image folder (default: the synthetic test split)")
+    p.add_argument("--input-size", type=int, default=32)
+    p.add_argument("--channels", type=int, default=3, choices=[1, 3])
+    p.add_argument("--test", type=int, default=1000)
+    p.add_argument("--samples", type=int, default=64, help="images to run through both")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="folder for fidelity_per_layer.json (and .png with matplotlib)")
+    p.set_defaults(func=cmd_debug)
 
     p = sub.add_parser("bench", help="latency (median of repeated invokes) and size of a .tflite")
     p.add_argument("tflite")
