@@ -76,10 +76,13 @@ def tflite_activations(path, x, runtime="reference"):
 def debug_fidelity(qat_model, tflite_path, samples, compare_runtime="builtin", grow_threshold=1):
     """Compare every quantized activation of ``qat_model`` with the .tflite, layer by layer.
 
+    The model must be the one exported (or loaded from its .h5): tensors are matched by layer name.
     samples: float images (N, H, W, C). Returns {"layers": [{"layer", "tflite_tensor", "op",
     "keras_scale", "keras_zero_point", "tflite_scale", "tflite_zero_point", "max_lsb_diff",
-    "mean_lsb_diff", "frac_within_1lsb", "runtime_max_lsb_diff"}], "first_divergence": name of the
-    first layer (execution order) whose max difference exceeds ``grow_threshold`` LSB, or None}.
+    "mean_lsb_diff", "frac_within_1lsb", "local_max_lsb_diff", "runtime_max_lsb_diff"}],
+    "first_divergence": name of the first layer (execution order) whose max difference exceeds
+    ``grow_threshold`` LSB, or None}. ``*_lsb_diff``: accumulated through the network;
+    ``local_max_lsb_diff``: the layer alone, fed the TFLite's own input tensors (its own arithmetic);
     ``runtime_max_lsb_diff``: reference kernels vs ``compare_runtime`` on the same tensor.
     """
     from mobileqat._tf import keras
@@ -99,6 +102,10 @@ def debug_fidelity(qat_model, tflite_path, samples, compare_runtime="builtin", g
         owner = _layer_of(t["name"], names)
         if owner:
             last_tensor[owner] = t
+    if in_scale and layers and layers[0].name not in last_tensor:  # integer input: the graph input
+        xq = rt.TFLiteModel(tflite_path, "reference").quantize_input(x)
+        last_tensor[layers[0].name] = {"name": "input", "scale": in_scale, "zero_point": in_zero,
+                                      "value": xq, "dtype": xq.dtype.name, "op": "INPUT"}
     probe = keras.Model(qat_model.inputs, [layer.output for layer in layers])
     if in_scale:
         x_seen = (quantize_output(x, in_scale, in_zero, "int8").astype(np.float32) - in_zero) * in_scale
@@ -106,7 +113,7 @@ def debug_fidelity(qat_model, tflite_path, samples, compare_runtime="builtin", g
         x_seen = x
     values = probe.predict(x_seen, verbose=0)
     values = values if isinstance(values, list) else [values]
-    rows, first = [], None
+    rows, first, first_local = [], None, None
     for layer, value in zip(layers, values):
         t = last_tensor.get(layer.name)
         if t is None or tuple(np.shape(value)) != tuple(t["value"].shape):
@@ -119,29 +126,54 @@ def debug_fidelity(qat_model, tflite_path, samples, compare_runtime="builtin", g
                "tflite_scale": t["scale"], "tflite_zero_point": t["zero_point"],
                "max_lsb_diff": stats["max_lsb_diff"], "mean_lsb_diff": stats["mean_lsb_diff"],
                "frac_within_1lsb": stats["frac_within_1lsb"]}
+        row["local_max_lsb_diff"] = _local_error(layer, t, last_tensor)
         if t["name"] in other:
             d = np.abs(other[t["name"]].astype(np.int64) - t["value"].astype(np.int64))
             row["runtime_max_lsb_diff"] = int(d.max())
         rows.append(row)
         if first is None and row["max_lsb_diff"] > grow_threshold:
             first = row["layer"]
+        if first_local is None and (row["local_max_lsb_diff"] or 0) > grow_threshold:
+            first_local = row["layer"]
     return {"tflite": os.fspath(tflite_path), "samples": len(x), "compare_runtime": compare_runtime,
-            "layers": rows, "first_divergence": first}
+            "layers": rows, "first_divergence": first, "first_local_divergence": first_local}
+
+
+def _local_error(layer, out_tensor, tensors):
+    """Max LSB difference of ``layer`` alone: fed the TFLite's own (dequantized) input tensors,
+    its output against the TFLite output. None when an input has no matched TFLite tensor."""
+    from mobileqat._tf import tf
+    parents = tf.nest.flatten(layer.inbound_nodes[0].inbound_layers)
+    feeds = []
+    for parent in parents:
+        t = tensors.get(parent.name)
+        if t is None:
+            return None
+        feeds.append(tf.constant((t["value"].astype(np.float32) - t["zero_point"]) * t["scale"]))
+    out = layer(feeds if len(feeds) > 1 else feeds[0], training=False).numpy()
+    codes = quantize_output(out, out_tensor["scale"], out_tensor["zero_point"], out_tensor["dtype"])
+    return int(np.abs(codes - out_tensor["value"].astype(np.int64)).max())
 
 
 def format_table(result):
     """The debugger's result as a fixed-width text table."""
     head = (f"{'layer':28} {'op':18} {'keras scale/zp':>20} {'tflite scale/zp':>20} "
-            f"{'max LSB':>7} {'mean LSB':>8} {'<=1 LSB':>8} {'ref vs ' + (result['compare_runtime'] or '-'):>14}")
+            f"{'max LSB':>7} {'mean LSB':>8} {'<=1 LSB':>8} {'local max':>9} "
+            f"{'ref vs ' + (result['compare_runtime'] or '-'):>14}")
     lines = [head, "-" * len(head)]
     for r in result["layers"]:
         kq = f"{r['keras_scale']:.5g}/{r['keras_zero_point']}" if r["keras_scale"] else "(input's)"
         tq = f"{r['tflite_scale']:.5g}/{r['tflite_zero_point']}"
         lines.append(f"{r['layer'][:28]:28} {r['op'][:18]:18} {kq:>20} {tq:>20} {r['max_lsb_diff']:>7} "
                      f"{r['mean_lsb_diff']:>8.4f} {100 * r['frac_within_1lsb']:>7.2f}% "
-                     f"{r.get('runtime_max_lsb_diff', '-'):>14}")
-    lines.append(f"first layer over 1 LSB: {result['first_divergence'] or 'none'}")
+                     f"{_dash(r.get('local_max_lsb_diff')):>9} {_dash(r.get('runtime_max_lsb_diff')):>14}")
+    lines.append(f"first layer over {1} LSB, accumulated: {result['first_divergence'] or 'none'}; "
+                 f"on its own (local): {result['first_local_divergence'] or 'none'}")
     return "\n".join(lines)
+
+
+def _dash(v):
+    return "-" if v is None else str(v)
 
 
 def plot(result, path):

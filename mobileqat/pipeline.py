@@ -7,7 +7,7 @@ import dataclasses
 import os
 import time
 
-from mobileqat import architectures, export, harness, report as report_mod, training
+from mobileqat import architectures, debug, export, harness, report as report_mod, training
 from mobileqat._tf import keras
 from mobileqat.data import calibration_subset
 from mobileqat.export import save_keras_model
@@ -29,6 +29,7 @@ class RunConfig:
     threads: int = 1
     calibration_images: int = 256
     bench_runs: int = 100
+    debug_images: int = 128
     seed: int = 0
     verbose: int = 1
 
@@ -108,6 +109,13 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig()):
                 "reference_vs_xnnpack": val.get("reference_vs_xnnpack"),
             }
         variants[kind] = entry
+
+    _log(cfg, "per-layer fidelity (reference kernels vs Keras, and vs the optimized builtin kernels)")
+    per_layer = debug.debug_fidelity(qat_model, paths["qat_int8"], x_te[:cfg.debug_images])
+    variants["qat_int8"]["fidelity"]["per_layer"] = [
+        {k: row[k] for k in ("layer", "op", "max_lsb_diff", "mean_lsb_diff", "runtime_max_lsb_diff") if k in row}
+        for row in per_layer["layers"]]
+    variants["qat_int8"]["fidelity"]["first_layer_over_1lsb"] = per_layer["first_divergence"]
 
     def ratio(a, b):
         return a / b if a is not None and b else None

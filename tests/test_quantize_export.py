@@ -131,3 +131,33 @@ def test_unsupported_layers_are_named_in_one_error():
         quantize(keras.Model(inp, x))
     msg = str(err.value)
     assert "'tanh_conv' (Conv2D)" in msg and "'ln' (LayerNormalization)" in msg and "Activation layer" in msg
+
+
+def test_debug_fidelity_matches_every_layer_and_localises_error(trained, tmp_path):
+    from mobileqat import debug
+    qat, path, x, _, _ = trained
+    result = debug.debug_fidelity(qat, path, x[:32])
+    rows = {r["layer"]: r for r in result["layers"]}
+    assert {"conv2d", "depthwise_conv2d", "conv2d_1", "add", "global_average_pooling2d", "dense",
+            "activation"} <= set(rows)
+    assert rows["activation"]["op"] == "SOFTMAX" and rows["activation"]["tflite_scale"] == 1 / 256
+    for r in result["layers"]:
+        if r["keras_scale"] is not None:  # the simulation holds the same quantization as the file
+            assert r["keras_scale"] == pytest.approx(r["tflite_scale"], rel=1e-5)
+            assert r["keras_zero_point"] == r["tflite_zero_point"]
+        assert r["local_max_lsb_diff"] is None or r["local_max_lsb_diff"] <= 1  # each op on its own
+    assert "first layer over" in debug.format_table(result)
+    debug.write_json(result, tmp_path / "d.json")
+    assert debug.plot(result, tmp_path / "d.png") and (tmp_path / "d.png").stat().st_size > 1000
+
+
+def test_debug_finds_the_layer_that_departs(trained, tmp_path):
+    from mobileqat import debug
+    qat, path, x, _, _ = trained
+    save_keras_model(qat, tmp_path / "copy.h5")
+    wrong = load_qat_model(tmp_path / "copy.h5")  # same layer names as the exported model
+    wrapper = next(layer for layer in wrong.layers if isinstance(getattr(layer, "layer", None), L.Dense))
+    kernel = next(w for w in wrapper.trainable_weights if "kernel" in w.name)
+    kernel.assign(kernel * 1.5)
+    result = debug.debug_fidelity(wrong, path, x[:32])
+    assert result["first_local_divergence"] == wrapper.layer.name
