@@ -38,7 +38,8 @@ def _finish(report, out):
 def cmd_demo(args):
     from mobileqat.data import synthetic_shapes
     from mobileqat.pipeline import run_pipeline
-    ds = synthetic_shapes(n_train=args.train, n_test=args.test, image_size=args.input_size, seed=args.seed)
+    ds = synthetic_shapes(n_train=args.train, n_test=args.test, image_size=args.input_size, seed=args.seed,
+                          difficulty=args.difficulty)
     return _finish(run_pipeline(ds, args.out, _config(args)), args.out)
 
 
@@ -109,9 +110,10 @@ def build_parser():
 
     p = sub.add_parser("demo", help="whole pipeline on the built-in synthetic shapes data")
     _add_run_options(p, d)
-    p.add_argument("--train", type=int, default=4000, help="training images")
+    p.add_argument("--train", type=int, default=10000, help="training images")
     p.add_argument("--test", type=int, default=1000, help="test images")
     p.add_argument("--input-size", type=int, default=32)
+    p.add_argument("--difficulty", type=float, default=1.3, help="clutter/noise/size spread of the shapes")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="whole pipeline on a folder of images, one sub-folder per class")

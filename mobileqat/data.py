@@ -242,8 +242,8 @@ def _make_split(n, size, channels, seed, difficulty, noise):
     return x, labels
 
 
-def synthetic_shapes(n_train=4000, n_test=1000, image_size=32, channels=3, seed=0, noise=None,
-                     difficulty=1.0):
+def synthetic_shapes(n_train=10000, n_test=1000, image_size=32, channels=3, seed=0, noise=None,
+                     difficulty=1.3):
     """The built-in dataset: 10 classes of shapes drawn with Pillow, no download, fully deterministic.
 
     Classes (``SHAPE_CLASSES``): circle, square, triangle, diamond, star, plus, ring, hollow_square,
@@ -259,13 +259,15 @@ def synthetic_shapes(n_train=4000, n_test=1000, image_size=32, channels=3, seed=
     it, so they never share images; the first k images of a split do not depend on n_train/n_test.
     noise: std of the Gaussian pixel noise in 0..255 units, scaled per image by U(0.5, 1.5);
     None -> 3 * difficulty.
-    difficulty (>= 0, default 1.0) scales all nuisances together (see ``_knobs``): shape diameter
+    difficulty (>= 0, default 1.3) scales all nuisances together (see ``_knobs``): shape diameter
     U(0.7 - 0.15d, 0.7 + 0.11d) of the image side (55%..81% at 1, 40%..92% at 2), distractor count
     Poisson(1.5d) with 10%*d of them over the shape, rotation jitter 12d deg (max 20), background
     gradient up to 30d per channel, minimum fg/bg luma contrast 75 - 15d, noise 3d. 0 = clean shapes.
     1.0 is tuned so a 3-conv (16/32/64) BN+ReLU CNN trained 8 epochs on 4000 images reaches ~91-96%
     test accuracy with BN momentum 0.9 (~80-86% with Keras' default 0.99, whose moving averages lag
     after so few steps; ~97% after 20 epochs); 0.5 gives ~94-98%, 2.0 ~50-70% after 8 epochs.
+    The default 1.3 puts the demo (MobileNetV2-0.35, 10,000 images, 10 epochs) at ~98.5% float
+    accuracy (1.0: 99.1%, above the 85-99% band the demo targets).
     Returns Dataset "synthetic_shapes": x (N, image_size, image_size, channels) float32 in [-1, 1],
     y (N,) int64; classes are balanced (each block of 10 consecutive images holds every class once).
     """

@@ -20,7 +20,7 @@ class RunConfig:
 
     model: str = "mobilenet_v2"
     alpha: float = 0.35
-    epochs: int = 12
+    epochs: int = 10
     qat_epochs: int = 3
     batch_size: int = 64
     learning_rate: float = 2e-3
@@ -113,7 +113,8 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig()):
     _log(cfg, "per-layer fidelity (reference kernels vs Keras, and vs the optimized builtin kernels)")
     per_layer = debug.debug_fidelity(qat_model, paths["qat_int8"], x_te[:cfg.debug_images])
     variants["qat_int8"]["fidelity"]["per_layer"] = [
-        {k: row[k] for k in ("layer", "op", "max_lsb_diff", "mean_lsb_diff", "runtime_max_lsb_diff") if k in row}
+        {k: row[k] for k in ("layer", "op", "max_lsb_diff", "mean_lsb_diff", "local_max_lsb_diff",
+                             "runtime_max_lsb_diff") if k in row}
         for row in per_layer["layers"]]
     variants["qat_int8"]["fidelity"]["first_layer_over_1lsb"] = per_layer["first_divergence"]
 

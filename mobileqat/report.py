@@ -29,7 +29,7 @@ def markdown(report):
              "| variant | TFLite accuracy (XNNPACK) | Keras accuracy | size (bytes) | latency XNNPACK (ms) |",
              "|---|---|---|---|---|"]
     for name, v in variants.items():
-        lines.append(f"| {name} | {_pct(v.get('accuracy'))} | {_pct(v.get('sim_accuracy'))} | "
+        lines.append(f"| {name} | {_pct(v.get('accuracy'))} | {_pct(v.get('sim_accuracy', v.get('keras_accuracy')))} | "
                      f"{v.get('tflite_bytes', 0):,} | {_num(v.get('latency_ms', {}).get('xnnpack'))} |")
     qat = variants.get("qat_int8", {})
     fid = qat.get("fidelity")
@@ -38,7 +38,17 @@ def markdown(report):
                   f"- top-1 agreement, reference kernels: {_pct(fid.get('top1_agreement_reference'))}",
                   f"- top-1 agreement, XNNPACK: {_pct(fid.get('top1_agreement_xnnpack'))}",
                   f"- outputs within 1 LSB (reference): {_pct(fid.get('frac_within_1lsb'))}",
-                  f"- max difference: {fid.get('max_lsb_diff')} LSB"]
+                  f"- max difference: {fid.get('max_lsb_diff')} LSB",
+                  f"- reference kernels vs XNNPACK: {_pct((fid.get('reference_vs_xnnpack') or {}).get('top1_agreement'))}"
+                  f" top-1 agreement, max {(fid.get('reference_vs_xnnpack') or {}).get('max_lsb_diff')} LSB"]
+        rows = fid.get("per_layer") or []
+        if rows:
+            lines += ["", "Per layer (reference kernels; *accumulated* through the network, *local* = the layer fed "
+                      "the TFLite's own inputs, *builtin* = reference vs optimized builtin kernels):", "",
+                      "| layer | op | max LSB | mean LSB | local max LSB | ref vs builtin max LSB |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {r['layer']} | {r['op']} | {r['max_lsb_diff']} | {r['mean_lsb_diff']:.4f} | "
+                      f"{r.get('local_max_lsb_diff', '—')} | {r.get('runtime_max_lsb_diff', '—')} |" for r in rows]
     ratios = report.get("ratios")
     if ratios:
         lines += ["", "## Ratios", ""] + [f"- {k}: {_num(v)}" for k, v in ratios.items()]
