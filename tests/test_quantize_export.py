@@ -13,12 +13,14 @@ L = keras.layers
 
 def small_net(input_shape=(16, 16, 3), classes=4):
     inp = keras.Input(input_shape)
-    x = L.ReLU(6.0)(L.BatchNormalization()(L.Conv2D(8, 3, strides=2, padding="same", use_bias=False)(inp)))
-    x = L.ReLU(6.0)(L.BatchNormalization()(L.DepthwiseConv2D(3, padding="same", use_bias=False)(x)))
-    y = L.BatchNormalization()(L.Conv2D(8, 1, use_bias=False)(x))
-    x = L.Add()([x, y])
-    x = L.GlobalAveragePooling2D()(x)
-    x = L.Activation("softmax")(L.Dense(classes)(x))
+    x = L.Conv2D(8, 3, strides=2, padding="same", use_bias=False, name="conv_a")(inp)
+    x = L.ReLU(6.0, name="relu_a")(L.BatchNormalization(name="bn_a")(x))
+    x = L.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(x)
+    x = L.ReLU(6.0, name="relu_dw")(L.BatchNormalization(name="bn_dw")(x))
+    y = L.BatchNormalization(name="bn_b")(L.Conv2D(8, 1, use_bias=False, name="conv_b")(x))
+    x = L.Add(name="add")([x, y])
+    x = L.GlobalAveragePooling2D(name="pool")(x)
+    x = L.Activation("softmax", name="softmax")(L.Dense(classes, name="dense")(x))
     return keras.Model(inp, x, name="small_net")
 
 
@@ -105,9 +107,10 @@ def test_harness_agrees_on_true_model_and_catches_mismatched_one(trained):
         r = good["runtimes"][name]
         # a barely trained 4-class net: near-tied softmax codes flip top-1 on a 1-LSB difference
         assert r["max_lsb_diff"] <= 2 and r["frac_within_1lsb"] > 0.99 and r["top1_agreement"] > 0.85
-    wrong = quantize(small_net())  # same architecture, different (untrained) weights
-    wrong.set_weights([w * 1.0 for w in qat.get_weights()])
-    kernel = next(layer for layer in wrong.layers if "conv2d_1" in layer.name).layer.kernel
+    wrong = quantize(small_net())  # the same weights, then the classifier's kernel negated
+    wrong.set_weights(qat.get_weights())
+    wrapper = next(layer for layer in wrong.layers if layer.name == "quant_dense")
+    kernel = next(w for w in wrapper.trainable_weights if "kernel" in w.name)
     kernel.assign(-kernel)
     bad = harness.validate(path, x, y, model=wrong, runtimes=("reference",))
     assert bad["runtimes"]["reference"]["max_lsb_diff"] > 5
@@ -138,9 +141,8 @@ def test_debug_fidelity_matches_every_layer_and_localises_error(trained, tmp_pat
     qat, path, x, _, _ = trained
     result = debug.debug_fidelity(qat, path, x[:32])
     rows = {r["layer"]: r for r in result["layers"]}
-    assert {"conv2d", "depthwise_conv2d", "conv2d_1", "add", "global_average_pooling2d", "dense",
-            "activation"} <= set(rows)
-    assert rows["activation"]["op"] == "SOFTMAX" and rows["activation"]["tflite_scale"] == 1 / 256
+    assert {"conv_a", "dw", "conv_b", "add", "pool", "dense", "softmax"} <= set(rows)
+    assert rows["softmax"]["op"] == "SOFTMAX" and rows["softmax"]["tflite_scale"] == 1 / 256
     for r in result["layers"]:
         if r["keras_scale"] is not None:  # the simulation holds the same quantization as the file
             assert r["keras_scale"] == pytest.approx(r["tflite_scale"], rel=1e-5)
