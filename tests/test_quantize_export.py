@@ -107,11 +107,11 @@ def test_harness_agrees_on_true_model_and_catches_mismatched_one(trained):
         r = good["runtimes"][name]
         # a barely trained 4-class net: near-tied softmax codes flip top-1 on a 1-LSB difference
         assert r["max_lsb_diff"] <= 2 and r["frac_within_1lsb"] > 0.99 and r["top1_agreement"] > 0.85
-    wrong = quantize(small_net())  # the same weights, then the classifier's kernel negated
+    wrong = quantize(small_net())  # the same weights, then the classifier's bias moved by +-4
     wrong.set_weights(qat.get_weights())
     wrapper = next(layer for layer in wrong.layers if layer.name == "quant_dense")
-    kernel = next(w for w in wrapper.trainable_weights if "kernel" in w.name)
-    kernel.assign(-kernel)
+    bias = next(w for w in wrapper.trainable_weights if "bias" in w.name)
+    bias.assign(bias + np.array([4.0, 0.0, -4.0, 0.0], np.float32))
     bad = harness.validate(path, x, y, model=wrong, runtimes=("reference",))
     assert bad["runtimes"]["reference"]["max_lsb_diff"] > 5
     assert bad["runtimes"]["reference"]["frac_within_1lsb"] < 0.9
