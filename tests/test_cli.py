@@ -91,10 +91,14 @@ def test_run_on_image_folder(tmp_path):
             Image.fromarray(img).save(data / f"class_{c}" / f"{i}.png")
     (data / "class_0" / "broken.png").write_bytes(b"not an image")
     out = tmp_path / "out"
-    r = mobileqat("run", "--data", data, "--model", "mobilenet_v1", "--input-size", 32, "--out", out, *TINY)
+    r = mobileqat("run", "--data", data, "--model", "mobilenet_v1", "--input-size", 32, "--io-type", "uint8",
+                  "--out", out, *TINY)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["dataset"]["classes"] == 3 and report["model"]["name"] == "mobilenet_v1"
+    assert report["variants"]["qat_int8"]["fidelity"]["max_lsb_diff"] is not None
+    from mobileqat.export import tensor_types
+    assert tensor_types(out / "qat_int8.tflite")["input"] == "uint8"
     assert "broken.png" in r.stderr
 
 
