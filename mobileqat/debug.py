@@ -26,10 +26,11 @@ def _nudged(min_value, max_value, num_bits=8, narrow_range=False):
 
 def keras_quant_params(layer):
     """(scale, zero point) the QAT layer's output quantizer holds, or None (pass-through layer)."""
-    quantizer = getattr(layer, "_output_quantizers", None) or [getattr(layer, "quantizer", None)]
-    quantizer = quantizer[0]
-    weights = getattr(layer, "_output_quantizer_vars", None) or getattr(layer, "quantizer_vars", None)
-    if quantizer is None:
+    if getattr(layer, "_output_quantizers", None):  # tfmot QuantizeWrapper
+        quantizer, weights = layer._output_quantizers[0], layer._output_quantizer_vars
+    elif hasattr(layer, "quantizer"):  # tfmot QuantizeLayer (the model input)
+        quantizer, weights = layer.quantizer, layer.quantizer_vars
+    else:
         return None
     config = quantizer.get_config()
     bits = config.get("num_bits", 8)

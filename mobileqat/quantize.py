@@ -24,18 +24,6 @@ _FUSABLE = ("linear", "relu", "relu6")
 _FIXED_OUTPUT = {"softmax", "sigmoid"}  # TFLite int8 output: scale 1/256, zero point -128
 
 
-def _activation_name(layer):
-    if isinstance(layer, keras.layers.ReLU):
-        if layer.negative_slope or layer.threshold:
-            return "leaky_relu"
-        if layer.max_value is None:
-            return "relu"
-        return "relu6" if float(layer.max_value) == 6.0 else "relu_n"
-    if isinstance(layer, keras.layers.Softmax):
-        return "softmax"
-    return keras.activations.serialize(layer.activation)
-
-
 def quantize_config_for(layer, scheme):
     """The QuantizeConfig for ``layer`` under ``scheme``, or a string saying why it is unsupported."""
     wq, aq = scheme.weight_quantizer, scheme.activation_quantizer
@@ -54,7 +42,7 @@ def quantize_config_for(layer, scheme):
             return QuantizeConfig(["kernel"], scheme.dense_weight_quantizer(), aq())
         return QuantizeConfig(["kernel"], wq(), aq())
     if isinstance(layer, (keras.layers.Activation, keras.layers.ReLU, keras.layers.Softmax)):
-        name = _activation_name(layer)
+        name = transforms.activation_name(layer)
         if name in _FIXED_OUTPUT:
             return QuantizeConfig(output_quantizer=FixedRangeQuantizer(0.0, 255.0 / 256.0))
         if name in ("relu", "relu6", "linear"):
@@ -109,7 +97,9 @@ def quantize(model, scheme="w8a8"):
 
 
 def load_qat_model(path):
-    """Load a QAT model saved with Keras as .h5 (tfmot's QuantizeLayer does not reload from .keras); mobileqat's and tfmot's objects are known."""
+    """Load a QAT model saved as .h5 (tfmot's QuantizeLayer does not reload from .keras).
+
+    mobileqat's and tfmot's objects are known; no custom_objects needed."""
     import os
     with quantize_scope():
         return keras.models.load_model(os.fspath(path))

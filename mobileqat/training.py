@@ -1,5 +1,6 @@
 """Training: model.fit with a cosine schedule, step timing and resumable checkpoints."""
 import os
+import time
 
 import numpy as np
 
@@ -14,11 +15,9 @@ class StepTimer(keras.callbacks.Callback):
         self.times = []
 
     def on_train_batch_begin(self, batch, logs=None):
-        import time
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
-        import time
         self.times.append(time.perf_counter() - self._t0)
 
     @property

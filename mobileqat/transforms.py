@@ -25,18 +25,25 @@ def _model_nodes(model):
     return nodes, consumers
 
 
-def _relu6_like(layer):
-    """The activation name if ``layer`` is a ReLU with max 6 or plain ReLU, else None."""
+def activation_name(layer):
+    """The activation an Activation/ReLU/Softmax layer applies: "relu", "relu6", "relu_n", "leaky_relu",
+    "softmax" or the Keras activation's name."""
     if isinstance(layer, keras.layers.ReLU):
-        if layer.negative_slope == 0 and layer.threshold == 0:
-            if layer.max_value is None:
-                return "relu"
-            if float(layer.max_value) == 6.0:
-                return "relu6"
-    if isinstance(layer, keras.layers.Activation):
-        name = keras.activations.serialize(layer.activation)
-        if name in ("relu", "relu6"):
-            return name
+        if layer.negative_slope or layer.threshold:
+            return "leaky_relu"
+        if layer.max_value is None:
+            return "relu"
+        return "relu6" if float(layer.max_value) == 6.0 else "relu_n"
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax"
+    return keras.activations.serialize(layer.activation)
+
+
+def _relu6_like(layer):
+    """"relu" or "relu6" if ``layer`` is an activation layer that a conv can absorb, else None."""
+    if isinstance(layer, (keras.layers.ReLU, keras.layers.Activation)):
+        name = activation_name(layer)
+        return name if name in ("relu", "relu6") else None
     return None
 
 

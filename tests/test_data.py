@@ -1,6 +1,5 @@
 """mobileqat.data: synthetic shapes, image folders, calibration subsets, tf.data pipelines."""
 import json
-import os
 
 import numpy as np
 import pytest
