@@ -118,3 +118,19 @@ def depthwise_conv2d(x, input_scale, input_zero_point, w, filter_scales, bias, o
     p = _patches(np.asarray(x, np.int64), kh, kw, stride, padding, input_zero_point) - input_zero_point
     acc = np.einsum("nhwijc,ijc->nhwc", p, np.asarray(w[0], np.int64)) + np.asarray(bias, np.int64)
     return _requantize(acc, input_scale, filter_scales, output_scale, output_zero_point, *act_range)
+
+
+def add(x1, scale1, zero_point1, x2, scale2, zero_point2, output_scale, output_zero_point,
+        act_range=(-128, 127), left_shift=20):
+    """Reference int8 ADD with general rescaling (inputs of different scales), same shapes.
+
+    Each input is shifted left by 20 bits and brought to the scale 2*max(s1, s2) with its own
+    fixed-point multiplier; the sum is brought to the output scale with a third (add.cc Prepare)."""
+    twice_max = 2.0 * max(np.float64(np.float32(scale1)), np.float64(np.float32(scale2)))
+    m1, s1 = quantize_multiplier(np.float64(np.float32(scale1)) / twice_max)
+    m2, s2 = quantize_multiplier(np.float64(np.float32(scale2)) / twice_max)
+    mo, so = quantize_multiplier(twice_max / ((1 << left_shift) * np.float64(np.float32(output_scale))))
+    a = multiply_by_quantized_multiplier((np.asarray(x1, np.int64) - zero_point1) << left_shift, m1, s1)
+    b = multiply_by_quantized_multiplier((np.asarray(x2, np.int64) - zero_point2) << left_shift, m2, s2)
+    out = multiply_by_quantized_multiplier(a + b, mo, so) + output_zero_point
+    return np.clip(out, *act_range).astype(np.int8)

@@ -59,3 +59,31 @@ def test_numpy_integer_op_equals_reference_kernel(tmp_path, kind, stride):
                   stride=(stride, stride), act_range=integer.activation_range("RELU6", out_scale, out_zp))
     assert expected.shape == out.shape
     np.testing.assert_array_equal(expected, out)
+
+
+def test_numpy_add_of_different_scales_equals_reference_kernel(tmp_path):
+    keras.utils.set_random_seed(3)
+    rng = np.random.default_rng(3)
+    inp = keras.Input((6, 6, 4))
+    a = L.BatchNormalization(name="bn_a")(L.Conv2D(4, 1, use_bias=False, name="a")(inp))
+    b = L.BatchNormalization(name="bn_b")(L.Conv2D(4, 3, padding="same", use_bias=False, name="b")(inp))
+    qat = quantize(keras.Model(inp, L.Add(name="add")([a, b])))
+    x = rng.uniform(-1, 1, (32, 6, 6, 4)).astype(np.float32)
+    wrapper = next(layer for layer in qat.layers if layer.name == "quant_b")
+    gamma = next(w for w in wrapper.trainable_weights if "gamma" in w.name)
+    gamma.assign(gamma * 5.0)  # branch b gets a much wider range than branch a
+    qat.compile("adam", "mse")
+    qat.fit(x, np.zeros((32, 6, 6, 4)), epochs=1, batch_size=8, verbose=0)
+    path = str(tmp_path / "add.tflite")
+    export.export_tflite(qat, path)
+    m = TFLiteModel(path, "reference", preserve_all_tensors=True)
+    out = m.invoke_raw(m.quantize_input(x))
+    it = m.interpreter
+    tensors = {t["index"]: t for t in it.get_tensor_details()}
+    op = next(o for o in it._get_ops_details() if o["op_name"] == "ADD")
+    t1, t2 = (tensors[i] for i in op["inputs"])
+    (s1, z1), (s2, z2) = t1["quantization"], t2["quantization"]
+    assert max(s1, s2) / min(s1, s2) > 2  # the case that needs rescaling
+    so, zo = tensors[op["outputs"][0]]["quantization"]
+    expected = integer.add(it.get_tensor(t1["index"]), s1, z1, it.get_tensor(t2["index"]), s2, z2, so, zo)
+    np.testing.assert_array_equal(expected, out)
