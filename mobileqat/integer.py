@@ -134,3 +134,28 @@ def add(x1, scale1, zero_point1, x2, scale2, zero_point2, output_scale, output_z
     b = multiply_by_quantized_multiplier((np.asarray(x2, np.int64) - zero_point2) << left_shift, m2, s2)
     out = multiply_by_quantized_multiplier(a + b, mo, so) + output_zero_point
     return np.clip(out, *act_range).astype(np.int8)
+
+
+def _multiply_by_quantized_multiplier_int64(x, multiplier, shift):
+    """The int64-input overload: a 16-bit multiplier and one rounding (common.cc)."""
+    reduced = (multiplier + (1 << 15)) >> 16 if multiplier < 0x7FFF0000 else 0x7FFF
+    total_shift = 15 - shift
+    return (np.asarray(x, np.int64) * reduced + (np.int64(1) << (total_shift - 1))) >> total_shift
+
+
+def mean_hw(x, input_scale, input_zero_point, output_scale, output_zero_point, accumulator="int32"):
+    """Reference int8 MEAN over H and W, (N, H, W, C) -> (N, C) (reduce.h QuantizedMeanOrSum): the sum
+    minus zero points, times input/output scale with 1/count folded into the fixed-point multiplier."""
+    x = np.asarray(x, np.int64)
+    count = x.shape[1] * x.shape[2]
+    multiplier, shift = quantize_multiplier(float(np.float64(np.float32(input_scale)) /
+                                                  np.float64(np.float32(output_scale))))
+    fold = min(63 - (64 - int(count).bit_length()) if count else 0, 32, 31 + shift)  # 63 - clz(count)
+    multiplier = (multiplier << fold) // count
+    shift -= fold
+    total = x.sum(axis=(1, 2)) - input_zero_point * count
+    if accumulator == "int64":
+        out = _multiply_by_quantized_multiplier_int64(total, multiplier, shift)
+    else:
+        out = multiply_by_quantized_multiplier(total, multiplier, shift)
+    return np.clip(out + output_zero_point, -128, 127).astype(np.int8)

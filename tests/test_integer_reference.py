@@ -87,3 +87,29 @@ def test_numpy_add_of_different_scales_equals_reference_kernel(tmp_path):
     so, zo = tensors[op["outputs"][0]]["quantization"]
     expected = integer.add(it.get_tensor(t1["index"]), s1, z1, it.get_tensor(t2["index"]), s2, z2, so, zo)
     np.testing.assert_array_equal(expected, out)
+
+
+def test_numpy_mean_equals_reference_kernel(tmp_path):
+    keras.utils.set_random_seed(4)
+    rng = np.random.default_rng(4)
+    inp = keras.Input((5, 7, 6))
+    x = L.ReLU(6.0)(L.BatchNormalization()(L.Conv2D(6, 3, padding="same", use_bias=False)(inp)))
+    qat = quantize(keras.Model(inp, L.GlobalAveragePooling2D(name="pool")(x)))
+    data = rng.uniform(-1, 1, (32, 5, 7, 6)).astype(np.float32)
+    qat.compile("adam", "mse")
+    qat.fit(data, np.zeros((32, 6)) + 0.5, epochs=1, batch_size=8, verbose=0)
+    path = str(tmp_path / "mean.tflite")
+    export.export_tflite(qat, path)
+    m = TFLiteModel(path, "reference", preserve_all_tensors=True)
+    out = m.invoke_raw(m.quantize_input(data))
+    it = m.interpreter
+    tensors = {t["index"]: t for t in it.get_tensor_details()}
+    op = next(o for o in it._get_ops_details() if o["op_name"] == "MEAN")
+    t_in, t_out = tensors[op["inputs"][0]], tensors[op["outputs"][0]]
+    (si, zi), (so, zo) = t_in["quantization"], t_out["quantization"]
+    assert si != so  # the case that needs requantization
+    expected = integer.mean_hw(it.get_tensor(t_in["index"]), si, zi, so, zo)
+    np.testing.assert_array_equal(expected, out)
+    # the test can tell the two rounding paths apart: the int64 overload rounds differently here
+    other = integer.mean_hw(it.get_tensor(t_in["index"]), si, zi, so, zo, accumulator="int64")
+    assert np.sum(other != out) > 0
