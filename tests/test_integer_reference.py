@@ -37,25 +37,28 @@ def _export_one_layer(tmp_path, layer, seed):
     return path, x
 
 
+def _run_and_find(path, x, op_name):
+    """Run the file on the reference kernels keeping every tensor; the op's input and output tensors."""
+    m = TFLiteModel(path, "reference", preserve_all_tensors=True)
+    out = m.invoke_raw(m.quantize_input(x))
+    it = m.interpreter
+    tensors = {t["index"]: t for t in it.get_tensor_details()}
+    op = next(o for o in it._get_ops_details() if o["op_name"] in op_name)
+    inputs = [dict(tensors[i], value=it.get_tensor(i)) for i in op["inputs"]]
+    return out, inputs, tensors[op["outputs"][0]]
+
+
 @pytest.mark.parametrize("kind,stride", [("conv", 1), ("conv", 2), ("depthwise", 1), ("depthwise", 2)])
 def test_numpy_integer_op_equals_reference_kernel(tmp_path, kind, stride):
     layer = (L.Conv2D(5, 3, strides=stride, padding="same", use_bias=False) if kind == "conv"
              else L.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False))
     path, x = _export_one_layer(tmp_path, layer, seed=stride)
-    m = TFLiteModel(path, "reference", preserve_all_tensors=True)
-    xq = m.quantize_input(x)
-    out = m.invoke_raw(xq)
-    it = m.interpreter
-    tensors = {t["index"]: t for t in it.get_tensor_details()}
-    op = next(o for o in it._get_ops_details() if o["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D"))
-    t_in, t_w, t_b = (tensors[i] for i in op["inputs"])
-    t_out = tensors[op["outputs"][0]]
-    x_int = it.get_tensor(t_in["index"])
+    out, (t_in, t_w, t_b), t_out = _run_and_find(path, x, ("CONV_2D", "DEPTHWISE_CONV_2D"))
     in_scale, in_zp = t_in["quantization"]
     out_scale, out_zp = t_out["quantization"]
     fn = integer.conv2d if kind == "conv" else integer.depthwise_conv2d
-    expected = fn(x_int, in_scale, in_zp, it.get_tensor(t_w["index"]),
-                  t_w["quantization_parameters"]["scales"], it.get_tensor(t_b["index"]), out_scale, out_zp,
+    expected = fn(t_in["value"], in_scale, in_zp, t_w["value"],
+                  t_w["quantization_parameters"]["scales"], t_b["value"], out_scale, out_zp,
                   stride=(stride, stride), act_range=integer.activation_range("RELU6", out_scale, out_zp))
     assert expected.shape == out.shape
     np.testing.assert_array_equal(expected, out)
@@ -76,16 +79,11 @@ def test_numpy_add_of_different_scales_equals_reference_kernel(tmp_path):
     qat.fit(x, np.zeros((32, 6, 6, 4)), epochs=1, batch_size=8, verbose=0)
     path = str(tmp_path / "add.tflite")
     export.export_tflite(qat, path)
-    m = TFLiteModel(path, "reference", preserve_all_tensors=True)
-    out = m.invoke_raw(m.quantize_input(x))
-    it = m.interpreter
-    tensors = {t["index"]: t for t in it.get_tensor_details()}
-    op = next(o for o in it._get_ops_details() if o["op_name"] == "ADD")
-    t1, t2 = (tensors[i] for i in op["inputs"])
+    out, (t1, t2), t_out = _run_and_find(path, x, ("ADD",))
     (s1, z1), (s2, z2) = t1["quantization"], t2["quantization"]
     assert max(s1, s2) / min(s1, s2) > 2  # the case that needs rescaling
-    so, zo = tensors[op["outputs"][0]]["quantization"]
-    expected = integer.add(it.get_tensor(t1["index"]), s1, z1, it.get_tensor(t2["index"]), s2, z2, so, zo)
+    so, zo = t_out["quantization"]
+    expected = integer.add(t1["value"], s1, z1, t2["value"], s2, z2, so, zo)
     np.testing.assert_array_equal(expected, out)
 
 
@@ -100,16 +98,11 @@ def test_numpy_mean_equals_reference_kernel(tmp_path):
     qat.fit(data, np.zeros((32, 6)) + 0.5, epochs=1, batch_size=8, verbose=0)
     path = str(tmp_path / "mean.tflite")
     export.export_tflite(qat, path)
-    m = TFLiteModel(path, "reference", preserve_all_tensors=True)
-    out = m.invoke_raw(m.quantize_input(data))
-    it = m.interpreter
-    tensors = {t["index"]: t for t in it.get_tensor_details()}
-    op = next(o for o in it._get_ops_details() if o["op_name"] == "MEAN")
-    t_in, t_out = tensors[op["inputs"][0]], tensors[op["outputs"][0]]
+    out, (t_in, _axes), t_out = _run_and_find(path, data, ("MEAN",))
     (si, zi), (so, zo) = t_in["quantization"], t_out["quantization"]
     assert si != so  # the case that needs requantization
-    expected = integer.mean_hw(it.get_tensor(t_in["index"]), si, zi, so, zo)
+    expected = integer.mean_hw(t_in["value"], si, zi, so, zo)
     np.testing.assert_array_equal(expected, out)
     # the test can tell the two rounding paths apart: the int64 overload rounds differently here
-    other = integer.mean_hw(it.get_tensor(t_in["index"]), si, zi, so, zo, accumulator="int64")
+    other = integer.mean_hw(t_in["value"], si, zi, so, zo, accumulator="int64")
     assert np.sum(other != out) > 0
