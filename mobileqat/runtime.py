@@ -18,6 +18,15 @@ import numpy as np
 RUNTIMES = ("reference", "builtin", "xnnpack")
 
 
+def quantize(values, scale, zero_point, dtype):
+    """Float values -> integer codes of a tensor (scale, zero point, integer dtype), as int64:
+    round half away from zero (std::round, as TFLite's QUANTIZE), then clamp to the dtype."""
+    info = np.iinfo(np.dtype(dtype))
+    v = np.asarray(values, np.float64) / scale
+    q = np.sign(v) * np.floor(np.abs(v) + 0.5) + zero_point
+    return np.clip(q, info.min, info.max).astype(np.int64)
+
+
 def _resolver(runtime):
     from ai_edge_litert.interpreter import OpResolverType
     table = {"reference": OpResolverType.BUILTIN_REF,
@@ -65,10 +74,7 @@ class TFLiteModel:
         if dtype == np.float32:
             return np.asarray(x, np.float32)
         scale, zero = self.input_quantization
-        info = np.iinfo(dtype)
-        v = np.asarray(x, np.float64) / scale
-        q = np.sign(v) * np.floor(np.abs(v) + 0.5) + zero  # std::round, as TFLite's QUANTIZE
-        return np.clip(q, info.min, info.max).astype(dtype)
+        return quantize(x, scale, zero, dtype).astype(dtype)
 
     def _resize(self, n):
         if self._batch != n:
