@@ -84,10 +84,15 @@ class FoldedConvBN(keras.layers.Layer):
             return tf.nn.depthwise_conv2d(x, kernel, strides, self.padding.upper())
         return tf.nn.conv2d(x, kernel, strides, self.padding.upper())
 
+    def folded_float_kernel(self):
+        """w * gamma / sqrt(moving_var + eps) before quantization, output channels last:
+        (kh, kw, C_in, C_out), or (kh, kw, 1, C) for depthwise."""
+        scale = self.gamma * tf.math.rsqrt(self.moving_variance + self.epsilon)
+        return tf.reshape(self.kernel, self._quant_shape) * scale
+
     def folded_kernel(self, training=False):
         """The kernel the .tflite holds: w * gamma / sqrt(moving_var + eps), fake-quantized."""
-        scale = self.gamma * tf.math.rsqrt(self.moving_variance + self.epsilon)
-        w = tf.reshape(self.kernel, self._quant_shape) * scale
+        w = self.folded_float_kernel()
         if self.weight_quantizer is not None:
             w = self.weight_quantizer(w, training, self._wq_vars)
         return tf.reshape(w, self.kernel.shape)

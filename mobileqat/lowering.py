@@ -1,0 +1,274 @@
+"""The integer-exact evaluation path of a QAT model: lower it to int8 ops and run them in numpy.
+
+``lower(qat_model)`` reads the model's own variables (folded weights, quantizer ranges) and returns
+an ``IntegerModel``: the int8 graph the TFLite converter writes for it, with the same parameters
+(int8 weights, int32 bias at scale input_scale * weight_scale, float32 scales, zero points), no
+file needed. ``IntegerModel.predict(x, runtime)`` runs it with a runtime's arithmetic, bit for bit:
+
+  "reference": ``mobileqat.integer``, the reference kernels (fixed-point requantization);
+  "xnnpack":   ``mobileqat.integer_xnnpack``, the XNNPACK delegate (fp32 requantization).
+
+So the accuracy seen in Python is the accuracy of the deployed file; the float fake-quant
+simulation stays the training path.
+"""
+import dataclasses
+import importlib
+
+import numpy as np
+
+from mobileqat import runtime as rt
+from mobileqat._tf import keras, tfmot
+from mobileqat.layers import FoldedConvBN
+from mobileqat.quantizers import ActivationQuantizer, FixedRangeQuantizer
+
+_qk = tfmot.quantization.keras
+_ARITHMETIC = {"reference": "mobileqat.integer", "xnnpack": "mobileqat.integer_xnnpack"}
+_FUSED = {"linear": None, "relu": "RELU", "relu6": "RELU6"}
+_IDENTITY = (keras.layers.Dropout, keras.layers.SpatialDropout2D, keras.layers.GaussianNoise)
+_RESHAPE = (keras.layers.Reshape, keras.layers.Flatten)
+
+
+@dataclasses.dataclass
+class QTensor:
+    """An int8 activation tensor: name (the Keras layer that produces it), scale (float32), zero point."""
+    name: str
+    scale: np.float32
+    zero_point: int
+
+
+@dataclasses.dataclass
+class IntOp:
+    """One int8 op: kind ("conv2d", "depthwise_conv2d", "add", "mean_hw", "fully_connected",
+    "softmax", "reshape", "identity"), input tensor names, output tensor name and the op's constant
+    parameters (int8 weights as TFLite stores them, int32 bias, float32 filter scales, ...)."""
+    kind: str
+    inputs: tuple
+    output: str
+    params: dict = dataclasses.field(default_factory=dict)
+
+
+class IntegerModel:
+    """An int8 graph: ``ops`` in execution order over ``tensors`` (name -> QTensor).
+
+    ``input``/``output`` name the graph's input and output tensors. Images (N, H, W, C) float go in
+    through ``quantize_input`` (round half away from zero, as TFLite's QUANTIZE); outputs come out as
+    int8 codes (``run``) or dequantized floats (``predict``).
+    """
+
+    def __init__(self, tensors, ops, input_name, output_name):
+        self.tensors, self.ops = tensors, ops
+        self.input, self.output = tensors[input_name], tensors[output_name]
+
+    def quantize_input(self, x):
+        return rt.quantize(x, self.input.scale, self.input.zero_point, np.int8).astype(np.int8)
+
+    def run(self, codes, runtime="reference", keep_all=False):
+        """int8 input codes (N, H, W, C) -> int8 output codes, or every tensor by name with keep_all."""
+        arith = _arithmetic(runtime)
+        values = {self.input.name: np.asarray(codes, np.int8)}
+        for op in self.ops:
+            values[op.output] = self._eval(op, values, arith)
+            if not keep_all:
+                for name in op.inputs:
+                    if name != self.input.name and all(name not in o.inputs for o in self._after(op)):
+                        values.pop(name, None)
+        return values if keep_all else values[self.output.name]
+
+    def _after(self, op):
+        return self.ops[self.ops.index(op) + 1:]
+
+    def predict(self, x, runtime="reference", batch_size=64):
+        """Float images (N, H, W, C) -> dequantized float outputs, as the deployed file computes them."""
+        x = np.asarray(x, np.float32)
+        outs = [self.run(self.quantize_input(x[i:i + batch_size]), runtime)
+                for i in range(0, len(x), batch_size)]
+        codes = np.concatenate(outs) if outs else np.zeros((0,) + tuple(), np.int8)
+        return (codes.astype(np.float32) - self.output.zero_point) * self.output.scale
+
+    def _eval(self, op, values, arith):
+        xs = [values[n] for n in op.inputs]
+        t_in = [self.tensors[n] for n in op.inputs]
+        t_out = self.tensors[op.output]
+        p = op.params
+        if op.kind in ("identity", "reshape"):
+            return xs[0].reshape((len(xs[0]),) + tuple(p.get("shape", xs[0].shape[1:])))
+        act = arith.activation_range(p.get("activation"), t_out.scale, t_out.zero_point) \
+            if "activation" in p else (-128, 127)
+        if op.kind in ("conv2d", "depthwise_conv2d"):
+            fn = getattr(arith, op.kind)
+            return fn(xs[0], t_in[0].scale, t_in[0].zero_point, p["weights"], p["filter_scales"], p["bias"],
+                      t_out.scale, t_out.zero_point, stride=p["stride"], padding=p["padding"], act_range=act)
+        if op.kind == "fully_connected":
+            return arith.fully_connected(xs[0], t_in[0].scale, t_in[0].zero_point, p["weights"],
+                                         p["filter_scales"], p["bias"], t_out.scale, t_out.zero_point,
+                                         act_range=act)
+        if op.kind == "add":
+            return arith.add(xs[0], t_in[0].scale, t_in[0].zero_point, xs[1], t_in[1].scale, t_in[1].zero_point,
+                             t_out.scale, t_out.zero_point, act_range=act)
+        if op.kind == "mean_hw":
+            return arith.mean_hw(xs[0], t_in[0].scale, t_in[0].zero_point, t_out.scale, t_out.zero_point)
+        if op.kind == "softmax":
+            return arith.softmax(xs[0], t_in[0].scale, t_in[0].zero_point)
+        raise ValueError(f"unknown op kind {op.kind!r}")
+
+
+def _arithmetic(runtime):
+    if runtime not in _ARITHMETIC:
+        raise ValueError(f"no integer arithmetic for runtime {runtime!r}: use one of {sorted(_ARITHMETIC)}.")
+    return importlib.import_module(_ARITHMETIC[runtime])
+
+
+# --- reading quantization parameters the way the converter does ---------------------------------
+
+def quantization_params(rmin, rmax, num_bits=8, narrow_range=False):
+    """Scale (double) and signed zero point of a FakeQuant range [rmin, rmax], as the TFLite converter
+    computes them (fakeQuantAttrsToType): double arithmetic on the unsigned grid [0, 2^bits - 1]
+    ([1, ...] with narrow_range), the zero point from the end with the smaller rounding error, nudged
+    with round-half-away, then shifted to signed. The unsigned grid matters: a range [-1, 1] gives
+    zero point 127.5 -> 128 -> 0, where the signed grid would give -0.5 -> -1."""
+    qmin, qmax = int(narrow_range), (1 << num_bits) - 1
+    rmin, rmax = float(np.float32(rmin)), float(np.float32(rmax))
+    scale = (rmax - rmin) / (qmax - qmin)
+    from_min, from_max = qmin - rmin / scale, qmax - rmax / scale
+    err_min, err_max = abs(qmin) + abs(rmin / scale), abs(qmax) + abs(rmax / scale)
+    zp = from_min if err_min < err_max else from_max
+    zp = qmin if zp < qmin else qmax if zp > qmax else int(np.floor(zp + 0.5))  # zp >= 0 here
+    return scale, int(zp) - (1 << (num_bits - 1))
+
+
+def _output_range(wrapper):
+    """(rmin, rmax) float32 of a wrapper's output quantizer, None when it keeps its input's scale."""
+    quantizers = getattr(wrapper, "_output_quantizers", None) or []
+    if not quantizers:
+        return None
+    q = quantizers[0]
+    if isinstance(q, FixedRangeQuantizer):
+        return np.float32(q.min_value), np.float32(q.max_value)
+    if isinstance(q, ActivationQuantizer):
+        v = wrapper._output_quantizer_vars
+        amin = np.float32(v["min_var"].numpy())
+        amax = np.float32(max(np.float32(v["max_var"].numpy()), np.float32(amin + np.float32(1e-6))))
+        return amin, amax
+    raise ValueError(f"layer '{wrapper.name}': lowering does not know the output quantizer {type(q).__name__}.")
+
+
+def _input_range(layer):
+    v = layer.quantizer_vars
+    return np.float32(v["min_var"].numpy()), np.float32(v["max_var"].numpy())
+
+
+def _quantize_weights(w_fq, amax, per_channel):
+    """Fake-quantized float32 weights (..., C_out) and their symmetric ranges -> int8 codes, float32
+    scales (C_out,) and the double scales the converter uses for the bias. The converter folds the
+    FakeQuant op first and quantizes its output (already on the grid), so codes are exact integers."""
+    scales = np.array([quantization_params(-a, a, 8, narrow_range=True)[0]
+                       for a in np.atleast_1d(np.float32(amax))], np.float64)
+    v = np.asarray(w_fq, np.float64) / (scales if per_channel else scales[0])
+    q = np.clip(np.sign(v) * np.floor(np.abs(v) + 0.5), -127, 127).astype(np.int8)
+    return q, scales.astype(np.float32), scales
+
+
+def _quantize_bias(b, input_scale_double, filter_scales_double):
+    v = np.asarray(b, np.float64) / (input_scale_double * filter_scales_double)
+    return (np.sign(v) * np.floor(np.abs(v) + 0.5)).astype(np.int32)
+
+
+def _activation(layer):
+    name = keras.activations.serialize(layer.activation) if layer.activation is not None else "linear"
+    if name not in _FUSED:
+        raise ValueError(f"layer '{layer.name}': activation '{name}' cannot be fused into an int8 op.")
+    return _FUSED[name]
+
+
+def _inbound(model):
+    """layer name -> names of the layers feeding it (functional graph, first call only)."""
+    names = {}
+    for cfg in model.get_config()["layers"]:
+        nodes = cfg.get("inbound_nodes") or []
+        if len(nodes) > 1:
+            raise ValueError(f"layer '{cfg['name']}' is called {len(nodes)} times; lowering needs each "
+                             "layer used once (build the model without shared layers).")
+        names[cfg["name"]] = [entry[0] for entry in nodes[0]] if nodes else []
+    return names
+
+
+def lower(qat_model):
+    """The ``IntegerModel`` of a QAT model from ``mobileqat.quantize`` (or ``load_qat_model``).
+
+    Raises ValueError naming any layer that has no int8 op here yet."""
+    inbound = _inbound(qat_model)
+    tensors, ops, double_scale = {}, [], {}
+    input_name = output_name = None
+
+    def add_tensor(name, rng, like=None):
+        if rng is None:  # keeps its input's quantization
+            tensors[name] = dataclasses.replace(tensors[like], name=name)
+            double_scale[name] = double_scale[like]
+            return
+        scale, zp = quantization_params(*rng)
+        tensors[name] = QTensor(name, np.float32(scale), zp)
+        double_scale[name] = scale
+
+    for layer in qat_model.layers:
+        srcs = inbound[layer.name]
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        if type(layer).__name__ == "QuantizeLayer":  # tfmot's input quantizer (not in its public API)
+            add_tensor(layer.name, _input_range(layer))
+            input_name = layer.name
+            output_name = layer.name
+            continue
+        if not isinstance(layer, (_qk.QuantizeWrapperV2, _qk.QuantizeWrapper)):
+            raise ValueError(f"layer '{layer.name}' ({type(layer).__name__}) is not quantized; lower a model "
+                             "returned by mobileqat.quantize.")
+        inner = layer.layer
+        add_tensor(layer.name, _output_range(layer), like=srcs[0])
+        ops.append(_lower_layer(layer, inner, srcs, tensors, double_scale))
+        output_name = layer.name
+    if input_name is None:
+        raise ValueError("the model has no QuantizeLayer at its input; lower a model returned by mobileqat.quantize.")
+    return IntegerModel(tensors, ops, input_name, output_name)
+
+
+def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
+    name = wrapper.name
+    where = f"layer '{name}' ({type(inner).__name__})"
+    if isinstance(inner, FoldedConvBN):
+        if inner.depthwise and inner.depth_multiplier != 1:
+            raise ValueError(f"{where}: depth_multiplier {inner.depth_multiplier} has no int8 op here yet.")
+        w = inner.weight_quantizer(inner.folded_float_kernel(), False, inner._wq_vars).numpy()
+        amax = inner._wq_vars["max_var"].numpy()
+        q, scales, scales_d = _quantize_weights(w, amax, per_channel=inner.weight_quantizer.per_channel)
+        if not inner.weight_quantizer.per_channel:
+            scales_d = np.full(q.shape[-1], scales_d[0])
+        q = q.transpose(2, 0, 1, 3) if inner.depthwise else q.transpose(3, 0, 1, 2)  # TFLite layouts
+        bias = _quantize_bias(inner.folded_bias().numpy(), double_scale[srcs[0]], scales_d)
+        return IntOp("depthwise_conv2d" if inner.depthwise else "conv2d", (srcs[0],), name, dict(
+            weights=q, filter_scales=scales, bias=bias, stride=tuple(inner.strides),
+            padding=inner.padding.upper(), activation=_activation(inner)))
+    if type(inner) is keras.layers.Dense:
+        (kernel, quantizer, qvars), = wrapper._weight_vars
+        w = quantizer(kernel, False, qvars).numpy()
+        q, scales, scales_d = _quantize_weights(w, qvars["max_var"].numpy(), per_channel=quantizer.per_channel)
+        bias = inner.bias.numpy() if inner.use_bias else np.zeros(q.shape[-1], np.float32)
+        return IntOp("fully_connected", (srcs[0],), name, dict(
+            weights=q.T.copy(), filter_scales=scales, bias=_quantize_bias(bias, double_scale[srcs[0]], scales_d[0]),
+            activation=_activation(inner)))
+    if isinstance(inner, keras.layers.Add) and len(srcs) == 2:
+        return IntOp("add", tuple(srcs), name)
+    if isinstance(inner, keras.layers.GlobalAveragePooling2D) and not inner.keepdims:
+        return IntOp("mean_hw", (srcs[0],), name)
+    if isinstance(inner, (keras.layers.Activation, keras.layers.Softmax)) and _is_softmax(inner):
+        return IntOp("softmax", (srcs[0],), name)
+    if isinstance(inner, _IDENTITY):
+        return IntOp("identity", (srcs[0],), name)
+    if isinstance(inner, _RESHAPE):
+        shape = tuple(inner.output_shape[1:])
+        return IntOp("reshape", (srcs[0],), name, dict(shape=shape))
+    raise ValueError(f"{where} has no int8 op in mobileqat.lowering yet (supported: folded Conv/Depthwise+BN, "
+                     "Dense, Add of two inputs, GlobalAveragePooling2D, softmax, Dropout, Reshape/Flatten).")
+
+
+def _is_softmax(layer):
+    from mobileqat.transforms import activation_name
+    return isinstance(layer, keras.layers.Softmax) or activation_name(layer) == "softmax"
