@@ -16,14 +16,6 @@ from mobileqat import runtime as rt
 from mobileqat.harness import compare_codes, quantize_output
 
 
-def _nudged(min_value, max_value, num_bits=8, narrow_range=False):
-    """TF FakeQuant nudging: (scale, int8 zero point) of a [min, max] range."""
-    qmin, qmax = (1 if narrow_range else 0), 2 ** num_bits - 1
-    scale = (max_value - min_value) / (qmax - qmin)
-    zp = min(max(np.floor(qmin - min_value / scale + 0.5), qmin), qmax)
-    return float(scale), int(zp) - 2 ** (num_bits - 1)
-
-
 def keras_quant_params(layer):
     """(scale, zero point) the QAT layer's output quantizer holds, or None (pass-through layer)."""
     if getattr(layer, "_output_quantizers", None):  # tfmot QuantizeWrapper
@@ -32,13 +24,16 @@ def keras_quant_params(layer):
         quantizer, weights = layer.quantizer, layer.quantizer_vars
     else:
         return None
+    from mobileqat.lowering import quantization_params
     config = quantizer.get_config()
     bits = config.get("num_bits", 8)
     if weights and "min_var" in weights:
-        return _nudged(float(weights["min_var"].numpy()), float(weights["max_var"].numpy()), bits)
-    if "min_value" in config:
-        return _nudged(config["min_value"], config["max_value"], bits)
-    return None
+        scale, zp = quantization_params(weights["min_var"].numpy(), weights["max_var"].numpy(), bits)
+    elif "min_value" in config:
+        scale, zp = quantization_params(config["min_value"], config["max_value"], bits)
+    else:
+        return None
+    return float(np.float32(scale)), zp
 
 
 def _layer_of(tensor_name, layer_names):
@@ -79,10 +74,14 @@ def debug_fidelity(qat_model, tflite_path, samples, compare_runtime="builtin", g
 
     The model must be the one exported (or loaded from its .h5): tensors are matched by layer name.
     samples: float images (N, H, W, C). Returns {"layers": [{"layer", "tflite_tensor", "op",
-    "keras_scale", "keras_zero_point", "tflite_scale", "tflite_zero_point", "max_lsb_diff",
-    "mean_lsb_diff", "frac_within_1lsb", "local_max_lsb_diff", "runtime_max_lsb_diff"}],
+    "keras_scale", "keras_zero_point", "tflite_scale", "tflite_zero_point", "integer_max_lsb_diff",
+    "max_lsb_diff", "mean_lsb_diff", "frac_within_1lsb", "local_max_lsb_diff", "runtime_max_lsb_diff"}],
     "first_divergence": name of the first layer (execution order) whose max difference exceeds
-    ``grow_threshold`` LSB, or None}. ``*_lsb_diff``: accumulated through the network;
+    ``grow_threshold`` LSB, or None, "first_integer_divergence": the first layer where the
+    integer-exact path differs at all, "integer_path_error"}.
+    ``integer_max_lsb_diff``: the model's integer-exact path (``mobileqat.lowering``, reference
+    arithmetic) against the file, accumulated (0 when it reproduces the file);
+    ``*_lsb_diff``: the float Keras simulation, accumulated through the network;
     ``local_max_lsb_diff``: the layer alone, fed the TFLite's own input tensors (its own arithmetic);
     ``runtime_max_lsb_diff``: reference kernels vs ``compare_runtime`` on the same tensor.
     """
@@ -107,6 +106,7 @@ def debug_fidelity(qat_model, tflite_path, samples, compare_runtime="builtin", g
         xq = rt.TFLiteModel(tflite_path, "reference").quantize_input(x)
         last_tensor[layers[0].name] = {"name": "input", "scale": in_scale, "zero_point": in_zero,
                                       "value": xq, "dtype": xq.dtype.name, "op": "INPUT"}
+    integer_values, integer_error = _integer_activations(qat_model, x)
     probe = keras.Model(qat_model.inputs, [layer.output for layer in layers])
     if in_scale:
         x_seen = (quantize_output(x, in_scale, in_zero, "int8").astype(np.float32) - in_zero) * in_scale
@@ -114,7 +114,7 @@ def debug_fidelity(qat_model, tflite_path, samples, compare_runtime="builtin", g
         x_seen = x
     values = probe.predict(x_seen, verbose=0)
     values = values if isinstance(values, list) else [values]
-    rows, first, first_local = [], None, None
+    rows, first, first_local, first_integer = [], None, None, None
     for layer, value in zip(layers, values):
         t = last_tensor.get(layer.name)
         if t is None or tuple(np.shape(value)) != tuple(t["value"].shape):
@@ -127,6 +127,13 @@ def debug_fidelity(qat_model, tflite_path, samples, compare_runtime="builtin", g
                "tflite_scale": t["scale"], "tflite_zero_point": t["zero_point"],
                "max_lsb_diff": stats["max_lsb_diff"], "mean_lsb_diff": stats["mean_lsb_diff"],
                "frac_within_1lsb": stats["frac_within_1lsb"]}
+        if layer.name in integer_values:
+            q, v = integer_values[layer.name]
+            codes = quantize_output((v.astype(np.float64) - q.zero_point) * q.scale, t["scale"], t["zero_point"],
+                                    t["dtype"])
+            row["integer_max_lsb_diff"] = int(np.abs(codes.reshape(t["value"].shape) - t["value"]).max())
+            if first_integer is None and row["integer_max_lsb_diff"] > 0:
+                first_integer = row["layer"]
         row["local_max_lsb_diff"] = _local_error(layer, t, last_tensor)
         if t["name"] in other:
             d = np.abs(other[t["name"]].astype(np.int64) - t["value"].astype(np.int64))
@@ -137,7 +144,20 @@ def debug_fidelity(qat_model, tflite_path, samples, compare_runtime="builtin", g
         if first_local is None and (row["local_max_lsb_diff"] or 0) > grow_threshold:
             first_local = row["layer"]
     return {"tflite": os.fspath(tflite_path), "samples": len(x), "compare_runtime": compare_runtime,
-            "layers": rows, "first_divergence": first, "first_local_divergence": first_local}
+            "layers": rows, "first_divergence": first, "first_local_divergence": first_local,
+            "first_integer_divergence": first_integer, "integer_path_error": integer_error}
+
+
+def _integer_activations(qat_model, x):
+    """Every tensor of the model's integer-exact path on the reference arithmetic: ({layer name:
+    (QTensor, int8 values)}, None), or ({}, why it cannot be lowered)."""
+    from mobileqat import lowering
+    try:
+        integer_model = lowering.lower(qat_model)
+    except ValueError as e:
+        return {}, str(e)
+    values = integer_model.run(integer_model.quantize_input(x), "reference", keep_all=True)
+    return {name: (integer_model.tensors[name], v) for name, v in values.items()}, None
 
 
 def _local_error(layer, out_tensor, tensors):
@@ -158,18 +178,24 @@ def _local_error(layer, out_tensor, tensors):
 
 def format_table(result):
     """The debugger's result as a fixed-width text table."""
-    head = (f"{'layer':28} {'op':18} {'keras scale/zp':>20} {'tflite scale/zp':>20} "
+    head = (f"{'layer':28} {'op':18} {'keras scale/zp':>20} {'tflite scale/zp':>20} {'int max':>7} "
             f"{'max LSB':>7} {'mean LSB':>8} {'<=1 LSB':>8} {'local max':>9} "
             f"{'ref vs ' + (result['compare_runtime'] or '-'):>14}")
     lines = [head, "-" * len(head)]
     for r in result["layers"]:
         kq = f"{r['keras_scale']:.5g}/{r['keras_zero_point']}" if r["keras_scale"] else "(input's)"
         tq = f"{r['tflite_scale']:.5g}/{r['tflite_zero_point']}"
-        lines.append(f"{r['layer'][:28]:28} {r['op'][:18]:18} {kq:>20} {tq:>20} {r['max_lsb_diff']:>7} "
+        lines.append(f"{r['layer'][:28]:28} {r['op'][:18]:18} {kq:>20} {tq:>20} "
+                     f"{_dash(r.get('integer_max_lsb_diff')):>7} {r['max_lsb_diff']:>7} "
                      f"{r['mean_lsb_diff']:>8.4f} {100 * r['frac_within_1lsb']:>7.2f}% "
                      f"{_dash(r.get('local_max_lsb_diff')):>9} {_dash(r.get('runtime_max_lsb_diff')):>14}")
-    lines.append(f"first layer over {1} LSB, accumulated: {result['first_divergence'] or 'none'}; "
-                 f"on its own (local): {result['first_local_divergence'] or 'none'}")
+    lines.append("int max: the integer-exact path (mobileqat.lowering); max/mean/<=1/local: the float Keras "
+                 "simulation, accumulated and on its own; all in LSB of each tensor")
+    lines.append(f"first layer over 1 LSB, float simulation accumulated: {result['first_divergence'] or 'none'}; "
+                 f"on its own (local): {result['first_local_divergence'] or 'none'}; integer-exact path "
+                 f"first differs at: {result.get('first_integer_divergence') or 'none'}")
+    if result.get("integer_path_error"):
+        lines.append(f"integer-exact path not available: {result['integer_path_error']}")
     return "\n".join(lines)
 
 

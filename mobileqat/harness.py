@@ -1,8 +1,9 @@
 """Validation harness: run a .tflite on the reference kernels and XNNPACK, compare with the simulation.
 
-Fidelity is measured on quantized outputs (DESIGN.md): the Keras simulation's float output is
-quantized with the TFLite output tensor's scale/zero point and compared integer to integer, so
-1 LSB is one output quantization step. The simulation is fed exactly the images the integer model
+Fidelity is measured on quantized outputs (DESIGN.md): a simulation's float output is quantized
+with the TFLite output tensor's scale/zero point and compared integer to integer, so 1 LSB is one
+output quantization step. Two simulations of a QAT model: its integer-exact path
+(``mobileqat.lowering``, the runtime's own arithmetic) and the float fake-quant Keras model. The simulation is fed exactly the images the integer model
 sees (the input quantized, then dequantized), so input rounding is not counted as a mismatch.
 Every interpreter runs in a child process: a runtime that aborts is reported, not fatal.
 """
@@ -44,21 +45,43 @@ def _describe(path):
             "output_dtype": np.dtype(o["dtype"]).name, "output_quantization": tuple(o["quantization"])}
 
 
+def integer_outputs(model, x, runtimes):
+    """The QAT model's integer-exact outputs (dequantized floats, N x classes) per runtime whose
+    arithmetic mobileqat reproduces, via ``mobileqat.lowering``. Returns ({runtime: outputs}, error
+    message or None): a model that cannot be lowered yet falls back to the float simulation."""
+    from mobileqat import lowering
+    try:
+        integer_model = lowering.lower(model)
+    except ValueError as e:
+        return {}, str(e)
+    return {name: integer_model.predict(x, name) for name in runtimes if name in lowering.RUNTIMES}, None
+
+
 def validate(tflite_path, x, y=None, model=None, runtimes=("reference", "xnnpack"), threads=1,
              batch_size=64):
     """Run ``tflite_path`` on each runtime over images ``x`` (N, H, W, C) float, labels ``y`` (N,).
 
-    Returns {"runtimes": {name: {"accuracy", and with ``model``: "top1_agreement",
-    "frac_within_1lsb", "max_lsb_diff", "mean_lsb_diff"} or {"error": message}},
-    "sim_accuracy" (with model and y), "reference_vs_xnnpack": LSB statistics between runtimes}.
+    With a QAT ``model`` the file is compared with two simulations of it, on output codes:
+    - the integer-exact path (``mobileqat.lowering``), in the arithmetic of that runtime; this is
+      the simulation reported first ("simulation": "integer") for "reference" and "xnnpack";
+    - the float fake-quant Keras model ("float_sim"), the one that trains.
+    Returns {"runtimes": {name: {"accuracy", and with ``model``: "simulation", "top1_agreement",
+    "frac_within_1lsb", "max_lsb_diff", "mean_lsb_diff", "float_sim": {same keys}} or
+    {"error": message}}, "sim_accuracy" (float simulation), "integer_accuracy" {runtime: accuracy}
+    (with model and y), "reference_vs_xnnpack": LSB statistics between runtimes}.
     Float-output files are compared by top-1 agreement and max absolute difference instead of LSB.
     """
     desc = _describe(tflite_path)
-    sim = simulate(model, x, tflite_path) if model is not None else None
-    result = {"tflite_bytes": os.path.getsize(tflite_path), "runtimes": {}}
-    if sim is not None and y is not None:
-        result["sim_accuracy"] = float(np.mean(sim.argmax(-1) == np.asarray(y)))
     integer = desc["output_dtype"] != "float32"
+    sim = simulate(model, x, tflite_path) if model is not None else None
+    exact, lowering_error = integer_outputs(model, x, runtimes) if (model is not None and integer) else ({}, None)
+    result = {"tflite_bytes": os.path.getsize(tflite_path), "runtimes": {}}
+    if lowering_error:
+        result["integer_path_error"] = lowering_error
+    if sim is not None and y is not None:
+        result["sim_accuracy"] = _accuracy(sim, y)
+        if exact:
+            result["integer_accuracy"] = {name: _accuracy(out, y) for name, out in exact.items()}
     raw_by_runtime = {}
     for name in runtimes:
         out, error = rt.predict_isolated(tflite_path, name, x, threads, batch_size)
@@ -69,17 +92,25 @@ def validate(tflite_path, x, y=None, model=None, runtimes=("reference", "xnnpack
         raw_by_runtime[name] = raw
         entry = {}
         if y is not None:
-            entry["accuracy"] = float(np.mean(raw.argmax(-1) == np.asarray(y)))
-        if sim is not None:
-            if integer:
-                entry.update(compare_codes(quantize_output(sim, scale, zero, dtype), raw))
+            entry["accuracy"] = _accuracy(raw, y)
+        if sim is not None and integer:
+            float_sim = compare_codes(quantize_output(sim, scale, zero, dtype), raw)
+            if name in exact:
+                entry.update(simulation="integer", **compare_codes(quantize_output(exact[name], scale, zero, dtype), raw))
             else:
-                entry.update(top1_agreement=float(np.mean(sim.argmax(-1) == raw.argmax(-1))),
-                             max_abs_diff=float(np.abs(sim - raw).max()))
+                entry.update(simulation="float", **float_sim)
+            entry["float_sim"] = float_sim
+        elif sim is not None:
+            entry.update(top1_agreement=float(np.mean(sim.argmax(-1) == raw.argmax(-1))),
+                         max_abs_diff=float(np.abs(sim - raw).max()))
         result["runtimes"][name] = entry
     if integer and "reference" in raw_by_runtime and "xnnpack" in raw_by_runtime:
         result["reference_vs_xnnpack"] = compare_codes(raw_by_runtime["reference"], raw_by_runtime["xnnpack"])
     return result
+
+
+def _accuracy(outputs, y):
+    return float(np.mean(np.asarray(outputs).argmax(-1) == np.asarray(y)))
 
 
 def benchmark(tflite_path, runtimes=("xnnpack",), threads=1, warmup=10, runs=100):

@@ -23,6 +23,7 @@ from mobileqat.quantizers import ActivationQuantizer, FixedRangeQuantizer
 
 _qk = tfmot.quantization.keras
 _ARITHMETIC = {"reference": "mobileqat.integer", "xnnpack": "mobileqat.integer_xnnpack"}
+RUNTIMES = tuple(_ARITHMETIC)  # runtimes whose arithmetic IntegerModel reproduces
 _FUSED = {"linear": None, "relu": "RELU", "relu6": "RELU6"}
 _IDENTITY = (keras.layers.Dropout, keras.layers.SpatialDropout2D, keras.layers.GaussianNoise)
 _RESHAPE = (keras.layers.Reshape, keras.layers.Flatten)
@@ -205,6 +206,9 @@ def lower(qat_model):
             tensors[name] = dataclasses.replace(tensors[like], name=name)
             double_scale[name] = double_scale[like]
             return
+        if not rng[0] < rng[1]:
+            raise ValueError(f"layer '{name}': its quantization range [{rng[0]}, {rng[1]}] is empty; the QAT "
+                             "model has not seen data yet: fit it (or run it once with training=True) first.")
         scale, zp = quantization_params(*rng)
         tensors[name] = QTensor(name, np.float32(scale), zp)
         double_scale[name] = scale

@@ -98,25 +98,18 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig()):
         if kind == "qat_int8":
             ref, xnn = val["runtimes"].get("reference", {}), val["runtimes"].get("xnnpack", {})
             entry["sim_accuracy"] = val.get("sim_accuracy")
-            entry["fidelity"] = {
-                "top1_agreement_reference": ref.get("top1_agreement"),
-                "top1_agreement_xnnpack": xnn.get("top1_agreement"),
-                "frac_within_1lsb": ref.get("frac_within_1lsb"),
-                "max_lsb_diff": ref.get("max_lsb_diff"),
-                "mean_lsb_diff": ref.get("mean_lsb_diff"),
-                "frac_within_1lsb_xnnpack": xnn.get("frac_within_1lsb"),
-                "max_lsb_diff_xnnpack": xnn.get("max_lsb_diff"),
-                "reference_vs_xnnpack": val.get("reference_vs_xnnpack"),
-            }
+            entry["integer_sim_accuracy"] = val.get("integer_accuracy")
+            entry["fidelity"] = fidelity_summary(val)
         variants[kind] = entry
 
     _log(cfg, "per-layer fidelity (reference kernels vs Keras, and vs the optimized builtin kernels)")
     per_layer = debug.debug_fidelity(qat_model, paths["qat_int8"], x_te[:cfg.debug_images])
     variants["qat_int8"]["fidelity"]["per_layer"] = [
-        {k: row[k] for k in ("layer", "op", "max_lsb_diff", "mean_lsb_diff", "local_max_lsb_diff",
-                             "runtime_max_lsb_diff") if k in row}
+        {k: row[k] for k in ("layer", "op", "integer_max_lsb_diff", "max_lsb_diff", "mean_lsb_diff",
+                             "local_max_lsb_diff", "runtime_max_lsb_diff") if k in row}
         for row in per_layer["layers"]]
     variants["qat_int8"]["fidelity"]["first_layer_over_1lsb"] = per_layer["first_divergence"]
+    variants["qat_int8"]["fidelity"]["first_integer_layer_over_0lsb"] = per_layer["first_integer_divergence"]
 
     def ratio(a, b):
         return a / b if a is not None and b else None
@@ -138,3 +131,29 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig()):
     }
     report_mod.write_report(report, out_dir)
     return report
+
+
+def fidelity_summary(val):
+    """report.json's qat_int8 "fidelity" from a harness.validate result: the simulation named in
+    "simulation" (the integer-exact path where the model lowers, else the float one) against each
+    runtime, and the float fake-quant simulation's numbers under "float_simulation"."""
+    ref, xnn = val["runtimes"].get("reference", {}), val["runtimes"].get("xnnpack", {})
+    fref, fxnn = ref.get("float_sim", {}), xnn.get("float_sim", {})
+    out = {"simulation": ref.get("simulation"),
+           "top1_agreement_reference": ref.get("top1_agreement"),
+           "top1_agreement_xnnpack": xnn.get("top1_agreement"),
+           "frac_within_1lsb": ref.get("frac_within_1lsb"),
+           "max_lsb_diff": ref.get("max_lsb_diff"),
+           "mean_lsb_diff": ref.get("mean_lsb_diff"),
+           "frac_within_1lsb_xnnpack": xnn.get("frac_within_1lsb"),
+           "max_lsb_diff_xnnpack": xnn.get("max_lsb_diff"),
+           "float_simulation": {"top1_agreement_reference": fref.get("top1_agreement"),
+                                "top1_agreement_xnnpack": fxnn.get("top1_agreement"),
+                                "frac_within_1lsb": fref.get("frac_within_1lsb"),
+                                "max_lsb_diff": fref.get("max_lsb_diff"),
+                                "frac_within_1lsb_xnnpack": fxnn.get("frac_within_1lsb"),
+                                "max_lsb_diff_xnnpack": fxnn.get("max_lsb_diff")},
+           "reference_vs_xnnpack": val.get("reference_vs_xnnpack")}
+    if val.get("integer_path_error"):
+        out["integer_path_error"] = val["integer_path_error"]
+    return out

@@ -13,6 +13,11 @@ def write_report(report, out_dir):
     return path
 
 
+_SIMULATION = {"integer": "the QAT model's integer-exact path (mobileqat.lowering), in each runtime's own "
+                          "arithmetic; the float fake-quant Keras model is the second row",
+               "float": "the float fake-quant Keras model (the model could not be lowered to integers)"}
+
+
 def _pct(v):
     return "—" if v is None else f"{100 * v:.2f} %"
 
@@ -34,21 +39,31 @@ def markdown(report):
     qat = variants.get("qat_int8", {})
     fid = qat.get("fidelity")
     if fid:
-        lines += ["", "## Fidelity: Keras QAT simulation vs integer TFLite (output codes)", "",
-                  f"- top-1 agreement, reference kernels: {_pct(fid.get('top1_agreement_reference'))}",
-                  f"- top-1 agreement, XNNPACK: {_pct(fid.get('top1_agreement_xnnpack'))}",
-                  f"- outputs within 1 LSB (reference): {_pct(fid.get('frac_within_1lsb'))}",
-                  f"- max difference: {fid.get('max_lsb_diff')} LSB",
-                  f"- reference kernels vs XNNPACK: {_pct((fid.get('reference_vs_xnnpack') or {}).get('top1_agreement'))}"
-                  f" top-1 agreement, max {(fid.get('reference_vs_xnnpack') or {}).get('max_lsb_diff')} LSB"]
+        fs = fid.get("float_simulation") or {}
+        rx = fid.get("reference_vs_xnnpack") or {}
+        lines += ["", "## Fidelity: QAT simulation vs integer TFLite (output codes)", "",
+                  f"Simulation: {_SIMULATION.get(fid.get('simulation'), fid.get('simulation'))}.", "",
+                  "| simulation | top-1 agreement, reference | top-1 agreement, XNNPACK | within 1 LSB (ref) "
+                  "| max LSB (ref) | within 1 LSB (XNNPACK) | max LSB (XNNPACK) |", "|---|---|---|---|---|---|---|"]
+        for label, f in ((fid.get("simulation") or "—", fid), ("float (Keras fake-quant)", fs)):
+            lines.append(f"| {label} | {_pct(f.get('top1_agreement_reference'))} | "
+                         f"{_pct(f.get('top1_agreement_xnnpack'))} | {_pct(f.get('frac_within_1lsb'))} | "
+                         f"{f.get('max_lsb_diff')} | {_pct(f.get('frac_within_1lsb_xnnpack'))} | "
+                         f"{f.get('max_lsb_diff_xnnpack')} |")
+        lines += ["", f"Reference kernels vs XNNPACK: {_pct(rx.get('top1_agreement'))} top-1 agreement, "
+                  f"{_pct(rx.get('frac_within_1lsb'))} within 1 LSB, max {rx.get('max_lsb_diff')} LSB."]
+        if fid.get("integer_path_error"):
+            lines += ["", f"Integer-exact path not available: {fid['integer_path_error']}"]
         rows = fid.get("per_layer") or []
         if rows:
-            lines += ["", "Per layer (reference kernels; *accumulated* through the network, *local* = the layer fed "
-                      "the TFLite's own inputs, *builtin* = reference vs optimized builtin kernels):", "",
-                      "| layer | op | max LSB | mean LSB | local max LSB | ref vs builtin max LSB |",
-                      "|---|---|---|---|---|---|"]
-            lines += [f"| {r['layer']} | {r['op']} | {r['max_lsb_diff']} | {r['mean_lsb_diff']:.4f} | "
-                      f"{r.get('local_max_lsb_diff', '—')} | {r.get('runtime_max_lsb_diff', '—')} |" for r in rows]
+            lines += ["", "Per layer, against the reference kernels: *integer* = the integer-exact path; *float* = the "
+                      "Keras simulation, accumulated through the network; *local* = the Keras layer fed the "
+                      "TFLite's own inputs; *builtin* = reference vs optimized builtin kernels:", "",
+                      "| layer | op | integer max LSB | float max LSB | float mean LSB | local max LSB "
+                      "| ref vs builtin max LSB |", "|---|---|---|---|---|---|---|"]
+            lines += [f"| {r['layer']} | {r['op']} | {r.get('integer_max_lsb_diff', '—')} | {r['max_lsb_diff']} | "
+                      f"{r['mean_lsb_diff']:.4f} | {r.get('local_max_lsb_diff', '—')} | "
+                      f"{r.get('runtime_max_lsb_diff', '—')} |" for r in rows]
     ratios = report.get("ratios")
     if ratios:
         lines += ["", "## Ratios", ""] + [f"- {k}: {_num(v)}" for k, v in ratios.items()]
@@ -66,15 +81,21 @@ def summary_lines(report):
     v = report["variants"]
     q = v.get("qat_int8", {})
     fid = q.get("fidelity", {})
+    fs = fid.get("float_simulation") or {}
     r = report.get("ratios", {})
     return [
         f"dataset {report['dataset']['name']} ({report['dataset']['test']} test images), "
         f"model {report['model']['name']} ({report['model']['params']:,} params)",
         "accuracy (TFLite, XNNPACK): " + ", ".join(
             f"{k} {_pct(v[k].get('accuracy'))}" for k in v),
-        f"QAT simulation accuracy {_pct(q.get('sim_accuracy'))}; top-1 agreement sim<->reference "
-        f"{_pct(fid.get('top1_agreement_reference'))}, sim<->XNNPACK {_pct(fid.get('top1_agreement_xnnpack'))}",
-        f"outputs within 1 LSB {_pct(fid.get('frac_within_1lsb'))}, max {fid.get('max_lsb_diff')} LSB",
+        f"QAT simulation ({fid.get('simulation')}): accuracy {_pct((q.get('integer_sim_accuracy') or {}).get('xnnpack', q.get('sim_accuracy')))}; "
+        f"top-1 agreement with reference kernels {_pct(fid.get('top1_agreement_reference'))}, "
+        f"with XNNPACK {_pct(fid.get('top1_agreement_xnnpack'))}",
+        f"outputs within 1 LSB {_pct(fid.get('frac_within_1lsb'))} (XNNPACK {_pct(fid.get('frac_within_1lsb_xnnpack'))}), "
+        f"max {fid.get('max_lsb_diff')} LSB (XNNPACK {fid.get('max_lsb_diff_xnnpack')})",
+        f"float fake-quant simulation: accuracy {_pct(q.get('sim_accuracy'))}, top-1 agreement with reference "
+        f"{_pct(fs.get('top1_agreement_reference'))}, within 1 LSB {_pct(fs.get('frac_within_1lsb'))}, "
+        f"max {fs.get('max_lsb_diff')} LSB",
         f"int8/fp32: latency (XNNPACK) {_num(r.get('int8_fp32_latency_xnnpack'))}, size "
         f"{_num(r.get('int8_fp32_size'))}; QAT/float train step {_num(r.get('qat_float_step_time'))}",
     ]
