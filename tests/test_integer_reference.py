@@ -106,3 +106,95 @@ def test_numpy_mean_equals_reference_kernel(tmp_path):
     # the test can tell the two rounding paths apart: the int64 overload rounds differently here
     other = integer.mean_hw(t_in["value"], si, zi, so, zo, accumulator="int64")
     assert np.sum(other != out) > 0
+
+
+def _fit_export(tmp_path, model, x, name, scale_kernel=None):
+    qat = quantize(model)
+    if scale_kernel is not None:  # a wider logit range than training would give
+        kernel = next(v for v in qat.weights if "kernel" in v.name)
+        kernel.assign(kernel * scale_kernel)
+    qat.compile("adam", "mse")
+    qat.fit(x, np.asarray(qat(x)), epochs=1, batch_size=16, verbose=0)
+    path = str(tmp_path / name)
+    export.export_tflite(qat, path)
+    return path
+
+
+def _run_builtin(path, x, op_name):
+    """The optimized builtin kernels ("builtin") keeping every tensor: the op's input values and output."""
+    m = TFLiteModel(path, "builtin", preserve_all_tensors=True)
+    out = m.invoke_raw(m.quantize_input(x))
+    it = m.interpreter
+    op = next(o for o in it._get_ops_details() if o["op_name"] == op_name)
+    return out, [it.get_tensor(i) for i in op["inputs"]], it.get_tensor(op["outputs"][0])
+
+
+def test_numpy_fully_connected_equals_reference_kernel(tmp_path):
+    keras.utils.set_random_seed(7)
+    rng = np.random.default_rng(7)
+    inp = keras.Input((12,))
+    x = rng.uniform(-1, 1, (2000, 12)).astype(np.float32)
+    path = _fit_export(tmp_path, keras.Model(inp, L.Dense(7, name="fc")(inp)), x[:64], "fc.tflite")
+    out, (t_in, t_w, t_b), t_out = _run_and_find(path, x, ("FULLY_CONNECTED",))
+    (si, zi), (so, zo) = t_in["quantization"], t_out["quantization"]
+    fs = t_w["quantization_parameters"]["scales"]
+    assert fs.shape == (1,)  # per-tensor Dense weights
+    expected = integer.fully_connected(t_in["value"], si, zi, t_w["value"], fs, t_b["value"], so, zo)
+    assert expected.shape == out.shape == (2000, 7)
+    np.testing.assert_array_equal(expected, out)
+    # the optimized kernel (ruy on x86) requantizes with a fixed-point multiplier: 1 LSB apart near ties
+    b_out, (b_in, b_w, b_b), _ = _run_builtin(path, x, "FULLY_CONNECTED")
+    np.testing.assert_array_equal(b_in, t_in["value"])
+    ruy = integer.fully_connected(b_in, si, zi, b_w, fs, b_b, so, zo, kernel="ruy")
+    np.testing.assert_array_equal(ruy, b_out)
+    assert 0 < np.sum(ruy != expected) < 0.01 * expected.size
+
+
+def test_numpy_softmax_equals_reference_and_optimized_kernels(tmp_path):
+    keras.utils.set_random_seed(8)
+    rng = np.random.default_rng(8)
+    inp = keras.Input((12,))
+    model = keras.Model(inp, L.Softmax(name="softmax")(L.Dense(10, name="fc")(inp)))
+    x = rng.uniform(-1, 1, (3000, 12)).astype(np.float32)
+    x *= rng.choice([0.02, 0.1, 0.3, 1.0], (len(x), 1)).astype(np.float32)  # narrow to wide logit spreads
+    path = _fit_export(tmp_path, model, x[:64], "softmax.tflite", scale_kernel=20.0)
+    out, (t_in,), t_out = _run_and_find(path, x, ("SOFTMAX",))
+    (si, zi), (so, zo) = t_in["quantization"], t_out["quantization"]
+    assert (so, zo) == (1.0 / 256, -128)
+    logits = t_in["value"]
+    assert logits.min() == -128 and logits.max() == 127  # the FC output saturates at both ends
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    assert np.sum(top2[:, 0] == top2[:, 1]) > 10  # ties for the max
+    assert np.sum(out == 127) > 0 and np.mean(out == -128) > 0.3  # saturated probabilities
+    np.testing.assert_array_equal(integer.softmax(logits, si, zi), out)
+    # the same file on the optimized kernels: the float lookup table, fed with that run's own logits
+    b_out, (b_logits,), _ = _run_builtin(path, x, "SOFTMAX")
+    np.testing.assert_array_equal(integer.softmax_lut(b_logits, si, zi), b_out)
+
+
+def test_numpy_softmax_reference_and_lut_on_all_input_patterns(tmp_path):
+    """Input -> Softmax: the softmax reads the model's int8 input, so any codes can be fed directly."""
+    keras.utils.set_random_seed(9)
+    rng = np.random.default_rng(9)
+    inp = keras.Input((10,))
+    path = _fit_export(tmp_path, keras.Model(inp, L.Softmax()(inp)),
+                       rng.uniform(-3, 3, (64, 10)).astype(np.float32), "softmax_only.tflite")
+    ref, opt = TFLiteModel(path, "reference"), TFLiteModel(path, "builtin")
+    assert [o["op_name"] for o in ref.interpreter._get_ops_details()] == ["SOFTMAX"]
+    si, zi = ref.input_quantization
+    xq = rng.integers(-128, 128, (20000, 10))
+    live = rng.integers(1, 11, len(xq))
+    xq[np.arange(10)[None] >= live[:, None]] = -128  # 1..10 classes above the floor
+    xq[:256] = np.arange(-128, 128)[:, None]  # all ten tied
+    d1, d2 = (d.ravel() for d in np.meshgrid(np.arange(256), np.arange(256)))
+    three = np.full((len(d1), 10), -128)
+    three[:, 0], three[:, 1], three[:, 2] = 127, 127 - d1, 127 - d2  # every pair of differences
+    xq = np.concatenate([xq, three]).astype(np.int8)
+    expected_ref, expected_opt = integer.softmax(xq, si, zi), integer.softmax_lut(xq, si, zi)
+    np.testing.assert_array_equal(expected_ref, ref.invoke_raw(xq))
+    np.testing.assert_array_equal(expected_opt, opt.invoke_raw(xq))
+    np.testing.assert_array_equal(expected_ref[:256], np.full((256, 10), -102))  # 1/10: round(25.6) - 128
+    # the two kernels disagree (by 1 LSB) on a few rows, so each comparison above can fail
+    differ = np.any(expected_ref != expected_opt, axis=1)
+    assert 10 < np.sum(differ) < 0.01 * len(xq)
+    assert np.abs(expected_ref.astype(int) - expected_opt).max() == 1
