@@ -101,6 +101,12 @@ def _requantize(acc, input_scale, filter_scales, output_scale, output_zero_point
     return np.clip(out, act_min, act_max).astype(np.int8)
 
 
+def _exact_dot(a, b):
+    """Integer matrix product through float64 BLAS: exact while every partial sum stays below 2^53,
+    i.e. for int8 x int8 products with fewer than 2^38 terms."""
+    return np.matmul(np.asarray(a, np.float64), np.asarray(b, np.float64)).astype(np.int64)
+
+
 def conv2d(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale, output_zero_point,
            stride=(1, 1), padding="SAME", act_range=(-128, 127)):
     """Reference int8 CONV_2D (per-channel). x (N,H,W,Cin) int8; w (Cout,kh,kw,Cin) int8 as TFLite
@@ -108,7 +114,7 @@ def conv2d(x, input_scale, input_zero_point, w, filter_scales, bias, output_scal
     cout, kh, kw, _ = w.shape
     # padded positions hold the zero point, i.e. contribute (zp - zp) * w = 0, as the kernel skips them
     p = _patches(np.asarray(x, np.int64), kh, kw, stride, padding, input_zero_point) - input_zero_point
-    acc = np.einsum("nhwijc,oijc->nhwo", p, np.asarray(w, np.int64)) + np.asarray(bias, np.int64)
+    acc = _exact_dot(p.reshape(p.shape[:3] + (-1,)), np.asarray(w).reshape(cout, -1).T) + np.asarray(bias, np.int64)
     return _requantize(acc, input_scale, filter_scales, output_scale, output_zero_point, *act_range)
 
 
@@ -117,7 +123,8 @@ def depthwise_conv2d(x, input_scale, input_zero_point, w, filter_scales, bias, o
     """Reference int8 DEPTHWISE_CONV_2D, depth multiplier 1. w (1,kh,kw,C) int8 as TFLite stores it."""
     _, kh, kw, c = w.shape
     p = _patches(np.asarray(x, np.int64), kh, kw, stride, padding, input_zero_point) - input_zero_point
-    acc = np.einsum("nhwijc,ijc->nhwc", p, np.asarray(w[0], np.int64)) + np.asarray(bias, np.int64)
+    acc = np.einsum("nhwijc,ijc->nhwc", p.astype(np.float64), np.asarray(w[0], np.float64)).astype(np.int64)
+    acc = acc + np.asarray(bias, np.int64)  # float64 sums of int8 products are exact (|acc| < 2^53)
     return _requantize(acc, input_scale, filter_scales, output_scale, output_zero_point, *act_range)
 
 
