@@ -107,24 +107,34 @@ def _exact_dot(a, b):
     return np.matmul(np.asarray(a, np.float64), np.asarray(b, np.float64)).astype(np.int64)
 
 
+def conv_accumulators(x, input_zero_point, w, bias, stride=(1, 1), padding="SAME"):
+    """int32 accumulators of int8 CONV_2D: bias + sum((x - zp) * w), (N,OH,OW,Cout) int64. Padded positions
+    hold the zero point, i.e. contribute (zp - zp) * w = 0, as the kernels skip them."""
+    cout, kh, kw, _ = w.shape
+    p = _patches(np.asarray(x, np.int64), kh, kw, stride, padding, input_zero_point) - input_zero_point
+    return _exact_dot(p.reshape(p.shape[:3] + (-1,)), np.asarray(w).reshape(cout, -1).T) + np.asarray(bias, np.int64)
+
+
+def depthwise_accumulators(x, input_zero_point, w, bias, stride=(1, 1), padding="SAME"):
+    """int32 accumulators of int8 DEPTHWISE_CONV_2D, depth multiplier 1, w (1,kh,kw,C): (N,OH,OW,C) int64."""
+    _, kh, kw, c = w.shape
+    p = _patches(np.asarray(x, np.int64), kh, kw, stride, padding, input_zero_point) - input_zero_point
+    acc = np.einsum("nhwijc,ijc->nhwc", p.astype(np.float64), np.asarray(w[0], np.float64)).astype(np.int64)
+    return acc + np.asarray(bias, np.int64)  # float64 sums of int8 products are exact (|acc| < 2^53)
+
+
 def conv2d(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale, output_zero_point,
            stride=(1, 1), padding="SAME", act_range=(-128, 127)):
     """Reference int8 CONV_2D (per-channel). x (N,H,W,Cin) int8; w (Cout,kh,kw,Cin) int8 as TFLite
     stores it; bias (Cout,) int32 at scale input_scale*filter_scale. Returns (N,OH,OW,Cout) int8."""
-    cout, kh, kw, _ = w.shape
-    # padded positions hold the zero point, i.e. contribute (zp - zp) * w = 0, as the kernel skips them
-    p = _patches(np.asarray(x, np.int64), kh, kw, stride, padding, input_zero_point) - input_zero_point
-    acc = _exact_dot(p.reshape(p.shape[:3] + (-1,)), np.asarray(w).reshape(cout, -1).T) + np.asarray(bias, np.int64)
+    acc = conv_accumulators(x, input_zero_point, w, bias, stride, padding)
     return _requantize(acc, input_scale, filter_scales, output_scale, output_zero_point, *act_range)
 
 
 def depthwise_conv2d(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale,
                      output_zero_point, stride=(1, 1), padding="SAME", act_range=(-128, 127)):
     """Reference int8 DEPTHWISE_CONV_2D, depth multiplier 1. w (1,kh,kw,C) int8 as TFLite stores it."""
-    _, kh, kw, c = w.shape
-    p = _patches(np.asarray(x, np.int64), kh, kw, stride, padding, input_zero_point) - input_zero_point
-    acc = np.einsum("nhwijc,ijc->nhwc", p.astype(np.float64), np.asarray(w[0], np.float64)).astype(np.int64)
-    acc = acc + np.asarray(bias, np.int64)  # float64 sums of int8 products are exact (|acc| < 2^53)
+    acc = depthwise_accumulators(x, input_zero_point, w, bias, stride, padding)
     return _requantize(acc, input_scale, filter_scales, output_scale, output_zero_point, *act_range)
 
 

@@ -1,0 +1,139 @@
+"""LiteRT's default CPU path (XNNPACK delegate) in numpy, bit for bit, for int8 models.
+
+Drop-in twin of ``mobileqat.integer`` (same function names and signatures): swap the module to get
+what ``Interpreter(..., experimental_op_resolver_type=OpResolverType.AUTO)`` computes instead of
+what the reference kernels compute. Checked against ai-edge-litert 2.3 on x86-64 (AVX512-VNNI);
+sources read: LiteRT ``tflite/delegates/xnnpack/xnnpack_delegate.cc`` and XNNPACK
+``src/operators/{convolution-nhwc,fully-connected-nc,binary-elementwise-nd,reduce-nd}.c``,
+``src/microparams-init.c``, ``src/xnnpack/requantization.h``, ``src/reference/unary-elementwise.cc``,
+``src/subgraph/{convolution-2d,fully-connected}.c`` and the qs8 gemm/dwconv/vadd microkernels.
+
+Delegated int8 ops and their arithmetic:
+  CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED ("fp32" requantization, one rounding):
+      scale_c = fl(fl(input_scale * filter_scale_c) / output_scale)          (float32)
+      y = clamp(rint_half_even(fl(float32(acc) * scale_c)) + output_zp, act_min, act_max)
+    acc = bias + sum((x - input_zp) * w) in int32, exactly as the reference kernels; padding
+    contributes nothing. FULLY_CONNECTED's per-tensor filter scale is replicated per channel.
+  fused activations: the delegate passes float bounds (RELU6 -> [0, 6]) and XNNPACK quantizes them
+    with lrintf(fl(bound / scale) + zp) clamped to [-128, 127] (``activation_range`` here).
+  ADD (xnn_init_qs8_add_minmax_scalar_params): integer only, no fixed-point high-mul:
+      a = fl(s1 / so), b = fl(s2 / so); shift = 20 - exponent(max(a, b));
+      ma = lrintf(a * 2^shift), mb = lrintf(b * 2^shift);
+      y = clamp(((2^(shift-1) - ma*z1 - mb*z2 + ma*x1 + mb*x2) >> shift) + zo)   (floor shift)
+  MEAN (reduce-nd.c, qs8 rsum + reference int32->qs8 convert):
+      m = fl(fl(si / so) * fl(1 / count)); b = fl(zo - fl(fl(count * zi) * m))
+      y = clamp(rint_half_even(fl(fl(float32(sum x) * m) + b)))
+Not delegated: int8 SOFTMAX (the delegate takes float softmax only); it runs on the builtin
+optimized kernel (float exp lookup table), reproduced by ``softmax`` below.
+"""
+import numpy as np
+
+from mobileqat.integer import _exact_dot, conv_accumulators, depthwise_accumulators, softmax_lut
+
+F32 = np.float32
+
+
+def _f32(v):
+    return np.asarray(v, dtype=np.float32)
+
+
+def quantize_bound(value, scale, zero_point):
+    """xnn_qs8_quantize: lrintf(clamp(fl(value / scale) + zero_point, -128, 127)) in float32."""
+    v = F32(F32(value) / F32(scale)) + F32(zero_point)
+    return int(np.rint(min(max(v, F32(-128.0)), F32(127.0))))
+
+
+def activation_range(activation, scale, zero_point, qmin=-128, qmax=127):
+    """The integer clamp XNNPACK derives for a fused activation (float bounds quantized with
+    ``quantize_bound``), same signature as ``integer.activation_range``."""
+    bounds = {"RELU": (0.0, np.inf), "RELU6": (0.0, 6.0), "RELU_N1_TO_1": (-1.0, 1.0)}
+    lo, hi = bounds.get(activation, (-np.inf, np.inf))
+    return max(qmin, quantize_bound(lo, scale, zero_point)), min(qmax, quantize_bound(hi, scale, zero_point))
+
+
+def requantization_scales(input_scale, filter_scales, output_scale, channels):
+    """fl(fl(input_scale * filter_scale) / output_scale) per output channel, float32 as XNNPACK."""
+    fs = np.broadcast_to(_f32(filter_scales), (channels,))
+    return (F32(input_scale) * fs) / F32(output_scale)
+
+
+def requantize_fp32(acc, scales, output_zero_point, act_min=-128, act_max=127):
+    """XNNPACK fp32 requantization of int32 accumulators (last axis = channel): float32 multiply,
+    round half to even (cvtps2dq / lrintf), add the zero point, clamp."""
+    acc = np.asarray(acc, np.int64).astype(np.int32)  # int32 wrap-around, like the kernels
+    y = np.rint(acc.astype(np.float32) * _f32(scales))
+    out = y.astype(np.int64) + int(output_zero_point)
+    return np.clip(out, act_min, act_max).astype(np.int8)
+
+
+def conv2d(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale, output_zero_point,
+           stride=(1, 1), padding="SAME", act_range=(-128, 127)):
+    """XNNPACK int8 CONV_2D (qs8 input, per-channel qc8w filter). x (N,H,W,Cin) int8; w
+    (Cout,kh,kw,Cin) int8; bias (Cout,) int32. Returns (N,OH,OW,Cout) int8."""
+    acc = conv_accumulators(x, input_zero_point, w, bias, stride, padding)
+    scales = requantization_scales(input_scale, filter_scales, output_scale, w.shape[0])
+    return requantize_fp32(acc, scales, output_zero_point, *act_range)
+
+
+def depthwise_conv2d(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale,
+                     output_zero_point, stride=(1, 1), padding="SAME", act_range=(-128, 127)):
+    """XNNPACK int8 DEPTHWISE_CONV_2D, depth multiplier 1. w (1,kh,kw,C) int8."""
+    acc = depthwise_accumulators(x, input_zero_point, w, bias, stride, padding)
+    scales = requantization_scales(input_scale, filter_scales, output_scale, w.shape[-1])
+    return requantize_fp32(acc, scales, output_zero_point, *act_range)
+
+
+def fully_connected(x, input_scale, input_zero_point, w, filter_scale, bias, output_scale,
+                    output_zero_point, act_range=(-128, 127)):
+    """XNNPACK int8 FULLY_CONNECTED. x (N,in) int8, w (out,in) int8 (per-tensor or per-channel
+    scale), bias (out,) int32 or None. Returns (N,out) int8."""
+    w = np.asarray(w, np.int64)
+    acc = _exact_dot(np.asarray(x, np.int64) - input_zero_point, w.T)
+    if bias is not None:
+        acc = acc + np.asarray(bias, np.int64)
+    scales = requantization_scales(input_scale, filter_scale, output_scale, w.shape[0])
+    return requantize_fp32(acc, scales, output_zero_point, *act_range)
+
+
+def add_params(scale1, zero_point1, scale2, zero_point2, output_scale):
+    """xnn_init_qs8_add_minmax_scalar_params: (a_multiplier, b_multiplier, shift, bias)."""
+    a = F32(F32(scale1) / F32(output_scale))
+    b = F32(F32(scale2) / F32(output_scale))
+    exponent = int((int(np.float32(max(a, b)).view(np.uint32)) >> 23) - 127)
+    shift = 20 - exponent
+    assert 12 <= shift <= 30, "XNNPACK requires input/output scale ratios in [2^-10, 2^8)"
+    ma = int(np.rint(np.ldexp(a, shift).astype(np.float32)))  # exponent bump, then lrintf
+    mb = int(np.rint(np.ldexp(b, shift).astype(np.float32)))
+    bias = (1 << (shift - 1)) - ma * int(zero_point1) - mb * int(zero_point2)
+    return ma, mb, shift, bias
+
+
+def add(x1, scale1, zero_point1, x2, scale2, zero_point2, output_scale, output_zero_point,
+        act_range=(-128, 127)):
+    """XNNPACK int8 ADD (qs8 vadd), same shapes. A fused activation is a separate clamp."""
+    ma, mb, shift, bias = add_params(scale1, zero_point1, scale2, zero_point2, output_scale)
+    acc = bias + ma * np.asarray(x1, np.int64) + mb * np.asarray(x2, np.int64)
+    acc = acc.astype(np.int32).astype(np.int64) >> shift  # int32 wrap, arithmetic shift
+    out = np.clip(acc + int(output_zero_point), -128, 127)
+    return np.clip(out, *act_range).astype(np.int8)
+
+
+def mean_params(count, input_scale, input_zero_point, output_scale, output_zero_point):
+    """(multiplier, float zero point) of XNNPACK's qs8 MEAN: int32 sum -> int8."""
+    m = F32(F32(F32(input_scale) / F32(output_scale)) * F32(F32(1.0) / F32(count)))
+    b = F32(F32(output_zero_point) - F32(F32(F32(count) * F32(input_zero_point)) * m))
+    return m, b
+
+
+def mean_hw(x, input_scale, input_zero_point, output_scale, output_zero_point):
+    """XNNPACK int8 MEAN over H and W, (N, H, W, C) -> (N, C)."""
+    x = np.asarray(x, np.int64)
+    count = x.shape[1] * x.shape[2]
+    m, b = mean_params(count, input_scale, input_zero_point, output_scale, output_zero_point)
+    total = x.sum(axis=(1, 2)).astype(np.int32).astype(np.float32)
+    y = np.rint((total * m) + b)  # two float32 roundings (no FMA), then nearbyint
+    return np.clip(y, -128, 127).astype(np.int8)
+
+
+# XNNPACK does not take int8 SOFTMAX: it runs on the builtin optimized kernel (float exp table).
+softmax = softmax_lut
