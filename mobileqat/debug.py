@@ -1,5 +1,10 @@
 """Per-tensor fidelity debugger: every quantized activation of the Keras QAT model against its
-tensor in the .tflite, on the reference kernels (and the optimized kernels, op by op).
+tensor in the .tflite, on the reference kernels; and the reference kernels against the optimized
+builtin kernels and XNNPACK, tensor by tensor.
+
+XNNPACK keeps intermediate tensors inside its delegate, so its per-tensor values come from the
+model's integer-exact path in XNNPACK arithmetic (``mobileqat.integer_xnnpack``); the result says
+how far that path's output is from a real XNNPACK run of the file (0 LSB when it is exact).
 
 Matching: the converter names each TFLite tensor after the TF ops it fused ("model/quant_conv2d/
 Relu6;model/quant_conv2d/add;..."); the first Keras layer named there is the layer that produced
@@ -75,7 +80,8 @@ def debug_fidelity(qat_model, tflite_path, samples, compare_runtime="builtin", g
     The model must be the one exported (or loaded from its .h5): tensors are matched by layer name.
     samples: float images (N, H, W, C). Returns {"layers": [{"layer", "tflite_tensor", "op",
     "keras_scale", "keras_zero_point", "tflite_scale", "tflite_zero_point", "integer_max_lsb_diff",
-    "max_lsb_diff", "mean_lsb_diff", "frac_within_1lsb", "local_max_lsb_diff", "runtime_max_lsb_diff"}],
+    "max_lsb_diff", "mean_lsb_diff", "frac_within_1lsb", "local_max_lsb_diff", "runtime_max_lsb_diff",
+    "xnnpack_max_lsb_diff", "xnnpack_mean_lsb_diff"}],
     "first_divergence": name of the first layer (execution order) whose max difference exceeds
     ``grow_threshold`` LSB, or None, "first_integer_divergence": the first layer where the
     integer-exact path differs at all, "integer_path_error"}.
@@ -83,7 +89,9 @@ def debug_fidelity(qat_model, tflite_path, samples, compare_runtime="builtin", g
     arithmetic) against the file, accumulated (0 when it reproduces the file);
     ``*_lsb_diff``: the float Keras simulation, accumulated through the network;
     ``local_max_lsb_diff``: the layer alone, fed the TFLite's own input tensors (its own arithmetic);
-    ``runtime_max_lsb_diff``: reference kernels vs ``compare_runtime`` on the same tensor.
+    ``runtime_max_lsb_diff``: reference kernels vs ``compare_runtime`` on the same tensor;
+    ``xnnpack_*_lsb_diff``: reference kernels vs XNNPACK on the same tensor (XNNPACK's arithmetic
+    on the integer-exact path; "xnnpack_twin_output_max_lsb_diff" checks it against a real run).
     """
     from mobileqat._tf import keras
 
@@ -107,6 +115,8 @@ def debug_fidelity(qat_model, tflite_path, samples, compare_runtime="builtin", g
         last_tensor[layers[0].name] = {"name": "input", "scale": in_scale, "zero_point": in_zero,
                                       "value": xq, "dtype": xq.dtype.name, "op": "INPUT"}
     integer_values, integer_error = _integer_activations(qat_model, x)
+    xnnpack_values = _integer_activations(qat_model, x, "xnnpack")[0] if integer_values else {}
+    twin_check = _xnnpack_twin_check(tflite_path, x, xnnpack_values) if xnnpack_values else None
     probe = keras.Model(qat_model.inputs, [layer.output for layer in layers])
     if in_scale:
         x_seen = (quantize_output(x, in_scale, in_zero, "int8").astype(np.float32) - in_zero) * in_scale
@@ -128,12 +138,12 @@ def debug_fidelity(qat_model, tflite_path, samples, compare_runtime="builtin", g
                "max_lsb_diff": stats["max_lsb_diff"], "mean_lsb_diff": stats["mean_lsb_diff"],
                "frac_within_1lsb": stats["frac_within_1lsb"]}
         if layer.name in integer_values:
-            q, v = integer_values[layer.name]
-            codes = quantize_output((v.astype(np.float64) - q.zero_point) * q.scale, t["scale"], t["zero_point"],
-                                    t["dtype"])
-            row["integer_max_lsb_diff"] = int(np.abs(codes.reshape(t["value"].shape) - t["value"]).max())
+            row["integer_max_lsb_diff"] = int(np.abs(_codes_in(t, integer_values[layer.name]) - t["value"]).max())
             if first_integer is None and row["integer_max_lsb_diff"] > 0:
                 first_integer = row["layer"]
+        if layer.name in xnnpack_values:
+            d = np.abs(_codes_in(t, xnnpack_values[layer.name]) - t["value"])
+            row["xnnpack_max_lsb_diff"], row["xnnpack_mean_lsb_diff"] = int(d.max()), float(d.mean())
         row["local_max_lsb_diff"] = _local_error(layer, t, last_tensor)
         if t["name"] in other:
             d = np.abs(other[t["name"]].astype(np.int64) - t["value"].astype(np.int64))
@@ -145,19 +155,40 @@ def debug_fidelity(qat_model, tflite_path, samples, compare_runtime="builtin", g
             first_local = row["layer"]
     return {"tflite": os.fspath(tflite_path), "samples": len(x), "compare_runtime": compare_runtime,
             "layers": rows, "first_divergence": first, "first_local_divergence": first_local,
-            "first_integer_divergence": first_integer, "integer_path_error": integer_error}
+            "first_integer_divergence": first_integer, "integer_path_error": integer_error,
+            "xnnpack_twin_output_max_lsb_diff": twin_check}
 
 
-def _integer_activations(qat_model, x):
-    """Every tensor of the model's integer-exact path on the reference arithmetic: ({layer name:
+def _xnnpack_twin_check(tflite_path, x, xnnpack_values):
+    """Max LSB difference between the numpy XNNPACK twin's output and a real XNNPACK run of the file
+    (0 when the per-tensor reference-vs-XNNPACK column can be trusted), or the run's error message."""
+    out, error = rt.predict_isolated(tflite_path, "xnnpack", x)
+    if error:
+        return error
+    raw, (scale, zero), dtype = out
+    q, v = xnnpack_values[next(reversed(xnnpack_values))]  # the graph output: the last op's tensor
+    codes = quantize_output((v.astype(np.float64) - q.zero_point) * q.scale, scale, zero, dtype)
+    return int(np.abs(codes.reshape(raw.shape) - raw.astype(np.int64)).max())
+
+
+def _integer_activations(qat_model, x, runtime="reference"):
+    """Every tensor of the model's integer-exact path in ``runtime``'s arithmetic: ({layer name:
     (QTensor, int8 values)}, None), or ({}, why it cannot be lowered)."""
     from mobileqat import lowering
     try:
         integer_model = lowering.lower(qat_model)
     except ValueError as e:
         return {}, str(e)
-    values = integer_model.run(integer_model.quantize_input(x), "reference", keep_all=True)
+    values = integer_model.run(integer_model.quantize_input(x), runtime, keep_all=True)
     return {name: (integer_model.tensors[name], v) for name, v in values.items()}, None
+
+
+def _codes_in(tensor, integer_value):
+    """An integer-path tensor (QTensor, int8 values) as codes of the TFLite tensor ``tensor``."""
+    q, v = integer_value
+    codes = quantize_output((v.astype(np.float64) - q.zero_point) * q.scale, tensor["scale"], tensor["zero_point"],
+                            tensor["dtype"])
+    return codes.reshape(tensor["value"].shape)
 
 
 def _local_error(layer, out_tensor, tensors):
@@ -180,7 +211,7 @@ def format_table(result):
     """The debugger's result as a fixed-width text table."""
     head = (f"{'layer':28} {'op':18} {'keras scale/zp':>20} {'tflite scale/zp':>20} {'int max':>7} "
             f"{'max LSB':>7} {'mean LSB':>8} {'<=1 LSB':>8} {'local max':>9} "
-            f"{'ref vs ' + (result['compare_runtime'] or '-'):>14}")
+            f"{'ref vs ' + (result['compare_runtime'] or '-'):>14} {'ref vs xnnpack':>14}")
     lines = [head, "-" * len(head)]
     for r in result["layers"]:
         kq = f"{r['keras_scale']:.5g}/{r['keras_zero_point']}" if r["keras_scale"] else "(input's)"
@@ -188,12 +219,17 @@ def format_table(result):
         lines.append(f"{r['layer'][:28]:28} {r['op'][:18]:18} {kq:>20} {tq:>20} "
                      f"{_dash(r.get('integer_max_lsb_diff')):>7} {r['max_lsb_diff']:>7} "
                      f"{r['mean_lsb_diff']:>8.4f} {100 * r['frac_within_1lsb']:>7.2f}% "
-                     f"{_dash(r.get('local_max_lsb_diff')):>9} {_dash(r.get('runtime_max_lsb_diff')):>14}")
+                     f"{_dash(r.get('local_max_lsb_diff')):>9} {_dash(r.get('runtime_max_lsb_diff')):>14} "
+                     f"{_dash(r.get('xnnpack_max_lsb_diff')):>14}")
     lines.append("int max: the integer-exact path (mobileqat.lowering); max/mean/<=1/local: the float Keras "
                  "simulation, accumulated and on its own; all in LSB of each tensor")
     lines.append(f"first layer over 1 LSB, float simulation accumulated: {result['first_divergence'] or 'none'}; "
                  f"on its own (local): {result['first_local_divergence'] or 'none'}; integer-exact path "
                  f"first differs at: {result.get('first_integer_divergence') or 'none'}")
+    twin = result.get("xnnpack_twin_output_max_lsb_diff")
+    if twin is not None:
+        lines.append(f"ref vs xnnpack: the integer-exact path in XNNPACK arithmetic; its output vs a real XNNPACK "
+                     f"run: {twin if isinstance(twin, str) else f'max {twin} LSB'}")
     if result.get("integer_path_error"):
         lines.append(f"integer-exact path not available: {result['integer_path_error']}")
     return "\n".join(lines)

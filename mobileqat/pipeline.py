@@ -102,14 +102,15 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig()):
             entry["fidelity"] = fidelity_summary(val)
         variants[kind] = entry
 
-    _log(cfg, "per-layer fidelity (reference kernels vs Keras, and vs the optimized builtin kernels)")
+    _log(cfg, "per-layer fidelity: Keras vs reference kernels; reference vs builtin and XNNPACK")
     per_layer = debug.debug_fidelity(qat_model, paths["qat_int8"], x_te[:cfg.debug_images])
     variants["qat_int8"]["fidelity"]["per_layer"] = [
         {k: row[k] for k in ("layer", "op", "integer_max_lsb_diff", "max_lsb_diff", "mean_lsb_diff",
-                             "local_max_lsb_diff", "runtime_max_lsb_diff") if k in row}
+                             "local_max_lsb_diff", "runtime_max_lsb_diff", "xnnpack_max_lsb_diff") if k in row}
         for row in per_layer["layers"]]
     variants["qat_int8"]["fidelity"]["first_layer_over_1lsb"] = per_layer["first_divergence"]
     variants["qat_int8"]["fidelity"]["first_integer_layer_over_0lsb"] = per_layer["first_integer_divergence"]
+    variants["qat_int8"]["fidelity"]["xnnpack_twin_output_max_lsb_diff"] = per_layer["xnnpack_twin_output_max_lsb_diff"]
 
     def ratio(a, b):
         return a / b if a is not None and b else None

@@ -58,12 +58,13 @@ def markdown(report):
         if rows:
             lines += ["", "Per layer, against the reference kernels: *integer* = the integer-exact path; *float* = the "
                       "Keras simulation, accumulated through the network; *local* = the Keras layer fed the "
-                      "TFLite's own inputs; *builtin* = reference vs optimized builtin kernels:", "",
+                      "TFLite's own inputs; *builtin* / *XNNPACK* = reference kernels vs that runtime on the same tensor "
+                      "(XNNPACK's intermediates through its arithmetic on the integer-exact path):", "",
                       "| layer | op | integer max LSB | float max LSB | float mean LSB | local max LSB "
-                      "| ref vs builtin max LSB |", "|---|---|---|---|---|---|---|"]
+                      "| ref vs builtin max LSB | ref vs XNNPACK max LSB |", "|---|---|---|---|---|---|---|---|"]
             lines += [f"| {r['layer']} | {r['op']} | {r.get('integer_max_lsb_diff', '—')} | {r['max_lsb_diff']} | "
                       f"{r['mean_lsb_diff']:.4f} | {r.get('local_max_lsb_diff', '—')} | "
-                      f"{r.get('runtime_max_lsb_diff', '—')} |" for r in rows]
+                      f"{r.get('runtime_max_lsb_diff', '—')} | {r.get('xnnpack_max_lsb_diff', '—')} |" for r in rows]
     ratios = report.get("ratios")
     if ratios:
         lines += ["", "## Ratios", ""] + [f"- {k}: {_num(v)}" for k, v in ratios.items()]

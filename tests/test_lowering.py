@@ -104,8 +104,9 @@ def test_integer_path_equals_xnnpack_output(exported):
     qat, paths, x, _ = exported
     m = TFLiteModel(paths["int8"], "xnnpack")
     out = m.invoke_raw(m.quantize_input(x))
-    mine = lowering.lower(qat).run(m.quantize_input(x), "xnnpack")
-    np.testing.assert_array_equal(mine, out)
+    integer_model = lowering.lower(qat)
+    np.testing.assert_array_equal(integer_model.run(m.quantize_input(x), "xnnpack"), out)
+    assert np.any(integer_model.run(m.quantize_input(x), "reference") != out)  # a test the reference path fails
 
 
 def test_validate_compares_the_integer_path_on_uint8_io(exported):
@@ -125,6 +126,19 @@ def test_debugger_shows_the_integer_path_at_zero_lsb(exported):
     diffs = [row["integer_max_lsb_diff"] for row in result["layers"] if "integer_max_lsb_diff" in row]
     assert len(diffs) >= 8 and max(diffs) == 0
     assert result["first_integer_divergence"] is None and result["integer_path_error"] is None
+
+
+def test_debugger_compares_reference_and_xnnpack_tensor_by_tensor(exported):
+    qat, paths, x, _ = exported
+    result = debug.debug_fidelity(qat, paths["int8"], x)
+    assert result["xnnpack_twin_output_max_lsb_diff"] == 0
+    rows = {row["layer"]: row for row in result["layers"]}
+    assert all("xnnpack_max_lsb_diff" in rows[name] for name in ("stem", "dw", "add", "pool", "logits", "probs"))
+    # the output row against the two interpreters' own outputs
+    outs = [TFLiteModel(paths["int8"], name) for name in ("reference", "xnnpack")]
+    ref, xnn = (m.invoke_raw(m.quantize_input(x)).astype(np.int64) for m in outs)
+    assert rows["probs"]["xnnpack_max_lsb_diff"] == np.abs(ref - xnn).max()
+    assert max(row["xnnpack_max_lsb_diff"] for row in rows.values()) > 0  # the runtimes do differ here
 
 
 def test_integer_path_tells_a_wrong_input_scale_apart(exported):
