@@ -6,6 +6,7 @@
     qat.compile(...); qat.fit(...)
     mq.export_tflite(qat, "model.tflite")         # full-integer, int8 I/O
     mq.validate("model.tflite", x_test, y_test, model=qat)
+    mq.lower(qat).predict(x_test, "xnnpack")     # the deployed file's outputs, integer-exact, in Python
 
 Importing mobileqat selects Keras 2 (TF_USE_LEGACY_KERAS=1). TensorFlow itself is imported
 lazily, on first use of an API that needs it, so ``mobileqat.runtime`` works without it.
@@ -29,6 +30,7 @@ _API = {
     "fold_batchnorm": "mobileqat.transforms",
     "export_tflite": "mobileqat.export",
     "debug_fidelity": "mobileqat.debug",
+    "lower": "mobileqat.lowering", "IntegerModel": "mobileqat.lowering",
     "validate": "mobileqat.harness", "benchmark": "mobileqat.harness",
     "Dataset": "mobileqat.data", "synthetic_shapes": "mobileqat.data", "load_image_folder": "mobileqat.data",
     "calibration_subset": "mobileqat.data",
@@ -36,10 +38,10 @@ _API = {
     "run_pipeline": "mobileqat.pipeline", "RunConfig": "mobileqat.pipeline", "load_qat_model": "mobileqat.quantize",
     "save_keras_model": "mobileqat.export",
 }
-_SUBMODULES = {"architectures", "data", "debug", "integer", "export", "harness", "layers", "quantizers", "quantize", "schemes",
+_SUBMODULES = {"architectures", "data", "debug", "integer", "integer_xnnpack", "lowering", "export", "harness", "layers", "quantizers", "quantize", "schemes",
                "transforms", "training", "pipeline", "report", "runtime", "cli"}
 
-__all__ = sorted(_API) + ["architectures", "debug", "integer"]
+__all__ = sorted(_API) + ["architectures", "debug", "integer", "integer_xnnpack", "lowering"]
 
 
 def __getattr__(name):

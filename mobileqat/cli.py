@@ -72,9 +72,15 @@ def cmd_validate(args):
     for name, r in result["runtimes"].items():
         if "error" in r:
             failures.append(f"{name}: {r['error']}")
-        elif args.min_agreement is not None and r.get("top1_agreement", 1.0) < args.min_agreement:
-            failures.append(f"{name}: top-1 agreement {r['top1_agreement']:.4f} < --min-agreement "
+            continue
+        kind = "float" if args.simulation == "float" else r.get("simulation", "float")
+        sim = r.get("float_sim", r) if kind == "float" else r
+        label = f"{name} vs the {kind} simulation"
+        if args.min_agreement is not None and sim.get("top1_agreement", 1.0) < args.min_agreement:
+            failures.append(f"{label}: top-1 agreement {sim['top1_agreement']:.4f} < --min-agreement "
                             f"{args.min_agreement}")
+        if args.max_lsb is not None and sim.get("max_lsb_diff", 0) > args.max_lsb:
+            failures.append(f"{label}: max difference {sim['max_lsb_diff']} LSB > --max-lsb {args.max_lsb}")
     if failures:
         print("validation FAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
@@ -135,6 +141,11 @@ def build_parser():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--min-agreement", type=float, default=None,
                    help="fail (exit 1) when top-1 agreement with the Keras model is below this fraction")
+    p.add_argument("--max-lsb", type=int, default=None,
+                   help="fail (exit 1) when an output code differs from the Keras model's by more than this")
+    p.add_argument("--simulation", choices=["integer", "float"], default="integer",
+                   help="which simulation the thresholds apply to: the QAT model's integer-exact path (falls "
+                        "back to float where the model cannot be lowered) or its float fake-quant forward pass")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("debug", help="layer-by-layer comparison of the Keras QAT model with the .tflite")

@@ -70,6 +70,14 @@ def test_validate_exit_code_follows_threshold(demo):
     assert "top1_agreement" in json.loads(ok.stdout)["runtimes"]["reference"]
     bad = mobileqat(*args, "--min-agreement", 1.01)
     assert bad.returncode == 1 and "validation FAILED" in bad.stderr and "--min-agreement" in bad.stderr
+    result = json.loads(bad.stdout)["runtimes"]["reference"]
+    worst = result["float_sim"]["max_lsb_diff"]
+    assert worst > 0 and result["max_lsb_diff"] == 0  # the integer-exact path reproduces the file
+    assert mobileqat(*args, "--max-lsb", 0).returncode == 0
+    loose = mobileqat(*args, "--simulation", "float", "--max-lsb", worst)
+    assert loose.returncode == 0, loose.stderr[-2000:]
+    tight = mobileqat(*args, "--simulation", "float", "--max-lsb", worst - 1)
+    assert tight.returncode == 1 and "float simulation" in tight.stderr and "--max-lsb" in tight.stderr
 
 
 def test_bench_reports_latency_and_size(demo):
