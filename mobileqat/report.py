@@ -62,9 +62,9 @@ def markdown(report):
                       "(XNNPACK's intermediates through its arithmetic on the integer-exact path):", "",
                       "| layer | op | integer max LSB | float max LSB | float mean LSB | local max LSB "
                       "| ref vs builtin max LSB | ref vs XNNPACK max LSB |", "|---|---|---|---|---|---|---|---|"]
-            lines += [f"| {r['layer']} | {r['op']} | {r.get('integer_max_lsb_diff', '—')} | {r['max_lsb_diff']} | "
-                      f"{r['mean_lsb_diff']:.4f} | {r.get('local_max_lsb_diff', '—')} | "
-                      f"{r.get('runtime_max_lsb_diff', '—')} | {r.get('xnnpack_max_lsb_diff', '—')} |" for r in rows]
+            lines += [f"| {r['layer']} | {r['op']} | {_dash(r.get('integer_max_lsb_diff'))} | {r['max_lsb_diff']} | "
+                      f"{r['mean_lsb_diff']:.4f} | {_dash(r.get('local_max_lsb_diff'))} | "
+                      f"{_dash(r.get('runtime_max_lsb_diff'))} | {_dash(r.get('xnnpack_max_lsb_diff'))} |" for r in rows]
     ratios = report.get("ratios")
     if ratios:
         lines += ["", "## Ratios", ""] + [f"- {k}: {_num(v)}" for k, v in ratios.items()]
@@ -100,3 +100,7 @@ def summary_lines(report):
         f"int8/fp32: latency (XNNPACK) {_num(r.get('int8_fp32_latency_xnnpack'))}, size "
         f"{_num(r.get('int8_fp32_size'))}; QAT/float train step {_num(r.get('qat_float_step_time'))}",
     ]
+
+
+def _dash(value):
+    return "—" if value is None else value
