@@ -126,12 +126,21 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig()):
         "ratios": {"int8_fp32_latency_xnnpack": ratio(lat["qat_int8"], lat["float"]),
                    "int8_fp32_size": ratio(variants["qat_int8"]["tflite_bytes"], variants["float"]["tflite_bytes"]),
                    "qat_float_step_time": ratio(qat_fit["step_s"], float_fit["step_s"])},
+        "accuracy_drop_points": {kind: _drop_points(variants["float"]["accuracy"], variants[kind]["accuracy"])
+                                 for kind in ("ptq_int8", "qat_int8")},
         "config": dataclasses.asdict(cfg),
         "training": {"float": float_fit["history"], "qat": qat_fit["history"]},
         "errors": errors,
     }
     report_mod.write_report(report, out_dir)
     return report
+
+
+def _drop_points(float_accuracy, int8_accuracy):
+    """Float minus int8 accuracy on XNNPACK, in percentage points (positive: int8 is worse)."""
+    if float_accuracy is None or int8_accuracy is None:
+        return None
+    return round(100 * (float_accuracy - int8_accuracy), 6)
 
 
 def fidelity_summary(val):

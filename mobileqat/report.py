@@ -88,7 +88,8 @@ def summary_lines(report):
         f"dataset {report['dataset']['name']} ({report['dataset']['test']} test images), "
         f"model {report['model']['name']} ({report['model']['params']:,} params)",
         "accuracy (TFLite, XNNPACK): " + ", ".join(
-            f"{k} {_pct(v[k].get('accuracy'))}" for k in v),
+            f"{k} {_pct(v[k].get('accuracy'))}" for k in v)
+        + f"; QAT int8 is {_num((report.get('accuracy_drop_points') or {}).get('qat_int8'), '{:.2f}')} points under float",
         f"QAT simulation ({fid.get('simulation')}): accuracy {_pct((q.get('integer_sim_accuracy') or {}).get('xnnpack', q.get('sim_accuracy')))}; "
         f"top-1 agreement with reference kernels {_pct(fid.get('top1_agreement_reference'))}, "
         f"with XNNPACK {_pct(fid.get('top1_agreement_xnnpack'))}",

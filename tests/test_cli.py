@@ -55,6 +55,9 @@ def test_demo_writes_full_report(demo):
     for k in ("top1_agreement_reference", "top1_agreement_xnnpack", "frac_within_1lsb", "max_lsb_diff"):
         assert q["fidelity"][k] is not None
     _filled({k: report[k] for k in ("dataset", "model", "timings", "ratios")})
+    assert report["accuracy_drop_points"]["qat_int8"] == pytest.approx(
+        100 * (v["float"]["accuracy"] - q["accuracy"]))
+    assert q["fidelity"]["xnnpack_twin_output_max_lsb_diff"] == 0  # the per-tensor XNNPACK column is exact
     assert report["dataset"]["test"] == 100 and report["errors"] == {}
     assert (out / "report.md").read_text().startswith("# mobileqat report")
     assert "top-1 agreement" in r.stdout
