@@ -26,6 +26,10 @@ def _num(v, fmt="{:.3f}"):
     return "—" if v is None else fmt.format(v)
 
 
+def _negated(v):
+    return None if v is None else -v
+
+
 def markdown(report):
     ds, model, variants = report["dataset"], report["model"], report["variants"]
     lines = [f"# mobileqat report: {model['name']} on {ds['name']}", "",
@@ -89,7 +93,7 @@ def summary_lines(report):
         f"model {report['model']['name']} ({report['model']['params']:,} params)",
         "accuracy (TFLite, XNNPACK): " + ", ".join(
             f"{k} {_pct(v[k].get('accuracy'))}" for k in v)
-        + f"; QAT int8 is {_num((report.get('accuracy_drop_points') or {}).get('qat_int8'), '{:.2f}')} points under float",
+        + f"; QAT int8 minus float: {_num(_negated((report.get('accuracy_drop_points') or {}).get('qat_int8')), '{:+.2f}')} points",
         f"QAT simulation ({fid.get('simulation')}): accuracy {_pct((q.get('integer_sim_accuracy') or {}).get('xnnpack', q.get('sim_accuracy')))}; "
         f"top-1 agreement with reference kernels {_pct(fid.get('top1_agreement_reference'))}, "
         f"with XNNPACK {_pct(fid.get('top1_agreement_xnnpack'))}",

@@ -49,11 +49,15 @@ def main(argv=None):
                            "fidelity": {k: v for k, v in q["fidelity"].items() if k != "per_layer"}}
     export.write_atomic(os.path.join(args.out, "tfmot_baseline.json"), json.dumps(result, indent=2).encode())
     t, m = result["tfmot"]["reference"], q["fidelity"]
-    print(f"{'':28}{'plain tfmot':>14}{'mobileqat':>14}")
-    print(f"{'int8 accuracy (XNNPACK)':28}{result['tfmot']['accuracy_xnnpack']:>14.4f}{q['accuracy']:>14.4f}")
-    print(f"{'top-1 agreement (reference)':28}{t['top1_agreement']:>14.4f}{m['top1_agreement_reference']:>14.4f}")
-    print(f"{'within 1 LSB (reference)':28}{t['frac_within_1lsb']:>14.4f}{m['frac_within_1lsb']:>14.4f}")
-    print(f"{'max LSB (reference)':28}{t['max_lsb_diff']:>14}{m['max_lsb_diff']:>14}")
+    mf = m.get("float_simulation", m)
+    print(f"{'':28}{'plain tfmot':>14}{'mobileqat':>14}{'mobileqat':>16}")
+    print(f"{'simulation':28}{t.get('simulation', 'float'):>14}{'float':>14}{m.get('simulation'):>16}")
+    print(f"{'int8 accuracy (XNNPACK)':28}{result['tfmot']['accuracy_xnnpack']:>14.4f}{q['accuracy']:>14.4f}"
+          f"{q['accuracy']:>16.4f}")
+    for label, key, ref in (("top-1 agreement (reference)", "top1_agreement", "top1_agreement_reference"),
+                            ("within 1 LSB (reference)", "frac_within_1lsb", "frac_within_1lsb"),
+                            ("max LSB (reference)", "max_lsb_diff", "max_lsb_diff")):
+        print(f"{label:28}{t[key]:>14.4g}{mf[ref]:>14.4g}{m[ref]:>16.4g}")
     return 0
 
 
