@@ -12,6 +12,10 @@ def _add_run_options(p, defaults):
     p.add_argument("--epochs", type=int, default=defaults.epochs, help="float training epochs")
     p.add_argument("--qat-epochs", type=int, default=defaults.qat_epochs, help="QAT fine-tuning epochs")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
+                   help="float training peak learning rate (Adam, cosine decay to 0)")
+    p.add_argument("--qat-learning-rate", type=float, default=defaults.qat_learning_rate,
+                   help="QAT fine-tuning peak learning rate")
     p.add_argument("--io-type", default=defaults.io_type, choices=["int8", "uint8"])
     p.add_argument("--threads", type=int, default=defaults.threads, help="interpreter threads")
     p.add_argument("--bench-runs", type=int, default=defaults.bench_runs)
@@ -22,7 +26,8 @@ def _add_run_options(p, defaults):
 def _config(args):
     from mobileqat.pipeline import RunConfig
     return RunConfig(model=args.model, alpha=args.alpha, epochs=args.epochs, qat_epochs=args.qat_epochs,
-                     batch_size=args.batch_size, io_type=args.io_type, threads=args.threads,
+                     batch_size=args.batch_size, learning_rate=args.learning_rate,
+                     qat_learning_rate=args.qat_learning_rate, io_type=args.io_type, threads=args.threads,
                      bench_runs=args.bench_runs, seed=args.seed, verbose=0 if args.quiet else 1)
 
 
