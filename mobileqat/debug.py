@@ -115,7 +115,7 @@ def debug_fidelity(qat_model, tflite_path, samples, compare_runtime="builtin", g
         last_tensor[layers[0].name] = {"name": "input", "scale": in_scale, "zero_point": in_zero,
                                       "value": xq, "dtype": xq.dtype.name, "op": "INPUT"}
     integer_values, integer_error = _integer_activations(qat_model, x)
-    xnnpack_values = _integer_activations(qat_model, x, "xnnpack")[0] if integer_values else {}
+    xnnpack_values, xnnpack_error = _integer_activations(qat_model, x, "xnnpack") if integer_values else ({}, None)
     twin_check = _xnnpack_twin_check(tflite_path, x, xnnpack_values) if xnnpack_values else None
     probe = keras.Model(qat_model.inputs, [layer.output for layer in layers])
     if in_scale:
@@ -156,7 +156,7 @@ def debug_fidelity(qat_model, tflite_path, samples, compare_runtime="builtin", g
     return {"tflite": os.fspath(tflite_path), "samples": len(x), "compare_runtime": compare_runtime,
             "layers": rows, "first_divergence": first, "first_local_divergence": first_local,
             "first_integer_divergence": first_integer, "integer_path_error": integer_error,
-            "xnnpack_twin_output_max_lsb_diff": twin_check}
+            "xnnpack_twin_output_max_lsb_diff": twin_check, "xnnpack_path_error": xnnpack_error}
 
 
 def _xnnpack_twin_check(tflite_path, x, xnnpack_values):
@@ -177,9 +177,9 @@ def _integer_activations(qat_model, x, runtime="reference"):
     from mobileqat import lowering
     try:
         integer_model = lowering.lower(qat_model)
+        values = integer_model.run(integer_model.quantize_input(x), runtime, keep_all=True)
     except ValueError as e:
         return {}, str(e)
-    values = integer_model.run(integer_model.quantize_input(x), runtime, keep_all=True)
     return {name: (integer_model.tensors[name], v) for name, v in values.items()}, None
 
 
@@ -230,6 +230,8 @@ def format_table(result):
     if twin is not None:
         lines.append(f"ref vs xnnpack: the integer-exact path in XNNPACK arithmetic; its output vs a real XNNPACK "
                      f"run: {twin if isinstance(twin, str) else f'max {twin} LSB'}")
+    if result.get("xnnpack_path_error"):
+        lines.append(f"ref vs xnnpack not available: {result['xnnpack_path_error']}")
     if result.get("integer_path_error"):
         lines.append(f"integer-exact path not available: {result['integer_path_error']}")
     return "\n".join(lines)

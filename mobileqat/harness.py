@@ -48,13 +48,21 @@ def _describe(path):
 def integer_outputs(model, x, runtimes):
     """The QAT model's integer-exact outputs (dequantized floats, N x classes) per runtime whose
     arithmetic mobileqat reproduces, via ``mobileqat.lowering``. Returns ({runtime: outputs}, error
-    message or None): a model that cannot be lowered yet falls back to the float simulation."""
+    message or None): a model that cannot be lowered, or an op a runtime's arithmetic does not cover,
+    falls back to the float simulation for that runtime."""
     from mobileqat import lowering
     try:
         integer_model = lowering.lower(model)
     except ValueError as e:
         return {}, str(e)
-    return {name: integer_model.predict(x, name) for name in runtimes if name in lowering.RUNTIMES}, None
+    outputs, errors = {}, []
+    for name in runtimes:
+        if name in lowering.RUNTIMES:
+            try:
+                outputs[name] = integer_model.predict(x, name)
+            except ValueError as e:
+                errors.append(f"{name}: {e}")
+    return outputs, "; ".join(errors) or None
 
 
 def validate(tflite_path, x, y=None, model=None, runtimes=("reference", "xnnpack"), threads=1,

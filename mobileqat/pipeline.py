@@ -96,7 +96,6 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig()):
         if kind == "float":
             entry["keras_accuracy"] = float_keras_acc
         if kind == "qat_int8":
-            ref, xnn = val["runtimes"].get("reference", {}), val["runtimes"].get("xnnpack", {})
             entry["sim_accuracy"] = val.get("sim_accuracy")
             entry["integer_sim_accuracy"] = val.get("integer_accuracy")
             entry["fidelity"] = fidelity_summary(val)

@@ -177,11 +177,8 @@ def test_conv_and_depthwise_equal_xnnpack(tmp_path, kind, stride, activation):
     _assert_exact_and_distinct(out, ours, ref)
 
 
-def test_add_of_different_scales_equals_xnnpack(tmp_path):
-    """Add(input, conv1x1(input)): the ADD reads the model input directly. First the trained file
-    on real data; then the conv is rewritten to swap the two channels exactly (weights [[0,1],[1,0]],
-    requantization scale 1), so a grid input feeds ADD every (x1, x2) pair, and the ADD is checked
-    exhaustively for several scale sets."""
+def _add_file(tmp_path):
+    """Add(input, conv1x1(input)), trained, exported: (path, x, conv op, add op, tensors)."""
     keras.utils.set_random_seed(3)
     x = np.random.default_rng(3).uniform(-1, 1, (256, 16, 16, 2)).astype(np.float32)
     inp = keras.Input((16, 16, 2))
@@ -196,31 +193,63 @@ def test_add_of_different_scales_equals_xnnpack(tmp_path):
     export.export_tflite(qat, path)
     graph, tensors, _ = read_graph(path)
     conv, add = graph
+    return path, x, conv, add, tensors
+
+
+def _rewrite_as_channel_swap(path, conv, add, s_in, z_in, ratio, s_o, z_o):
+    """The conv becomes an exact channel swap (weights [[0,1],[1,0]], requantization scale 1) into an
+    ADD input of scale s_in*ratio, so a grid input feeds the ADD every (x1, x2) pair."""
+    s_in, ratio = np.float32(s_in), np.float32(ratio)
+    s2 = s_in * ratio  # in float32: the conv's requantization scale fl(s_in * ratio) / s2 is exactly 1
+    rewrite(path, quantization={conv["inputs"][0]: ([s_in], [z_in]), conv["outputs"][0]: ([s2], [z_in]),
+                                conv["inputs"][1]: ([ratio, ratio], [0, 0]), add["outputs"][0]: ([s_o], [z_o])},
+            data={conv["inputs"][1]: np.array([[[[0, 1]]], [[[1, 0]]]], np.int8),
+                  conv["inputs"][2]: np.zeros(2, np.int32)})
+
+
+_ALL_PAIRS = np.stack(np.meshgrid(np.arange(-128, 128), np.arange(-128, 128), indexing="ij"), -1) \
+    .reshape(256, 16, 16, 2).astype(np.int8)  # channel 0 = x1, channel 1 -> x2: all pairs
+
+
+def test_add_of_different_scales_equals_xnnpack(tmp_path):
+    """First the trained file on real data; then, rewritten as a channel swap, the ADD is checked
+    exhaustively (every (x1, x2) pair) for several scale sets."""
+    path, x, conv, add, tensors = _add_file(tmp_path)
     s1, s2 = (_q(tensors[i])[0] for i in add["inputs"])
     assert max(s1, s2) / min(s1, s2) > 2  # the case that needs rescaling
     out, ours, ref = _check(path, x, ("CONV_2D", "ADD"), "add")
     np.testing.assert_array_equal(ours, out)
 
-    grid = np.stack(np.meshgrid(np.arange(-128, 128), np.arange(-128, 128), indexing="ij"), -1)
-    xq = grid.reshape(256, 16, 16, 2).astype(np.int8)  # channel 0 = x1, channel 1 -> x2: all pairs
+    xq = _ALL_PAIRS
     s_out, z_out = _q(tensors[add["outputs"][0]])
     # (input scale, input zero point, ADD input-2 scale = input scale * 4 or the trained ratio, output)
     cases = [(s1, -3, s2 / s1, s_out, z_out), (0.0123, 7, 0.21 / 0.0123, 0.05, -20),
              (0.02, -100, 3.0, 0.011, 90),
              # x1/2 + 2*x2: exact .5 ties, which XNNPACK rounds up and the reference away from zero
              (s1, 0, 4.0, 2 * s1, 0)]
-    for s_in, z_in, ratio, s_o, z_o in cases:
-        s_in, ratio = np.float32(s_in), np.float32(ratio)
-        s2 = s_in * ratio  # in float32: the conv's requantization scale fl(s_in * ratio) / s2 is exactly 1
-        rewrite(path, quantization={conv["inputs"][0]: ([s_in], [z_in]), conv["outputs"][0]: ([s2], [z_in]),
-                                    conv["inputs"][1]: ([ratio, ratio], [0, 0]), add["outputs"][0]: ([s_o], [z_o])},
-                data={conv["inputs"][1]: np.array([[[[0, 1]]], [[[1, 0]]]], np.int8),
-                      conv["inputs"][2]: np.zeros(2, np.int32)})
+    for case in cases:
+        _rewrite_as_channel_swap(path, conv, add, *case)
         out, ours, ref = _check(path, None, ("CONV_2D", "ADD"), "add", xq=xq)
         np.testing.assert_array_equal(ours, out)
         mid = run_numpy(path, xq, integer_xnnpack)[conv["outputs"][0]]
         np.testing.assert_array_equal(mid, xq[..., ::-1])  # the conv really is a channel swap
     assert np.sum(ref != out) > 1000  # the tie case
+
+
+def test_add_outside_xnnpack_scale_range_is_refused_by_name(tmp_path):
+    """An input/output scale ratio outside XNNPACK's [1/1024, 256) leaves the ADD to the builtin
+    optimized kernel, which saturates differently from the reference kernel (it returns 127 where
+    the exact sum is far below -128): integer_xnnpack says it cannot reproduce that ADD."""
+    path, _, conv, add, _ = _add_file(tmp_path)
+    _rewrite_as_channel_swap(path, conv, add, 0.5, 0, 1.0, 0.5 / 300, 0)  # ratio 300
+    m = TFLiteModel(path, "xnnpack")
+    m.interpreter.allocate_tensors()
+    assert "ADD" in [op["op_name"] for op in m.interpreter._get_ops_details()]  # not inside the delegate
+    out = m.invoke_raw(_ALL_PAIRS)
+    reference = run_numpy(path, _ALL_PAIRS, _Hybrid("add"))[int(m.output["index"])]
+    assert np.any(out != reference)
+    with pytest.raises(ValueError, match="outside XNNPACK's"):
+        run_numpy(path, _ALL_PAIRS, integer_xnnpack)
 
 
 def test_mean_equals_xnnpack(tmp_path):

@@ -162,3 +162,18 @@ def test_lower_names_the_layer_it_cannot_map():
     qat(np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32), training=True)
     with pytest.raises(ValueError, match="pool_max.*MaxPooling2D"):
         lowering.lower(qat)
+
+
+def test_an_op_a_runtime_arithmetic_refuses_falls_back_for_that_runtime(exported, monkeypatch):
+    from mobileqat import integer_xnnpack
+    qat, paths, x, y = exported
+
+    def refuse(*args, **kwargs):
+        raise ValueError("ADD input/output scale ratios are outside XNNPACK's [1/1024, 256)")
+    monkeypatch.setattr(integer_xnnpack, "add", refuse)
+    result = harness.validate(paths["int8"], x[:32], y[:32], model=qat)
+    assert result["runtimes"]["reference"]["simulation"] == "integer"
+    assert result["runtimes"]["xnnpack"]["simulation"] == "float"
+    assert result["integer_path_error"].startswith("xnnpack: ADD")
+    table = debug.format_table(debug.debug_fidelity(qat, paths["int8"], x[:8]))
+    assert "ref vs xnnpack not available: ADD" in table
