@@ -242,7 +242,8 @@ def _dash(v):
 
 
 def plot(result, path):
-    """Bar plot of max/mean LSB difference per layer (PNG). Returns the path, or None without matplotlib."""
+    """Per layer (PNG): the float simulation's max/mean LSB difference as bars, the integer path's and
+    XNNPACK's max as lines. Returns the path, or None without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -252,10 +253,14 @@ def plot(result, path):
     rows = result["layers"]
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows)), 4))
     idx = np.arange(len(rows))
-    ax.bar(idx - 0.2, [r["max_lsb_diff"] for r in rows], 0.4, label="max LSB")
-    ax.bar(idx + 0.2, [r["mean_lsb_diff"] for r in rows], 0.4, label="mean LSB")
+    ax.bar(idx - 0.2, [r["max_lsb_diff"] for r in rows], 0.4, label="float simulation, max")
+    ax.bar(idx + 0.2, [r["mean_lsb_diff"] for r in rows], 0.4, label="float simulation, mean")
+    for key, label, style in (("integer_max_lsb_diff", "integer-exact path, max", "k.-"),
+                              ("xnnpack_max_lsb_diff", "XNNPACK vs reference, max", "r.--")):
+        if any(key in r for r in rows):
+            ax.plot(idx, [r.get(key, np.nan) for r in rows], style, label=label)
     ax.set_xticks(idx, [r["layer"] for r in rows], rotation=90, fontsize=7)
-    ax.set_ylabel("|Keras - TFLite reference| (LSB)")
+    ax.set_ylabel("difference from the TFLite reference kernels (LSB)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.fspath(path), dpi=100)
