@@ -166,9 +166,9 @@ def _xnnpack_twin_check(tflite_path, x, xnnpack_values):
     if error:
         return error
     raw, (scale, zero), dtype = out
-    q, v = xnnpack_values[next(reversed(xnnpack_values))]  # the graph output: the last op's tensor
-    codes = quantize_output((v.astype(np.float64) - q.zero_point) * q.scale, scale, zero, dtype)
-    return int(np.abs(codes.reshape(raw.shape) - raw.astype(np.int64)).max())
+    output = {"scale": scale, "zero_point": zero, "dtype": dtype, "value": raw}
+    twin = xnnpack_values[next(reversed(xnnpack_values))]  # the graph output: the last op's tensor
+    return int(np.abs(_codes_in(output, twin) - raw.astype(np.int64)).max())
 
 
 def _integer_activations(qat_model, x, runtime="reference"):
