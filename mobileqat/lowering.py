@@ -137,12 +137,21 @@ def quantization_params(rmin, rmax, num_bits=8, narrow_range=False):
     return scale, int(zp) - (1 << (num_bits - 1))
 
 
+def _require_8bit(quantizer, where):
+    """Lowering reproduces the converter's 8-bit grids only; fewer bits come with the low-bit work."""
+    bits = getattr(quantizer, "num_bits", 8)
+    if bits != 8:
+        raise ValueError(f"{where}: {type(quantizer).__name__} has num_bits={bits}; the integer-exact path covers "
+                         "8-bit quantizers only (use the float simulation for lower bit widths).")
+    return quantizer
+
+
 def _output_range(wrapper):
     """(rmin, rmax) float32 of a wrapper's output quantizer, None when it keeps its input's scale."""
     quantizers = getattr(wrapper, "_output_quantizers", None) or []
     if not quantizers:
         return None
-    q = quantizers[0]
+    q = _require_8bit(quantizers[0], f"layer '{wrapper.name}'")
     if isinstance(q, FixedRangeQuantizer):
         return np.float32(q.min_value), np.float32(q.max_value)
     if isinstance(q, ActivationQuantizer):
@@ -154,6 +163,7 @@ def _output_range(wrapper):
 
 
 def _input_range(layer):
+    _require_8bit(layer.quantizer, f"layer '{layer.name}'")
     v = layer.quantizer_vars
     return np.float32(v["min_var"].numpy()), np.float32(v["max_var"].numpy())
 
@@ -240,6 +250,7 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
     if isinstance(inner, FoldedConvBN):
         if inner.depthwise and inner.depth_multiplier != 1:
             raise ValueError(f"{where}: depth_multiplier {inner.depth_multiplier} has no int8 op here yet.")
+        _require_8bit(inner.weight_quantizer, where)
         w = inner.weight_quantizer(inner.folded_float_kernel(), False, inner._wq_vars).numpy()
         amax = inner._wq_vars["max_var"].numpy()
         q, scales, scales_d = _quantize_weights(w, amax, per_channel=inner.weight_quantizer.per_channel)
@@ -252,6 +263,7 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
             padding=inner.padding.upper(), activation=_activation(inner)))
     if type(inner) is keras.layers.Dense:
         (kernel, quantizer, qvars), = wrapper._weight_vars
+        _require_8bit(quantizer, where)
         w = quantizer(kernel, False, qvars).numpy()
         q, scales, scales_d = _quantize_weights(w, qvars["max_var"].numpy(), per_channel=quantizer.per_channel)
         bias = inner.bias.numpy() if inner.use_bias else np.zeros(q.shape[-1], np.float32)
