@@ -3,8 +3,9 @@
 Fidelity is measured on quantized outputs (DESIGN.md): a simulation's float output is quantized
 with the TFLite output tensor's scale/zero point and compared integer to integer, so 1 LSB is one
 output quantization step. Two simulations of a QAT model: its integer-exact path
-(``mobileqat.lowering``, the runtime's own arithmetic) and the float fake-quant Keras model. The simulation is fed exactly the images the integer model
-sees (the input quantized, then dequantized), so input rounding is not counted as a mismatch.
+(``mobileqat.lowering``, the runtime's own arithmetic) and the float fake-quant Keras model. Both
+are fed exactly the images the integer model sees (the input quantized, then dequantized), so input
+rounding is not counted as a mismatch.
 Every interpreter runs in a child process: a runtime that aborts is reported, not fatal.
 """
 import os

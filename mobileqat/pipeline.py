@@ -142,26 +142,21 @@ def _drop_points(float_accuracy, int8_accuracy):
     return round(100 * (float_accuracy - int8_accuracy), 6)
 
 
+def _runtime_pair(ref, xnn):
+    """One simulation's comparison with the reference kernels and XNNPACK, flattened for report.json."""
+    return {"top1_agreement_reference": ref.get("top1_agreement"),
+            "top1_agreement_xnnpack": xnn.get("top1_agreement"),
+            "frac_within_1lsb": ref.get("frac_within_1lsb"), "max_lsb_diff": ref.get("max_lsb_diff"),
+            "frac_within_1lsb_xnnpack": xnn.get("frac_within_1lsb"), "max_lsb_diff_xnnpack": xnn.get("max_lsb_diff")}
+
+
 def fidelity_summary(val):
     """report.json's qat_int8 "fidelity" from a harness.validate result: the simulation named in
     "simulation" (the integer-exact path where the model lowers, else the float one) against each
     runtime, and the float fake-quant simulation's numbers under "float_simulation"."""
     ref, xnn = val["runtimes"].get("reference", {}), val["runtimes"].get("xnnpack", {})
-    fref, fxnn = ref.get("float_sim", {}), xnn.get("float_sim", {})
-    out = {"simulation": ref.get("simulation"),
-           "top1_agreement_reference": ref.get("top1_agreement"),
-           "top1_agreement_xnnpack": xnn.get("top1_agreement"),
-           "frac_within_1lsb": ref.get("frac_within_1lsb"),
-           "max_lsb_diff": ref.get("max_lsb_diff"),
-           "mean_lsb_diff": ref.get("mean_lsb_diff"),
-           "frac_within_1lsb_xnnpack": xnn.get("frac_within_1lsb"),
-           "max_lsb_diff_xnnpack": xnn.get("max_lsb_diff"),
-           "float_simulation": {"top1_agreement_reference": fref.get("top1_agreement"),
-                                "top1_agreement_xnnpack": fxnn.get("top1_agreement"),
-                                "frac_within_1lsb": fref.get("frac_within_1lsb"),
-                                "max_lsb_diff": fref.get("max_lsb_diff"),
-                                "frac_within_1lsb_xnnpack": fxnn.get("frac_within_1lsb"),
-                                "max_lsb_diff_xnnpack": fxnn.get("max_lsb_diff")},
+    out = {"simulation": ref.get("simulation"), **_runtime_pair(ref, xnn), "mean_lsb_diff": ref.get("mean_lsb_diff"),
+           "float_simulation": _runtime_pair(ref.get("float_sim", {}), xnn.get("float_sim", {})),
            "reference_vs_xnnpack": val.get("reference_vs_xnnpack")}
     if val.get("integer_path_error"):
         out["integer_path_error"] = val["integer_path_error"]
