@@ -1,25 +1,53 @@
 """The ``mobileqat`` command: demo, run, validate, debug, bench."""
 import argparse
 import json
+import math
 import os
 import sys
+
+
+def number(kind, low=None, high=None):
+    """An argparse type: ``kind`` (int or float) in [low, high], finite; otherwise a message naming
+    the accepted range (argparse prefixes the flag and exits 2)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError, OverflowError):
+            value = None
+        if value is None or (kind is float and not math.isfinite(value)) or \
+                (low is not None and value < low) or (high is not None and value > high):
+            bounds = " and ".join(b for b in (f">= {low}" if low is not None else "",
+                                              f"<= {high}" if high is not None else "") if b)
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a finite number'}"
+                                             f"{' ' + bounds if bounds else ''}, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+COUNT = number(int, 1)                  # images, epochs, runs, batch size
+SEED = number(int, 0, 2**32 - 1)
+THREADS = number(int, 1, 256)
+SIZE = number(int, 8, 2048)             # input side in pixels
+RATE = number(float, 1e-12, 10.0)       # learning rates
+FRACTION = number(float, 0.0, 1.0)
 
 
 def _add_run_options(p, defaults):
     p.add_argument("--out", required=True, help="output folder (report.json, .tflite files, models)")
     p.add_argument("--model", default=defaults.model, choices=["mobilenet_v1", "mobilenet_v2"])
-    p.add_argument("--alpha", type=float, default=defaults.alpha, help="width multiplier")
-    p.add_argument("--epochs", type=int, default=defaults.epochs, help="float training epochs")
-    p.add_argument("--qat-epochs", type=int, default=defaults.qat_epochs, help="QAT fine-tuning epochs")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
+    p.add_argument("--alpha", type=number(float, 1e-3, 10.0), default=defaults.alpha, help="width multiplier")
+    p.add_argument("--epochs", type=COUNT, default=defaults.epochs, help="float training epochs")
+    p.add_argument("--qat-epochs", type=COUNT, default=defaults.qat_epochs, help="QAT fine-tuning epochs")
+    p.add_argument("--batch-size", type=COUNT, default=defaults.batch_size)
+    p.add_argument("--learning-rate", type=RATE, default=defaults.learning_rate,
                    help="float training peak learning rate (Adam, cosine decay to 0)")
-    p.add_argument("--qat-learning-rate", type=float, default=defaults.qat_learning_rate,
+    p.add_argument("--qat-learning-rate", type=RATE, default=defaults.qat_learning_rate,
                    help="QAT fine-tuning peak learning rate")
     p.add_argument("--io-type", default=defaults.io_type, choices=["int8", "uint8"])
-    p.add_argument("--threads", type=int, default=defaults.threads, help="interpreter threads")
-    p.add_argument("--bench-runs", type=int, default=defaults.bench_runs)
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--threads", type=THREADS, default=defaults.threads, help="interpreter threads")
+    p.add_argument("--bench-runs", type=COUNT, default=defaults.bench_runs)
+    p.add_argument("--seed", type=SEED, default=defaults.seed)
     p.add_argument("--quiet", action="store_true")
 
 
@@ -107,10 +135,22 @@ def cmd_debug(args):
 
 
 def cmd_bench(args):
-    from mobileqat.harness import benchmark
-    print(json.dumps(benchmark(args.tflite, runtimes=args.runtimes, threads=args.threads, runs=args.runs),
-                     indent=2))
+    from mobileqat.harness import benchmark, failed_runtimes
+    result = benchmark(args.tflite, runtimes=args.runtimes, threads=args.threads, runs=args.runs)
+    print(json.dumps(result, indent=2))
+    return _failed(args.tflite, failed_runtimes(result))
+
+
+def _failed(path, failures):
+    """Exit code 1 with one line per failure on stderr, 0 when there is none."""
+    if failures:
+        print(f"mobileqat: {path}: " + "\n  ".join(["could not run on every runtime asked for:"] + failures),
+              file=sys.stderr)
+        return 1
     return 0
+
+
+RUNTIMES = ("reference", "builtin", "xnnpack")
 
 
 def build_parser():
@@ -121,16 +161,16 @@ def build_parser():
 
     p = sub.add_parser("demo", help="whole pipeline on the built-in synthetic shapes data")
     _add_run_options(p, d)
-    p.add_argument("--train", type=int, default=10000, help="training images")
-    p.add_argument("--test", type=int, default=1000, help="test images")
-    p.add_argument("--input-size", type=int, default=32)
-    p.add_argument("--difficulty", type=float, default=1.3, help="clutter/noise/size spread of the shapes")
+    p.add_argument("--train", type=COUNT, default=10000, help="training images")
+    p.add_argument("--test", type=COUNT, default=1000, help="test images")
+    p.add_argument("--input-size", type=SIZE, default=32)
+    p.add_argument("--difficulty", type=number(float, 0.0, 100.0), default=1.3, help="clutter/noise/size spread of the shapes")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="whole pipeline on a folder of images, one sub-folder per class")
     _add_run_options(p, d)
     p.add_argument("--data", required=True, help="image folder: DATA/<class>/<image>")
-    p.add_argument("--input-size", type=int, default=32)
+    p.add_argument("--input-size", type=SIZE, default=32)
     p.add_argument("--channels", type=int, default=3, choices=[1, 3])
     p.set_defaults(func=cmd_run)
 
@@ -138,15 +178,15 @@ def build_parser():
     p.add_argument("tflite")
     p.add_argument("--keras-model", help="the QAT model (.h5) to compare with (e.g. OUT/qat_model.h5)")
     p.add_argument("--data", help="image folder (default: the synthetic test split)")
-    p.add_argument("--input-size", type=int, default=32)
+    p.add_argument("--input-size", type=SIZE, default=32)
     p.add_argument("--channels", type=int, default=3, choices=[1, 3])
-    p.add_argument("--test", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--runtimes", nargs="+", default=["reference", "xnnpack"])
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--min-agreement", type=float, default=None,
+    p.add_argument("--test", type=COUNT, default=1000)
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--runtimes", nargs="+", default=["reference", "xnnpack"], choices=RUNTIMES)
+    p.add_argument("--threads", type=THREADS, default=1)
+    p.add_argument("--min-agreement", type=FRACTION, default=None,
                    help="fail (exit 1) when top-1 agreement with the Keras model is below this fraction")
-    p.add_argument("--max-lsb", type=int, default=None,
+    p.add_argument("--max-lsb", type=number(int, 0), default=None,
                    help="fail (exit 1) when an output code differs from the Keras model's by more than this")
     p.add_argument("--simulation", choices=["integer", "float"], default="integer",
                    help="which simulation the thresholds apply to: the QAT model's integer-exact path (falls "
@@ -157,30 +197,35 @@ def build_parser():
     p.add_argument("tflite")
     p.add_argument("--keras-model", required=True, help="the QAT model (.h5), e.g. OUT/qat_model.h5")
     p.add_argument("--data", help="image folder (default: the synthetic test split)")
-    p.add_argument("--input-size", type=int, default=32)
+    p.add_argument("--input-size", type=SIZE, default=32)
     p.add_argument("--channels", type=int, default=3, choices=[1, 3])
-    p.add_argument("--test", type=int, default=1000)
-    p.add_argument("--samples", type=int, default=64, help="images to run through both")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test", type=COUNT, default=1000)
+    p.add_argument("--samples", type=COUNT, default=64, help="images to run through both")
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out", help="folder for fidelity_per_layer.json (and .png with matplotlib)")
     p.set_defaults(func=cmd_debug)
 
     p = sub.add_parser("bench", help="latency (median of repeated invokes) and size of a .tflite")
     p.add_argument("tflite")
-    p.add_argument("--runtimes", nargs="+", default=["xnnpack"])
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--runs", type=int, default=100)
+    p.add_argument("--runtimes", nargs="+", default=["xnnpack"], choices=RUNTIMES)
+    p.add_argument("--threads", type=THREADS, default=1)
+    p.add_argument("--runs", type=COUNT, default=100)
     p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv=None):
+    """Exit codes: 0 done; 1 a check failed or a runtime could not run; 2 bad input (flags, data,
+    files), with one line naming the thing and the fix; 130 interrupted."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # our errors name the file/thing and the fix
         print(f"mobileqat: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("mobileqat: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import re
 
 import numpy as np
 
-from mobileqat import runtime as rt
+from mobileqat import provenance, runtime as rt
 from mobileqat.harness import compare_codes, quantize_output
 
 
@@ -85,6 +85,8 @@ def debug_fidelity(qat_model, tflite_path, samples, compare_runtime="builtin", g
     "first_divergence": name of the first layer (execution order) whose max difference exceeds
     ``grow_threshold`` LSB, or None, "first_integer_divergence": the first layer where the
     integer-exact path differs at all, "integer_path_error"}.
+    The file must have been exported from ``qat_model`` (``provenance.check``): otherwise
+    ``provenance.FileMismatchError`` names the first differing tensor and no table is made.
     ``integer_max_lsb_diff``: the model's integer-exact path (``mobileqat.lowering``, reference
     arithmetic) against the file, accumulated (0 when it reproduces the file);
     ``*_lsb_diff``: the float Keras simulation, accumulated through the network;
@@ -94,8 +96,10 @@ def debug_fidelity(qat_model, tflite_path, samples, compare_runtime="builtin", g
     on the integer-exact path; "xnnpack_twin_output_max_lsb_diff" checks it against a real run).
     """
     from mobileqat._tf import keras
+    from mobileqat.harness import check_images
 
-    x = np.asarray(samples, np.float32)
+    x = check_images(samples, rt.check_tflite(tflite_path), tflite_path)
+    belongs = provenance.check(qat_model, tflite_path)  # FileMismatchError before any table
     ref, (in_scale, in_zero) = tflite_activations(tflite_path, x, "reference")
     other = {}
     if compare_runtime:
@@ -154,6 +158,7 @@ def debug_fidelity(qat_model, tflite_path, samples, compare_runtime="builtin", g
         if first_local is None and (row["local_max_lsb_diff"] or 0) > grow_threshold:
             first_local = row["layer"]
     return {"tflite": os.fspath(tflite_path), "samples": len(x), "compare_runtime": compare_runtime,
+            "provenance": belongs,
             "layers": rows, "first_divergence": first, "first_local_divergence": first_local,
             "first_integer_divergence": first_integer, "integer_path_error": integer_error,
             "xnnpack_twin_output_max_lsb_diff": twin_check, "xnnpack_path_error": xnnpack_error}

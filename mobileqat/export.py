@@ -8,6 +8,7 @@ import tempfile
 
 import numpy as np
 
+from mobileqat import faults, provenance, tflite_file
 from mobileqat._tf import tf
 
 KINDS = ("float", "ptq_int8", "qat_int8")
@@ -21,8 +22,12 @@ def write_atomic(path, data):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        faults.point("write")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -31,12 +36,19 @@ def write_atomic(path, data):
     return path
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_keras_model(model, path):
     """``model.save`` (format from the suffix, e.g. .keras) to a temporary name, then rename."""
     path = os.fspath(path)
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), ".tmp-" + os.path.basename(path))
     try:
         model.save(tmp)
+        faults.point("write")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -89,7 +101,9 @@ def _has_fake_quant(model):
 def export_tflite(model, path, kind="qat_int8", representative_data=None, io_type=None):
     """Convert ``model`` and write it to ``path`` atomically. Returns the file size in bytes.
 
-    io_type defaults to "float32" for kind="float" and "int8" otherwise.
+    io_type defaults to "float32" for kind="float" and "int8" otherwise. The file's metadata records
+    the model's fingerprint (``mobileqat.provenance``), so ``validate`` and ``debug`` can tell
+    cheaply whether a file belongs to the model they are given.
     """
     io_type = io_type or ("float32" if kind == "float" else "int8")
     data = convert(model, kind, representative_data, io_type)
@@ -99,6 +113,7 @@ def export_tflite(model, path, kind="qat_int8", representative_data=None, io_typ
             raise ValueError(f"the {kind} conversion of '{model.name}' left float ops {sorted(set(float_ops))}; "
                              "the layers producing them lack fake-quant ranges. Nothing was written to "
                              f"{os.fspath(path)}.")
+    data = tflite_file.with_metadata(data, provenance.metadata_entry(model, kind))
     write_atomic(path, data)
     return len(data)
 

@@ -6,13 +6,13 @@ output quantization step. Two simulations of a QAT model: its integer-exact path
 (``mobileqat.lowering``, the runtime's own arithmetic) and the float fake-quant Keras model. Both
 are fed exactly the images the integer model sees (the input quantized, then dequantized), so input
 rounding is not counted as a mismatch.
-Every interpreter runs in a child process: a runtime that aborts is reported, not fatal.
+Every interpreter runs in a worker process: a runtime that aborts is reported, not fatal.
 """
 import os
 
 import numpy as np
 
-from mobileqat import runtime as rt
+from mobileqat import faults, provenance, runtime as rt
 
 
 quantize_output = rt.quantize  # float values -> integer codes of the output tensor (int64)
@@ -28,22 +28,14 @@ def compare_codes(a, b):
             "mean_lsb_diff": float(diff.mean()) if diff.size else 0.0}
 
 
-def simulate(model, x, tflite_path, batch_size=256):
+def simulate(model, x, tflite_path, batch_size=256, description=None):
     """The Keras model's float outputs for the images the .tflite sees (input quantized+dequantized)."""
-    m = _describe(tflite_path)
+    m = description or rt.check_tflite(tflite_path)
     x_seen = np.asarray(x, np.float32)
     if m["input_dtype"] != "float32":
         scale, zero = m["input_quantization"]
         x_seen = (quantize_output(x_seen, scale, zero, m["input_dtype"]).astype(np.float32) - zero) * scale
     return model.predict(x_seen, batch_size=batch_size, verbose=0)
-
-
-def _describe(path):
-    from ai_edge_litert.interpreter import Interpreter
-    it = Interpreter(model_path=os.fspath(path))
-    i, o = it.get_input_details()[0], it.get_output_details()[0]
-    return {"input_dtype": np.dtype(i["dtype"]).name, "input_quantization": tuple(i["quantization"]),
-            "output_dtype": np.dtype(o["dtype"]).name, "output_quantization": tuple(o["quantization"])}
 
 
 def integer_outputs(model, x, runtimes):
@@ -79,12 +71,24 @@ def validate(tflite_path, x, y=None, model=None, runtimes=("reference", "xnnpack
     {"error": message}}, "sim_accuracy" (float simulation), "integer_accuracy" {runtime: accuracy}
     (with model and y), "reference_vs_xnnpack": LSB statistics between runtimes}.
     Float-output files are compared by top-1 agreement and max absolute difference instead of LSB.
+
+    Before any number is computed: the file is loaded in a worker process (an unreadable or corrupt
+    file raises ``runtime.InvalidModelError`` naming it), ``x`` must hold at least one image, and
+    with a ``model`` the file must have been exported from it (``provenance.check``; otherwise
+    ``provenance.FileMismatchError`` names the first differing tensor). "provenance" in the result
+    says how that was established.
     """
-    desc = _describe(tflite_path)
+    desc = rt.check_tflite(tflite_path)
+    x = check_images(x, desc, tflite_path)
+    if y is not None and len(y) != len(x):
+        raise ValueError(f"validate: {len(x)} images but {len(y)} labels; pass one label per image.")
     integer = desc["output_dtype"] != "float32"
-    sim = simulate(model, x, tflite_path) if model is not None else None
+    belongs = provenance.check(model, tflite_path) if model is not None else None
+    sim = simulate(model, x, tflite_path, description=desc) if model is not None else None
     exact, lowering_error = integer_outputs(model, x, runtimes) if (model is not None and integer) else ({}, None)
     result = {"tflite_bytes": os.path.getsize(tflite_path), "runtimes": {}}
+    if belongs is not None:
+        result["provenance"] = belongs
     if lowering_error:
         result["integer_path_error"] = lowering_error
     if sim is not None and y is not None:
@@ -113,9 +117,30 @@ def validate(tflite_path, x, y=None, model=None, runtimes=("reference", "xnnpack
             entry.update(top1_agreement=float(np.mean(sim.argmax(-1) == raw.argmax(-1))),
                          max_abs_diff=float(np.abs(sim - raw).max()))
         result["runtimes"][name] = entry
+        faults.point("validate")
     if integer and "reference" in raw_by_runtime and "xnnpack" in raw_by_runtime:
         result["reference_vs_xnnpack"] = compare_codes(raw_by_runtime["reference"], raw_by_runtime["xnnpack"])
     return result
+
+
+def check_images(x, description, tflite_path):
+    """``x`` as float32 (N, H, W, C) matching the file's input; ValueError naming the file otherwise."""
+    x = np.asarray(x, np.float32)
+    if x.ndim == 0 or len(x) == 0:
+        raise ValueError(f"no images to run {tflite_path} on (the data set's test split is empty); pass a data set "
+                         "with test images (e.g. an image folder with at least 2 images per class).")
+    want = description["input_shape"][1:]
+    if list(x.shape[1:]) != want:
+        raise ValueError(f"images of shape {list(x.shape[1:])} do not fit {tflite_path}, which takes {want}; "
+                         "load the data with the --input-size and --channels the model was trained with.")
+    return x
+
+
+def failed_runtimes(result):
+    """Lines "runtime: error" of a validate/benchmark result, for every runtime that failed."""
+    errors = {name: r["error"] for name, r in result.get("runtimes", {}).items() if "error" in r}
+    errors.update(result.get("errors", {}))
+    return [f"{name}: {error}" for name, error in errors.items()]
 
 
 def _accuracy(outputs, y):
@@ -124,7 +149,9 @@ def _accuracy(outputs, y):
 
 def benchmark(tflite_path, runtimes=("xnnpack",), threads=1, warmup=10, runs=100):
     """Latency per runtime at batch 1: median and 90th percentile over ``runs`` invokes after
-    ``warmup``, in milliseconds, with ``threads`` threads; and the file size in bytes."""
+    ``warmup``, in milliseconds, with ``threads`` threads; and the file size in bytes. A runtime
+    that fails goes to "errors"; an unreadable file raises ``runtime.InvalidModelError``."""
+    rt.check_tflite(tflite_path)
     result = {"tflite_bytes": os.path.getsize(tflite_path), "threads": threads, "runs": runs,
               "latency_ms": {}, "latency_p90_ms": {}, "errors": {}}
     for name in runtimes:

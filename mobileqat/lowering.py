@@ -27,6 +27,9 @@ RUNTIMES = tuple(_ARITHMETIC)  # runtimes whose arithmetic IntegerModel reproduc
 _FUSED = {"linear": None, "relu": "RELU", "relu6": "RELU6"}
 _IDENTITY = (keras.layers.Dropout, keras.layers.SpatialDropout2D, keras.layers.GaussianNoise)
 _RESHAPE = (keras.layers.Reshape, keras.layers.Flatten)
+# op kind -> the TFLite operator the converter writes for it ("identity"/"reshape" write no compute op)
+TFLITE_OPS = {"conv2d": "CONV_2D", "depthwise_conv2d": "DEPTHWISE_CONV_2D", "add": "ADD", "mean_hw": "MEAN",
+              "fully_connected": "FULLY_CONNECTED", "softmax": "SOFTMAX"}
 
 
 @dataclasses.dataclass

@@ -11,7 +11,8 @@ from mobileqat import architectures, debug, export, harness, report as report_mo
 from mobileqat._tf import keras
 from mobileqat.data import calibration_subset
 from mobileqat.export import save_keras_model
-from mobileqat.quantize import quantize
+from mobileqat.quantize import load_qat_model, quantize
+from mobileqat.stages import RunFolder, data_fingerprint, stage_key
 
 
 @dataclasses.dataclass
@@ -43,25 +44,34 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig()):
     """Run every stage on ``dataset`` (mobileqat.data.Dataset) and write ``out_dir``/report.json.
 
     Files in out_dir: float.tflite, ptq_int8.tflite, qat_int8.tflite, float_model.keras,
-    qat_model.h5, report.json, report.md. Training resumes from out_dir/checkpoints when
-    interrupted. Returns the report dict.
+    qat_model.h5, report.json, report.md. Interrupted at any point, the same call resumes: finished
+    stages (float training, QAT) are reused when data and settings are unchanged, training resumes
+    from its last epoch (out_dir/checkpoints), and report.json is written last, only when every
+    number in it was measured by this call. Returns the report dict.
     """
     if cfg.model not in architectures.BUILDERS:
         raise ValueError(f"unknown model {cfg.model!r}: use one of {sorted(architectures.BUILDERS)}.")
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    keras.utils.set_random_seed(cfg.seed)
+    for split, n in (("training", len(dataset.x_train)), ("test", len(dataset.y_test))):
+        if n == 0:
+            raise ValueError(f"data set {dataset.name!r} has no {split} images; a run needs both splits "
+                             "(an image folder needs at least 2 readable images per class).")
+    folder = RunFolder(out_dir)
+    out_dir = folder.path
+    folder.start()
     t_start = time.perf_counter()
     x_tr, y_tr, x_te, y_te = dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test
+    data_key = data_fingerprint(dataset)
 
-    float_model = architectures.BUILDERS[cfg.model](
-        input_shape=dataset.input_shape, classes=dataset.classes, alpha=cfg.alpha)
-    _log(cfg, f"float training: {float_model.name}, {float_model.count_params():,} params, "
-              f"{len(x_tr)} images, {cfg.epochs} epochs")
-    float_fit = training.fit(float_model, x_tr, y_tr, cfg.epochs, cfg.batch_size, cfg.learning_rate,
-                             checkpoint_dir=os.path.join(out_dir, "checkpoints", "float"),
-                             seed=cfg.seed, verbose=cfg.verbose)
-    save_keras_model(float_model, os.path.join(out_dir, "float_model.keras"))
+    float_fields = dict(data=data_key, model=cfg.model, alpha=cfg.alpha, epochs=cfg.epochs,
+                        batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=cfg.seed)
+    float_model, float_fit = _trained(
+        folder, "float", stage_key(**float_fields), os.path.join(out_dir, "float_model.keras"),
+        load=keras.models.load_model,
+        build=lambda: architectures.BUILDERS[cfg.model](input_shape=dataset.input_shape, classes=dataset.classes,
+                                                        alpha=cfg.alpha),
+        train=lambda m, ckpt: training.fit(m, x_tr, y_tr, cfg.epochs, cfg.batch_size, cfg.learning_rate,
+                                           checkpoint_dir=ckpt, seed=cfg.seed, verbose=cfg.verbose),
+        cfg=cfg, what=f"float training: {len(x_tr)} images, {cfg.epochs} epochs")
     float_keras_acc = float(float_model.evaluate(x_te, y_te, verbose=0)[1])
 
     paths = {k: os.path.join(out_dir, f"{k}.tflite") for k in export.KINDS}
@@ -70,12 +80,14 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig()):
     calib = calibration_subset(dataset, cfg.calibration_images, seed=cfg.seed)
     export.export_tflite(float_model, paths["ptq_int8"], "ptq_int8", calib, io_type=cfg.io_type)
 
-    _log(cfg, f"QAT fine-tune: {cfg.qat_epochs} epochs")
-    qat_model = quantize(float_model, "w8a8")
-    qat_fit = training.fit(qat_model, x_tr, y_tr, cfg.qat_epochs, cfg.batch_size, cfg.qat_learning_rate,
-                           checkpoint_dir=os.path.join(out_dir, "checkpoints", "qat"),
-                           seed=cfg.seed + 1, verbose=cfg.verbose)
-    save_keras_model(qat_model, os.path.join(out_dir, "qat_model.h5"))
+    qat_key = stage_key(float=stage_key(**float_fields), qat_epochs=cfg.qat_epochs,
+                        qat_learning_rate=cfg.qat_learning_rate)
+    qat_model, qat_fit = _trained(
+        folder, "qat", qat_key, os.path.join(out_dir, "qat_model.h5"), load=load_qat_model,
+        build=lambda: quantize(float_model, "w8a8"),
+        train=lambda m, ckpt: training.fit(m, x_tr, y_tr, cfg.qat_epochs, cfg.batch_size, cfg.qat_learning_rate,
+                                           checkpoint_dir=ckpt, seed=cfg.seed + 1, verbose=cfg.verbose),
+        cfg=cfg, what=f"QAT fine-tune: {cfg.qat_epochs} epochs")
     export.export_tflite(qat_model, paths["qat_int8"], "qat_int8", io_type=cfg.io_type)
 
     _log(cfg, "harness: reference kernels and XNNPACK")
@@ -135,6 +147,24 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig()):
     return report
 
 
+def _trained(folder, stage, key, model_path, load, build, train, cfg, what):
+    """A stage that trains a model: reuse it when it finished under ``key``, else build, train
+    (resuming from its checkpoints), save, and record it finished. Returns (model, fit result)."""
+    done = folder.finished(stage, key)
+    if done is not None and os.path.exists(model_path):
+        _log(cfg, f"{what}: finished earlier with the same data and settings, reusing {model_path}")
+        return load(model_path), done
+    checkpoints = os.path.join(folder.path, "checkpoints", stage)
+    folder.begin(stage, key, checkpoints)
+    keras.utils.set_random_seed(cfg.seed)
+    model = build()
+    _log(cfg, f"{what} ({model.name}, {model.count_params():,} params)")
+    fit = train(model, checkpoints)
+    save_keras_model(model, model_path)
+    folder.finish(stage, key, fit)
+    return model, fit
+
+
 def _drop_points(float_accuracy, int8_accuracy):
     """Float minus int8 accuracy on XNNPACK, in percentage points (positive: int8 is worse)."""
     if float_accuracy is None or int8_accuracy is None:
@@ -157,7 +187,7 @@ def fidelity_summary(val):
     ref, xnn = val["runtimes"].get("reference", {}), val["runtimes"].get("xnnpack", {})
     out = {"simulation": ref.get("simulation"), **_runtime_pair(ref, xnn), "mean_lsb_diff": ref.get("mean_lsb_diff"),
            "float_simulation": _runtime_pair(ref.get("float_sim", {}), xnn.get("float_sim", {})),
-           "reference_vs_xnnpack": val.get("reference_vs_xnnpack")}
+           "reference_vs_xnnpack": val.get("reference_vs_xnnpack"), "provenance": val.get("provenance")}
     if val.get("integer_path_error"):
         out["integer_path_error"] = val["integer_path_error"]
     return out

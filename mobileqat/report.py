@@ -2,14 +2,16 @@
 import json
 import os
 
+from mobileqat import faults
 from mobileqat.export import write_atomic
 
 
 def write_report(report, out_dir):
     """Write ``out_dir``/report.json and report.md; returns the json path."""
     path = os.path.join(os.fspath(out_dir), "report.json")
-    write_atomic(path, (json.dumps(report, indent=2, sort_keys=False) + "\n").encode())
-    write_atomic(os.path.join(os.fspath(out_dir), "report.md"), markdown(report).encode())
+    write_atomic(os.path.join(os.fspath(out_dir), "report.md"), markdown(report).encode("utf-8", "backslashreplace"))
+    faults.point("report")
+    write_atomic(path, (json.dumps(report, indent=2, sort_keys=False) + "\n").encode())  # last: the run is complete
     return path
 
 

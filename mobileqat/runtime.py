@@ -5,12 +5,16 @@ Runtimes (ai_edge_litert.interpreter.OpResolverType):
   "builtin":   BUILTIN_WITHOUT_DEFAULT_DELEGATES, optimized builtin kernels;
   "xnnpack":   AUTO, the default, with the XNNPACK delegate.
 
-A runtime can abort the whole process (SIGABRT in a kernel's Prepare); ``run_isolated`` runs a
-function in a child process and turns such a death into an error message.
+A runtime can abort the whole process (SIGABRT in a kernel's Prepare) and a corrupt file can crash
+the parser; ``run_isolated`` runs a function in a worker process (``python -m mobileqat._worker``)
+and turns such a death into an error message.
 """
-import concurrent.futures
-import multiprocessing
 import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -129,28 +133,97 @@ def _latency_job(path, runtime, threads, warmup, runs):
     return TFLiteModel(path, runtime, threads).latency_ms(warmup, runs)
 
 
-def run_isolated(fn, *args, timeout=None):
-    """Run ``fn(*args)`` in a fresh child process; return (result, None) or (None, error message).
+def describe(path):
+    """{"input_dtype", "input_quantization", "input_shape", "output_dtype", "output_quantization",
+    "output_shape", "ops": [op names]} of a .tflite, read in this process (see ``check_tflite``)."""
+    m = TFLiteModel(path, "reference")
+    m.interpreter.allocate_tensors()
+    return {"input_dtype": np.dtype(m.input["dtype"]).name, "input_quantization": m.input_quantization,
+            "input_shape": [int(d) for d in m.input["shape"]],
+            "output_dtype": np.dtype(m.output["dtype"]).name, "output_quantization": m.output_quantization,
+            "output_shape": [int(d) for d in m.output["shape"]],
+            "ops": [op["op_name"] for op in m.interpreter._get_ops_details()]}
 
-    A kernel that aborts the process (SIGABRT, SIGSEGV) becomes an error message, not a crash.
+
+class InvalidModelError(ValueError):
+    """A .tflite that cannot be read, names the file and the fix."""
+
+
+def check_tflite(path, timeout=120):
+    """Load ``path`` in a worker process (a corrupt flatbuffer can crash the process that parses it)
+    and return ``describe(path)``. Raises FileNotFoundError, or InvalidModelError naming the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such .tflite file; pass the path of an exported model "
+                                "(e.g. OUT/qat_int8.tflite).")
+    desc, error = run_isolated(describe, path, timeout=timeout)
+    if error:
+        raise InvalidModelError(f"{path} is not a .tflite model mobileqat can run ({error}); re-export it "
+                                "(mobileqat.export_tflite or `mobileqat run`) or check that the copy is complete.")
+    return desc
+
+
+def _worker_command():
+    """The interpreter command of a worker: this Python (MOBILEQAT_PYTHON overrides), -P so the
+    caller's working directory never shadows a module."""
+    python = os.environ.get("MOBILEQAT_PYTHON") or sys.executable
+    return [python, "-P", "-m", "mobileqat._worker"]
+
+
+def _worker_env():
+    env = dict(os.environ)
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+def run_isolated(fn, *args, timeout=None):
+    """Run ``fn(*args)`` in a fresh worker process; return (result, None) or (None, error message).
+
+    ``fn`` must be a module-level function of an importable module; arguments and result are
+    pickled through files in a private temporary folder. The worker is ``python -m
+    mobileqat._worker``: it never re-imports the caller's main module, so this works from scripts
+    without a main guard, from standard input, ``python -c`` and notebooks. A kernel that aborts the
+    process (SIGABRT, SIGSEGV) or a timeout becomes an error message, not a crash.
     """
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if module in (None, "__main__") or "<" in qualname:
+        raise ValueError(f"run_isolated needs a module-level function of an importable module, not {fn!r}; "
+                         "move it into a module.")
+    with tempfile.TemporaryDirectory(prefix="mobileqat-worker-") as folder:
+        request, result = os.path.join(folder, "request.pkl"), os.path.join(folder, "result.pkl")
+        with open(request, "wb") as f:
+            pickle.dump({"function": f"{module}:{qualname}", "args": list(args)}, f, protocol=pickle.HIGHEST_PROTOCOL)
         try:
-            return pool.submit(fn, *args).result(timeout=timeout), None
-        except concurrent.futures.process.BrokenProcessPool:
-            return None, "the runtime killed the process (a kernel aborted, e.g. in Prepare)"
-        except Exception as e:  # an error raised inside the child, e.g. a failed allocate_tensors
-            return None, f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            done = subprocess.run(_worker_command() + [request, result], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_worker_env(),
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None, f"the runtime did not finish within {timeout} s (worker killed)"
+        if done.returncode < 0:
+            try:
+                name = signal.Signals(-done.returncode).name
+            except ValueError:
+                name = f"signal {-done.returncode}"
+            return None, f"the runtime killed the process with {name} (a kernel aborted, e.g. in Prepare)"
+        if not os.path.exists(result):
+            tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+            return None, f"the runtime worker exited with code {done.returncode} ({tail[0]})"
+        with open(result, "rb") as f:
+            answer = pickle.load(f)
+    if "error" in answer:
+        return None, answer["error"]
+    return answer["result"], None
 
 
 def predict_isolated(path, runtime, x, threads=1, batch_size=64):
-    """``TFLiteModel(path, runtime).predict(x)`` in a child process.
+    """``TFLiteModel(path, runtime).predict(x)`` in a worker process.
 
     Returns ((raw outputs, (scale, zero_point), dtype name), None) or (None, error message)."""
     return run_isolated(_predict_job, os.fspath(path), runtime, threads, np.asarray(x, np.float32), batch_size)
 
 
 def latency_isolated(path, runtime, threads=1, warmup=10, runs=50):
-    """Per-invoke latencies (ms) in a child process: (list, None) or (None, error message)."""
+    """Per-invoke latencies (ms) in a worker process: (list, None) or (None, error message)."""
     return run_isolated(_latency_job, os.fspath(path), runtime, threads, warmup, runs)

@@ -4,6 +4,7 @@ import time
 
 import numpy as np
 
+from mobileqat import faults
 from mobileqat._tf import keras
 
 
@@ -19,6 +20,7 @@ class StepTimer(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self.times.append(time.perf_counter() - self._t0)
+        faults.point("train_step")
 
     @property
     def median_s(self):

@@ -71,9 +71,13 @@ def test_validate_exit_code_follows_threshold(demo):
     ok = mobileqat(*args, "--min-agreement", 0.5)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "top1_agreement" in json.loads(ok.stdout)["runtimes"]["reference"]
-    bad = mobileqat(*args, "--min-agreement", 1.01)
-    assert bad.returncode == 1 and "validation FAILED" in bad.stderr and "--min-agreement" in bad.stderr
-    result = json.loads(bad.stdout)["runtimes"]["reference"]
+    result = json.loads(ok.stdout)["runtimes"]["reference"]
+    float_agreement = result["float_sim"]["top1_agreement"]
+    if float_agreement < 1.0:
+        bad = mobileqat(*args, "--simulation", "float", "--min-agreement", float_agreement + 1e-6)
+        assert bad.returncode == 1 and "validation FAILED" in bad.stderr and "--min-agreement" in bad.stderr
+    refused = mobileqat(*args, "--min-agreement", 1.01)  # not a fraction: a flag error, before any work
+    assert refused.returncode == 2 and "--min-agreement" in refused.stderr and "<= 1.0" in refused.stderr
     worst = result["float_sim"]["max_lsb_diff"]
     assert worst > 0 and result["max_lsb_diff"] == 0  # the integer-exact path reproduces the file
     assert mobileqat(*args, "--max-lsb", 0).returncode == 0
