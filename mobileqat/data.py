@@ -6,10 +6,11 @@ label array is (N,) int64 class ids. TensorFlow is imported only by ``as_tf_data
 import dataclasses
 import math
 import os
+import stat
 import warnings
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -291,9 +292,34 @@ def synthetic_shapes(n_train=10000, n_test=1000, image_size=32, channels=3, seed
 
 _FOLDER_FIX = "lay it out as {path}/<class name>/<image>.png|jpg|... (one sub-folder per class)"
 
+# Images above this many pixels are box-reduced in their own mode (to >= 2x the target size) before the
+# mode conversion, whose numpy temporaries would otherwise cost ~16-48 bytes per source pixel.
+_SHRINK_ABOVE_PIXELS = 1 << 22
+
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def _shown(text):
+    """``text`` safe to print or encode as UTF-8: undecodable file-name bytes (surrogate escapes) and
+    other unencodable characters become backslash escapes."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _is_class_dir(entry):
+    """A non-hidden sub-folder (symlinks followed); broken or looping symlinks are not class folders."""
+    if entry.name.startswith("."):
+        return False
+    try:
+        return entry.is_dir()
+    except OSError:  # ELOOP (a symlink to itself), EACCES, ...: not a usable class folder
+        return False
+
 
 def _class_files(class_dir):
-    """Image files under class_dir (recursive, hidden entries skipped), sorted."""
+    """Image files under class_dir (recursive, hidden entries skipped, symlinked folders not followed,
+    so a link to a parent cannot loop), sorted."""
     found = []
     for root, dirs, names in os.walk(class_dir):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
@@ -302,22 +328,30 @@ def _class_files(class_dir):
     return sorted(found)
 
 
-def _to_rgb_or_l(im, channels):
+def _to_rgb_or_l(im, channels, top=None):
     """Any Pillow mode -> 'RGB' (channels=3) or 'L' (channels=1), uint8.
 
     16-bit ('I;16*') is scaled by 1/257; 'I'/'F' are taken as 8-bit values when their max is <= 255,
-    as 16-bit (1/257) above, and 'F' with max <= 1 as [0, 1] floats. Transparent images (RGBA, LA, PA,
-    P or L/RGB with a transparency key) are composited onto black."""
+    as 16-bit (1/257) above, and 'F' with max <= 1 as [0, 1] floats ('F' NaN -> 0, +inf -> the largest
+    finite value, -inf -> 0). ``top``: that max (largest finite value) when ``im`` is a reduced copy.
+    Transparent images (RGBA, LA, PA, P or L/RGB with a transparency key) are composited onto black;
+    premultiplied ones (RGBa, La) already are."""
     mode = im.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
         a = np.asarray(im, np.float64)
-        top = float(a.max()) if a.size else 0.0
+        finite = np.isfinite(a)
+        if top is None:
+            top = float(a[finite].max()) if finite.any() else 0.0
+        if not finite.all():
+            a = np.where(np.isnan(a), 0.0, np.minimum(a, top))
         if mode.startswith("I;16") or top > 255.0:
             a = a / 257.0
         elif mode == "F" and top <= 1.0:
             a = a * 255.0
         im = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
-    elif mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+    elif mode in ("RGBa", "La"):  # premultiplied alpha: the colour bands already are "composited onto black"
+        im = im.getchannel(0) if mode == "La" else Image.merge("RGB", im.split()[:3])
+    elif mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
         rgba = np.asarray(im.convert("RGBA"), np.float32)
         rgb = rgba[..., :3] * (rgba[..., 3:] / np.float32(255.0))
         im = Image.fromarray(np.round(rgb).astype(np.uint8), "RGB")
@@ -326,17 +360,72 @@ def _to_rgb_or_l(im, channels):
     return im.convert("L") if channels == 1 else im
 
 
+def _shrink(im, image_size):
+    """A big image box-reduced by integer factors so each side stays >= 2 * image_size (or as is).
+
+    Palette, bilevel and colour-keyed images are converted first (averaging palette indices or a
+    colour key is meaningless); 16-bit images, which ``Image.reduce`` lacks, are BOX-resized."""
+    w, h = im.size
+    fx, fy = max(1, w // (2 * image_size)), max(1, h // (2 * image_size))
+    if w * h <= _SHRINK_ABOVE_PIXELS or fx * fy == 1:
+        return im
+    if im.mode == "1":
+        im = im.convert("L")
+    elif im.mode in ("P", "PA"):
+        im = im.convert("RGBA" if (im.mode == "PA" or "transparency" in im.info) else "RGB")
+    elif im.mode in ("L", "RGB") and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode.startswith("I;16"):
+        return im.resize((-(-w // fx), -(-h // fy)), Image.BOX)
+    return im.reduce((fx, fy))
+
+
+def _finite_max(im):
+    """Largest finite pixel value of an 'I' or 'F' image (0.0 if none), scanned in strips of <= 512 K
+    pixels so a big image costs no big numpy temporaries (Pillow's getextrema is NaN-blind)."""
+    if im.mode != "F":
+        return float(im.getextrema()[1])
+    w, h = im.size
+    step, top = max(1, (1 << 19) // max(w, 1)), None
+    for y in range(0, h, step):
+        a = np.asarray(im.crop((0, y, w, min(h, y + step))))
+        a = a[np.isfinite(a)]
+        if a.size:
+            top = float(a.max()) if top is None else max(top, float(a.max()))
+    return 0.0 if top is None else top
+
+
+def _orientation(im):
+    """The EXIF (or XMP) orientation's transpose method, or None (also for a broken EXIF block)."""
+    try:
+        return _ORIENTATION.get(int(im.getexif().get(0x0112, 1)))
+    except Exception:  # noqa: BLE001 - a broken EXIF block is not worth losing the image
+        return None
+
+
 def _read_image(path, image_size, channels):
-    """One file -> (image_size, image_size, channels) uint8; raises whatever Pillow raises."""
-    with Image.open(path) as im:
+    """One file -> (image_size, image_size, channels) uint8; raises whatever Pillow raises.
+
+    Only regular files are opened (a FIFO would block forever, a device never end). An image over
+    ``Image.MAX_IMAGE_PIXELS`` is refused before decoding: Pillow only warns (DecompressionBombWarning)
+    between that limit and twice it, and that warning is raised here as an error."""
+    st = os.stat(path)  # follows symlinks: a dangling or looping link raises OSError here
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError("not a regular file (a FIFO, device or socket named like an image); "
+                         "only regular image files are read")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        im = Image.open(path)
+    with im:
         if im.format == "JPEG":  # decode big JPEGs at a reduced scale (still >= 2x the target size)
             im.draft(None, (2 * image_size, 2 * image_size))
         im.load()
-        try:
-            im = ImageOps.exif_transpose(im)
-        except Exception:  # a broken EXIF block is not worth losing the image
-            pass
-        im = _to_rgb_or_l(im, channels).resize((image_size, image_size), Image.BILINEAR)
+        method = _orientation(im)
+        small = _shrink(im, image_size)
+        # the 8-/16-bit/[0, 1] choice for 'I'/'F' follows the full-resolution maximum, not the averaged one
+        top = _finite_max(im) if (small is not im and im.mode in ("I", "F")) else None
+        im = small if method is None else small.transpose(method)
+        im = _to_rgb_or_l(im, channels, top).resize((image_size, image_size), Image.BILINEAR)
         a = np.asarray(im, np.uint8)
     return a[..., None] if channels == 1 else a
 
@@ -349,13 +438,18 @@ def load_image_folder(path, image_size=32, channels=3, test_fraction=0.2, seed=0
     Pillow mode is converted to RGB (channels=3) or L (channels=1) (transparency composited onto
     black, 16-bit scaled to 8-bit), EXIF rotation applied, resized with BILINEAR (aspect ratio not kept)
     and normalized to [-1, 1]. Files Pillow cannot open or decode go to ``Dataset.skipped`` as
-    (path, reason) with one warning. Split: per class, a seeded stratified split with
+    (path, reason) with one warning, and so do dangling or looping symlinks, FIFOs/devices named like
+    images (never opened) and images over ``PIL.Image.MAX_IMAGE_PIXELS`` (decompression bombs, refused
+    before decoding). Images above 4 Mpx are box-reduced in their own mode (to >= 2x image_size) before
+    the conversion, so memory stays bounded. Symlinked folders inside a class folder are not followed.
+    ``path`` may be str, bytes or path-like; undecodable file names keep their surrogate escapes in
+    class_names/skipped and are shown backslash-escaped in messages. Split: per class, a seeded stratified split with
     round(n * test_fraction) test images (at least 1 and at most n - 1 when the class has >= 2 images),
     identical on every call for the same seed. max_per_class caps the images per class (a seeded,
     deterministic choice). Both splits are shuffled. Name: the folder's basename.
     """
-    folder = os.path.abspath(os.path.expanduser(os.fspath(path)))
-    fix = _FOLDER_FIX.format(path=folder)
+    folder = os.path.abspath(os.path.expanduser(os.fsdecode(path)))  # bytes paths too
+    fix = _FOLDER_FIX.format(path=_shown(folder))
     if not os.path.exists(folder):
         raise FileNotFoundError(f"image folder {folder!r} does not exist; pass an existing folder and {fix}.")
     if not os.path.isdir(folder):
@@ -372,7 +466,12 @@ def load_image_folder(path, image_size=32, channels=3, test_fraction=0.2, seed=0
         raise ValueError(f"load_image_folder({folder!r}): max_per_class={max_per_class!r}; use None or >= 1.")
     size = int(image_size)
 
-    class_names = sorted(e.name for e in os.scandir(folder) if not e.name.startswith(".") and e.is_dir())
+    try:
+        with os.scandir(folder) as entries:
+            class_names = sorted(e.name for e in entries if _is_class_dir(e))
+    except OSError as e:
+        raise ValueError(f"image folder {folder!r} cannot be listed ({type(e).__name__}: {_shown(e)}); "
+                         f"check its permissions and {fix}.") from e
     if len(class_names) < 2:
         raise ValueError(f"image folder {folder!r} has {len(class_names)} class sub-folder(s) "
                          f"{class_names}; at least 2 are needed: {fix}.")
@@ -389,7 +488,7 @@ def load_image_folder(path, image_size=32, channels=3, test_fraction=0.2, seed=0
             try:
                 images.append(_read_image(files[j], size, channels))
             except Exception as e:  # noqa: BLE001 - any decoder failure means "unreadable"
-                skipped.append((files[j], f"{type(e).__name__}: {e}"))
+                skipped.append((files[j], f"{type(e).__name__}: {_shown(e)}"))
                 bad += 1
         if not images:
             if skipped:
@@ -422,7 +521,7 @@ def load_image_folder(path, image_size=32, channels=3, test_fraction=0.2, seed=0
 def _warn_skipped(folder, skipped):
     path, reason = skipped[0]
     warnings.warn(f"load_image_folder({folder!r}): skipped {len(skipped)} unreadable file(s), first: "
-                  f"{path} ({reason}); delete or re-save them to silence this.", stacklevel=3)
+                  f"{_shown(path)} ({_shown(reason)}); delete or re-save them to silence this.", stacklevel=3)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def write_atomic(path, data):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        faults.point("write")
+        faults.point("write", os.path.basename(path))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -48,7 +48,7 @@ def save_keras_model(model, path):
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), ".tmp-" + os.path.basename(path))
     try:
         model.save(tmp)
-        faults.point("write")
+        faults.point("write", os.path.basename(path))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -75,10 +75,14 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig()):
     float_keras_acc = float(float_model.evaluate(x_te, y_te, verbose=0)[1])
 
     paths = {k: os.path.join(out_dir, f"{k}.tflite") for k in export.KINDS}
-    _log(cfg, "export: float and PTQ int8")
-    export.export_tflite(float_model, paths["float"], "float")
-    calib = calibration_subset(dataset, cfg.calibration_images, seed=cfg.seed)
-    export.export_tflite(float_model, paths["ptq_int8"], "ptq_int8", calib, io_type=cfg.io_type)
+
+    def export_float():
+        export.export_tflite(float_model, paths["float"], "float")
+        calib = calibration_subset(dataset, cfg.calibration_images, seed=cfg.seed)
+        export.export_tflite(float_model, paths["ptq_int8"], "ptq_int8", calib, io_type=cfg.io_type)
+    _once(folder, "export_float", stage_key(float=stage_key(**float_fields), io_type=cfg.io_type,
+                                            calibration_images=cfg.calibration_images),
+          (paths["float"], paths["ptq_int8"]), export_float, cfg, "export: float and PTQ int8")
 
     qat_key = stage_key(float=stage_key(**float_fields), qat_epochs=cfg.qat_epochs,
                         qat_learning_rate=cfg.qat_learning_rate)
@@ -88,7 +92,9 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig()):
         train=lambda m, ckpt: training.fit(m, x_tr, y_tr, cfg.qat_epochs, cfg.batch_size, cfg.qat_learning_rate,
                                            checkpoint_dir=ckpt, seed=cfg.seed + 1, verbose=cfg.verbose),
         cfg=cfg, what=f"QAT fine-tune: {cfg.qat_epochs} epochs")
-    export.export_tflite(qat_model, paths["qat_int8"], "qat_int8", io_type=cfg.io_type)
+    _once(folder, "export_qat", stage_key(qat=qat_key, io_type=cfg.io_type), (paths["qat_int8"],),
+          lambda: export.export_tflite(qat_model, paths["qat_int8"], "qat_int8", io_type=cfg.io_type), cfg,
+          "export: QAT int8")
 
     _log(cfg, "harness: reference kernels and XNNPACK")
     variants, errors = {}, {}
@@ -150,8 +156,8 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig()):
 def _trained(folder, stage, key, model_path, load, build, train, cfg, what):
     """A stage that trains a model: reuse it when it finished under ``key``, else build, train
     (resuming from its checkpoints), save, and record it finished. Returns (model, fit result)."""
-    done = folder.finished(stage, key)
-    if done is not None and os.path.exists(model_path):
+    done = folder.finished(stage, key, (model_path,))
+    if done is not None:
         _log(cfg, f"{what}: finished earlier with the same data and settings, reusing {model_path}")
         return load(model_path), done
     checkpoints = os.path.join(folder.path, "checkpoints", stage)
@@ -163,6 +169,17 @@ def _trained(folder, stage, key, model_path, load, build, train, cfg, what):
     save_keras_model(model, model_path)
     folder.finish(stage, key, fit)
     return model, fit
+
+
+def _once(folder, stage, key, outputs, work, cfg, what):
+    """A stage that writes files: skip it when it finished under ``key`` with ``outputs`` on disk."""
+    if folder.finished(stage, key, outputs) is not None:
+        _log(cfg, f"{what}: written earlier from the same models and settings, reusing")
+        return
+    folder.begin(stage, key)
+    _log(cfg, what)
+    work()
+    folder.finish(stage, key, {})
 
 
 def _drop_points(float_accuracy, int8_accuracy):

@@ -147,8 +147,8 @@ def _quantization_difference(t_file, q_model):
     scale, zero = t_file["quantization"]
     offset = 128 if np.dtype(t_file["dtype"]) == np.uint8 else 0
     if np.float32(scale) != np.float32(q_model.scale) or int(zero) - offset != int(q_model.zero_point):
-        return (f"scale/zero point {np.float32(scale):.6g}/{int(zero) - offset} in the file, "
-                f"{np.float32(q_model.scale):.6g}/{q_model.zero_point} in the model")
+        return (f"scale/zero point {np.float32(scale):.9g}/{int(zero) - offset} in the file, "
+                f"{np.float32(q_model.scale):.9g}/{q_model.zero_point} in the model")
     return None
 
 

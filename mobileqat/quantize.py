@@ -1,63 +1,337 @@
 """quantize(model, scheme) -> a Keras QAT model that trains with model.fit.
 
-Steps: fold BatchNorm into the convolutions (``transforms.fold_batchnorm``), give every layer a
-``QuantizeConfig`` from the scheme, refuse (in one error) the layers the integer runtime cannot
-run, then let tfmot wrap the layers (``quantize_annotate_layer`` + ``quantize_apply``).
+Steps: ``audit`` the float model against the refusal list below (``MODEL_RULES``, ``LAYER_RULES``) and
+refuse, in one ValueError, every layer mobileqat cannot quantize, with its class and the fix, before any
+layer is rebuilt or reaches tfmot; fold BatchNorm into the convolutions
+(``transforms.fold_batchnorm``); give every layer a ``QuantizeConfig`` from the scheme; let tfmot wrap
+the layers (``quantize_annotate_layer`` + ``quantize_apply``).
 """
+from typing import NamedTuple
+
 from mobileqat import transforms
-from mobileqat._tf import keras, tfmot
+from mobileqat._tf import keras, tf, tfmot
 from mobileqat.layers import FoldedConvBN, QuantizeConfig
 from mobileqat.quantizers import FixedRangeQuantizer
 from mobileqat.schemes import get_scheme
 
 _qk = tfmot.quantization.keras
+L = keras.layers
 
 # Layers that move integers without rescaling: output keeps the input's scale, nothing to quantize.
-_PASS_THROUGH = (keras.layers.MaxPooling2D, keras.layers.Reshape, keras.layers.Flatten, keras.layers.Dropout,
-                 keras.layers.ZeroPadding2D, keras.layers.Cropping2D, keras.layers.GlobalMaxPooling2D,
-                 keras.layers.SpatialDropout2D, keras.layers.GaussianNoise, keras.layers.Permute)
+_PASS_THROUGH = (L.MaxPooling2D, L.Reshape, L.Flatten, L.Dropout, L.ZeroPadding2D, L.Cropping2D,
+                 L.GlobalMaxPooling2D, L.SpatialDropout2D, L.GaussianNoise, L.Permute)
 # Layers whose output gets its own (moving-average) range.
-_REQUANTIZE = (keras.layers.Add, keras.layers.Subtract, keras.layers.Multiply, keras.layers.Concatenate,
-               keras.layers.Average, keras.layers.Maximum, keras.layers.Minimum,
-               keras.layers.GlobalAveragePooling2D, keras.layers.AveragePooling2D, keras.layers.UpSampling2D)
+_REQUANTIZE = (L.Add, L.Subtract, L.Multiply, L.Concatenate, L.Average, L.Maximum, L.Minimum,
+               L.GlobalAveragePooling2D, L.AveragePooling2D, L.UpSampling2D)
+_WEIGHTED = (L.Dense, L.Conv2D)  # exact types: their kernel is fake-quantized in place
+_FOLDED_ONLY = (L.DepthwiseConv2D, L.BatchNormalization)  # quantized only as a FoldedConvBN
+_ACTIVATION_LAYERS = (L.Activation, L.ReLU, L.Softmax)
 _FUSABLE = ("linear", "relu", "relu6")
 _FIXED_OUTPUT = {"softmax", "sigmoid"}  # TFLite int8 output: scale 1/256, zero point -128
+_ACTIVATIONS = set(_FUSABLE) | _FIXED_OUTPUT  # what an Activation/ReLU/Softmax layer may apply
+SUPPORTED = ("Conv2D; Conv2D or DepthwiseConv2D + BatchNormalization [+ ReLU/ReLU6] (folded into one layer); Dense; "
+             "Activation/ReLU/Softmax (" + ", ".join(sorted(_ACTIVATIONS)) + "); "
+             + ", ".join(c.__name__ for c in _REQUANTIZE + _PASS_THROUGH))
 
 
 def quantize_config_for(layer, scheme):
-    """The QuantizeConfig for ``layer`` under ``scheme``, or a string saying why it is unsupported."""
+    """The QuantizeConfig of ``layer`` (a layer of the folded model) under ``scheme``, or None when mobileqat
+    has none for it. ``audit`` says, before folding, why a layer gets none and what to do instead."""
     wq, aq = scheme.weight_quantizer, scheme.activation_quantizer
     if isinstance(layer, FoldedConvBN):
         return QuantizeConfig(output_quantizer=aq())
-    if type(layer) in (keras.layers.Dense, keras.layers.Conv2D):
-        act = keras.activations.serialize(layer.activation)
-        if act not in _FUSABLE:
-            return (f"its activation '{act}' cannot be fused into the integer op; "
-                    "move it into its own Activation layer")
-        if isinstance(layer, keras.layers.Dense) and layer.input_spec and len(layer.input.shape) != 2:
-            return "Dense on a rank>2 input; put Flatten or GlobalAveragePooling2D before it"
-        if isinstance(layer, keras.layers.Dense):
-            # The converter cannot write per-channel FULLY_CONNECTED weights from a QAT graph
-            # ("'tfl.transpose' op has mismatched quantized axes"): Dense weights are per-tensor.
-            return QuantizeConfig(["kernel"], scheme.dense_weight_quantizer(), aq())
+    if type(layer) is L.Dense:
+        # The converter cannot write per-channel FULLY_CONNECTED weights from a QAT graph
+        # ("'tfl.transpose' op has mismatched quantized axes"): Dense weights are per-tensor.
+        return QuantizeConfig(["kernel"], scheme.dense_weight_quantizer(), aq())
+    if type(layer) is L.Conv2D:
         return QuantizeConfig(["kernel"], wq(), aq())
-    if isinstance(layer, (keras.layers.Activation, keras.layers.ReLU, keras.layers.Softmax)):
+    if isinstance(layer, _ACTIVATION_LAYERS):
         name = transforms.activation_name(layer)
         if name in _FIXED_OUTPUT:
             return QuantizeConfig(output_quantizer=FixedRangeQuantizer(0.0, 255.0 / 256.0))
-        if name in ("relu", "relu6", "linear"):
-            return QuantizeConfig(output_quantizer=aq())
-        return f"activation '{name}' has no int8 kernel mobileqat supports yet; use ReLU6"
-    if isinstance(layer, keras.layers.BatchNormalization):
-        return ("a BatchNormalization that does not follow a Conv2D/DepthwiseConv2D cannot be folded; "
-                "put it right after a convolution without activation")
+        return QuantizeConfig(output_quantizer=aq()) if name in _FUSABLE else None
     if isinstance(layer, _REQUANTIZE):
         return QuantizeConfig(output_quantizer=aq())
     if isinstance(layer, _PASS_THROUGH):
         return QuantizeConfig()
+    return None
+
+
+def _has_integer_mapping(layer):
+    """The layer types quantize_config_for maps, those quantized folded, and model inputs."""
+    return (type(layer) in _WEIGHTED or isinstance(layer, (L.InputLayer, FoldedConvBN) + _FOLDED_ONLY
+                                                   + _ACTIVATION_LAYERS + _REQUANTIZE + _PASS_THROUGH))
+
+
+# --- The refusal list --------------------------------------------------------------------------------
+#
+# ``audit`` runs every rule below on the float model and ``quantize`` raises one ValueError listing every
+# problem as "layer 'name' (Class): why; fix: what to do" ("model ..." for the model-level rules).
+# A rule is a function returning why it refuses (a string), or (why, fix) when the fix depends on the
+# layer, or None; it is registered with its fix. Layer rules see each layer (model inputs first, then the
+# layers in graph order) and a ``_Graph``; after a "final" rule fires the layer's other rules are skipped.
+# ``audit`` returns the problems instead of raising, so that an option to keep refused layers in float
+# can later use the same list.
+
+class Problem(NamedTuple):
+    """One reason quantize() refuses a model: where ("layer" or "model"), the name and class, why, the fix."""
+    where: str
+    name: str
+    cls: str
+    why: str
+    fix: str
+
+    def __str__(self):
+        return f"{self.where} '{self.name}' ({self.cls}): {self.why}; fix: {self.fix}"
+
+
+MODEL_RULES = []  # (check(model) -> why, fix, final)
+LAYER_RULES = []  # (check(layer, graph) -> why, fix, final)
+
+
+def _rule(table, fix=None, final=False):
+    def register(check):
+        table.append((check, fix, final))
+        return check
+    return register
+
+
+@_rule(MODEL_RULES, "build it as a functional or Sequential model (keras.Input and layer calls)", final=True)
+def subclassed_model(model):
+    if not isinstance(model, keras.Sequential) and not getattr(model, "_is_graph_network", False):
+        return "it is a subclassed model: its call() is Python code, not a graph of layers mobileqat can rewrite"
+
+
+@_rule(MODEL_RULES, "start it with keras.Input(shape), or call model.build((None, H, W, C)) first", final=True)
+def unbuilt_sequential(model):
+    if isinstance(model, keras.Sequential) and not getattr(model, "_is_graph_network", False):
+        return "it is a Sequential model with no layer graph yet (it does not know its input shape)"
+
+
+@_rule(MODEL_RULES, "add the layers to quantize", final=True)
+def no_layers(model):
+    if all(isinstance(layer, L.InputLayer) for layer in model.layers):
+        return "it has no layers besides its input"
+
+
+@_rule(MODEL_RULES, "quantize a model with one image input (N, H, W, C); mobileqat's export, harness and "
+                    "integer path run models with one input and one output")
+def several_inputs(model):
+    if len(model.inputs) != 1:
+        names = ", ".join(f"'{t._keras_history.layer.name}'" for t in model.inputs)
+        return f"it has {len(model.inputs)} inputs ({names})"
+
+
+@_rule(MODEL_RULES, "quantize a model with one output, e.g. keras.Model(model.input, model.outputs[0]); "
+                    "mobileqat's export, harness and integer path run models with one input and one output")
+def several_outputs(model):
+    if len(model.outputs) != 1:
+        names = ", ".join(f"'{t._keras_history.layer.name}'" for t in model.outputs)
+        return f"it has {len(model.outputs)} outputs (from {names})"
+
+
+@_rule(LAYER_RULES, "use a separate layer for each call", final=True)
+def shared_layer(layer, graph):
+    calls = len(graph.nodes.get(layer.name, ()))
+    if calls > 1:
+        return f"it is called {calls} times in this model (a shared layer); mobileqat quantizes each layer once"
+
+
+@_rule(LAYER_RULES, "flatten it: call the nested model's layers directly, in one functional model", final=True)
+def nested_model(layer, graph):
     if isinstance(layer, keras.Model):
-        return "nested models are not supported yet; build the model as one flat functional graph"
-    return "mobileqat has no integer mapping for this layer type; replace it with a supported layer"
+        return "it is a nested model; mobileqat quantizes one flat graph of layers"
+
+
+_NO_MAPPING_FIX = {  # class name -> fix, where a plainer one than "replace it" exists
+    "Lambda": "write it with Keras layers (Add, Multiply, ReLU, Reshape, ...)",
+    "TFOpLambda": "use the Keras layer instead of the TensorFlow op (x + y: layers.Add, x * y: layers.Multiply, "
+                  "tf.nn.relu: layers.ReLU, tf.reshape: layers.Reshape)",
+    "SeparableConv2D": "split it into DepthwiseConv2D -> BatchNormalization -> 1x1 Conv2D -> BatchNormalization",
+    "Conv2DTranspose": "use UpSampling2D followed by Conv2D",
+    "LeakyReLU": "use ReLU or ReLU6", "PReLU": "use ReLU or ReLU6", "ELU": "use ReLU or ReLU6",
+    "ThresholdedReLU": "use ReLU or ReLU6",
+    "Rescaling": "scale the images in the input pipeline, before the model",
+    "Normalization": "normalize the images in the input pipeline, before the model",
+    "SyncBatchNormalization": "use layers.BatchNormalization",
+    "QuantizeWrapperV2": "the model is already quantized: pass the float model to quantize()",
+    "QuantizeWrapper": "the model is already quantized: pass the float model to quantize()",
+    "QuantizeLayer": "the model is already quantized: pass the float model to quantize()",
+    "QuantizeAnnotate": "pass the float model, not an annotated one: quantize() does the annotation",
+}
+
+
+@_rule(LAYER_RULES, final=True)
+def no_integer_mapping(layer, graph):
+    if not _has_integer_mapping(layer):
+        cls = type(layer).__name__
+        what = {"TFOpLambda": f"a TensorFlow op (tf.{getattr(layer, 'symbol', None)}) called on a Keras tensor",
+                "Lambda": "a Lambda layer (Python code)"}.get(cls, cls)
+        return (f"mobileqat has no integer mapping for {what}",
+                _NO_MAPPING_FIX.get(cls, "replace it with supported layers (listed below)"))
+
+
+@_rule(LAYER_RULES, "use keras.Input(..., dtype='float32') and convert the images to float32 before the model")
+def non_float32_input(layer, graph):
+    if isinstance(layer, L.InputLayer) and layer.dtype != "float32":
+        return f"the model input has dtype {layer.dtype}; the fake-quant input and the int8 export take float32"
+
+
+@_rule(LAYER_RULES, "build the model under the float32 policy: keras.mixed_precision.set_global_policy('float32')")
+def not_float32_compute(layer, graph):
+    if not isinstance(layer, L.InputLayer) and layer.compute_dtype != "float32":
+        return (f"it computes in {layer.compute_dtype} (dtype policy '{layer.dtype_policy.name}'); "
+                "quantization-aware training runs in float32")
+
+
+@_rule(LAYER_RULES, "use groups=1: a DepthwiseConv2D when groups equals the input channels, otherwise one "
+                    "Conv2D per group joined by Concatenate")
+def grouped_conv(layer, graph):
+    if type(layer) is L.Conv2D and layer.groups != 1:
+        return f"grouped convolution (groups={layer.groups}); FoldedConvBN and the int8 conv compute groups=1 only"
+
+
+@_rule(LAYER_RULES, "use dilation_rate=1")
+def dilated_conv(layer, graph):
+    if type(layer) in transforms.FOLDABLE_CONVS and tuple(layer.dilation_rate) != (1, 1):
+        return (f"dilation_rate={tuple(layer.dilation_rate)}; mobileqat folds and lowers undilated "
+                "convolutions only")
+
+
+@_rule(LAYER_RULES, "use data_format='channels_last' (the default) and (N, H, W, C) inputs")
+def channels_first(layer, graph):
+    if getattr(layer, "data_format", None) == "channels_first":
+        return "data_format='channels_first'; folding, the int8 export and the CPU kernels are channels_last (NHWC)"
+
+
+@_rule(LAYER_RULES, "set activation=None and move the activation into its own Activation layer after it")
+def unfusable_activation(layer, graph):
+    if type(layer) in _WEIGHTED + transforms.FOLDABLE_CONVS:
+        name = transforms.function_name(layer.activation)
+        if name not in _FUSABLE:
+            return f"its activation '{name}' cannot be fused into the integer op (fusable: {', '.join(_FUSABLE)})"
+
+
+@_rule(LAYER_RULES, "put Flatten or GlobalAveragePooling2D before it")
+def dense_on_rank_over_2(layer, graph):
+    if type(layer) is L.Dense:
+        shape = tuple(graph.node(layer).input_shapes)
+        if len(shape) != 2:
+            return f"Dense on a rank-{len(shape)} input {shape}; the int8 FULLY_CONNECTED takes (batch, features)"
+
+
+@_rule(LAYER_RULES, "use ReLU or ReLU6 (" + ", ".join(sorted(_ACTIVATIONS)) + " are supported)")
+def unsupported_activation(layer, graph):
+    if isinstance(layer, _ACTIVATION_LAYERS):
+        name = transforms.activation_name(layer)
+        if name not in _ACTIVATIONS:
+            if isinstance(layer, L.ReLU):
+                return (f"ReLU(max_value={layer.max_value}, negative_slope={float(layer.negative_slope)}, "
+                        f"threshold={float(layer.threshold)}) has no int8 kernel in mobileqat")
+            return f"activation '{name}' has no int8 kernel in mobileqat"
+
+
+@_rule(LAYER_RULES, "make the softmax run over the last axis (Reshape or Permute before it, Softmax(axis=-1))")
+def softmax_not_on_last_axis(layer, graph):
+    if isinstance(layer, L.Softmax):
+        rank = len(tuple(graph.node(layer).input_shapes))
+        axes = [a % rank for a in (layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis])]
+        if axes != [rank - 1]:
+            return (f"Softmax over axis {layer.axis} of a rank-{rank} input; the int8 SOFTMAX (and mobileqat's "
+                    "integer path) normalize the last axis")
+
+
+@_rule(LAYER_RULES, "put a BatchNormalization directly after it (and its activation after that)")
+def depthwise_without_batchnorm(layer, graph):
+    if type(layer) is L.DepthwiseConv2D and not any(isinstance(u, L.BatchNormalization) for u in graph.after(layer)):
+        return "a DepthwiseConv2D is quantized only folded with the BatchNormalization after it, and none follows it"
+
+
+_CONVOLUTIONS = (L.Conv1D, L.Conv2D, L.Conv3D, L.DepthwiseConv1D, L.DepthwiseConv2D, L.SeparableConv1D,
+                 L.SeparableConv2D)  # and their Transpose subclasses
+
+
+@_rule(LAYER_RULES)
+def unfoldable_batchnorm(layer, graph):
+    if isinstance(layer, L.BatchNormalization):
+        conv = graph.before(layer)[0]
+        if isinstance(conv, _CONVOLUTIONS) and conv.name in graph.refused:
+            return None  # the convolution's own problem keeps it from folding: its line says why
+        return transforms.fold_blocker(conv, layer, graph.after(conv))  # (why, fix) or None
+
+
+@_rule(LAYER_RULES, "register its custom objects (initializers, regularizers, constraints, activations) with "
+                    "keras.utils.register_keras_serializable, or remove them")
+def config_does_not_rebuild(layer, graph):  # quantize rebuilds every layer from its config
+    if isinstance(layer, L.InputLayer) or layer.name in graph.refused:
+        return None
+    try:
+        type(layer).from_config(layer.get_config())
+    except Exception as e:  # noqa: BLE001 - any failure here is the refusal
+        text = str(e).split("Exception encountered:")[-1].strip().splitlines()
+        return f"it does not rebuild from its config ({type(e).__name__}: {(text or [''])[0][:200]})"
+
+
+class _Graph:
+    """What layer rules may ask about the model: each layer's calls (nodes), the layers before and after it,
+    and which layers already have a problem (layers are audited in graph order)."""
+
+    def __init__(self, model):
+        self.nodes = transforms.layer_nodes(model)
+        self.users = {}
+        for layer in model.layers:
+            for node in self.nodes[layer.name]:
+                for parent in tf.nest.flatten(node.inbound_layers):
+                    self.users.setdefault(parent.name, []).append(layer)
+        self.refused = set()
+
+    def node(self, layer):
+        return self.nodes[layer.name][0]
+
+    def before(self, layer):
+        return tf.nest.flatten(self.node(layer).inbound_layers)
+
+    def after(self, layer):
+        return self.users.get(layer.name, [])
+
+
+def _run(check, fix, *args):
+    result = check(*args)
+    if not result:
+        return None
+    return result if isinstance(result, tuple) else (result, fix)
+
+
+def audit(model):
+    """Every reason ``quantize`` refuses ``model`` (a tf_keras Model), as a list of ``Problem``; empty when it
+    can quantize it. The model is not changed and none of its layers is called (the last rule only builds
+    throwaway copies of layers from their configs)."""
+    problems = []
+    for check, fix, final in MODEL_RULES:
+        found = _run(check, fix, model)
+        if found:
+            problems.append(Problem("model", model.name, type(model).__name__, *found))
+            if final:
+                return problems
+    graph = _Graph(model)
+    inputs = [t._keras_history.layer for t in model.inputs]  # Sequential.layers leaves its InputLayer out
+    for layer in inputs + [la for la in model.layers if not isinstance(la, L.InputLayer)]:
+        for check, fix, final in LAYER_RULES:
+            found = _run(check, fix, layer, graph)
+            if found:
+                problems.append(Problem("layer", layer.name, type(layer).__name__, *found))
+                graph.refused.add(layer.name)
+                if final:
+                    break
+    return problems
+
+
+def _refusal(model, problems):
+    lines = "\n".join(f"  - {p}" for p in problems)
+    return ValueError(f"mobileqat cannot quantize model '{model.name}' ({len(problems)} problem"
+                      f"{'s' if len(problems) != 1 else ''}; nothing was changed):\n{lines}\n"
+                      f"Layers mobileqat quantizes: {SUPPORTED}.")
 
 
 def quantize(model, scheme="w8a8"):
@@ -65,24 +339,25 @@ def quantize(model, scheme="w8a8"):
 
     Conv/DepthwiseConv + BN (+ReLU/ReLU6) become ``FoldedConvBN``; weights are fake-quantized
     per channel, activations per tensor, as ``scheme`` says. The original model is untouched.
-    Raises ValueError naming every layer that cannot be quantized, its class and the fix.
+    Raises ValueError naming every layer that cannot be quantized, its class and the fix (``audit``).
     """
     scheme = get_scheme(scheme)
     if not isinstance(model, keras.Model):
         raise TypeError(f"quantize() takes a tf_keras Model, got {type(model).__name__}. If it is a Keras 3 "
                         "model, build it with tf_keras (import mobileqat before tensorflow).")
-    folded = transforms.fold_batchnorm(model, weight_quantizer=scheme.weight_quantizer())
-    configs, problems = {}, []
-    for layer in folded.layers:
-        if isinstance(layer, keras.layers.InputLayer):
-            continue
-        config = quantize_config_for(layer, scheme)
-        if isinstance(config, str):
-            problems.append(f"  - layer '{layer.name}' ({type(layer).__name__}): {config}")
-        else:
-            configs[layer.name] = config
+    problems = audit(model)
     if problems:
-        raise ValueError(f"model '{model.name}' has layers mobileqat cannot quantize:\n" + "\n".join(problems))
+        raise _refusal(model, problems)
+    folded = transforms.fold_batchnorm(model, weight_quantizer=scheme.weight_quantizer())
+    configs = {}
+    for layer in folded.layers:
+        if isinstance(layer, L.InputLayer):
+            continue
+        configs[layer.name] = quantize_config_for(layer, scheme)
+        if configs[layer.name] is None:  # the audit let it through: a gap in the refusal list
+            raise _refusal(model, [Problem("layer", layer.name, type(layer).__name__,
+                                           "the audit accepted it but mobileqat has no QuantizeConfig for it",
+                                           "report this as a mobileqat bug")])
 
     def annotate(layer):
         if layer.name in configs:

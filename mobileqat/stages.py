@@ -52,19 +52,22 @@ class RunFolder:
                 if name.startswith(".tmp-"):
                     _remove(os.path.join(root, name))
 
-    def finished(self, stage, key):
-        """The stored result of ``stage`` if it finished under ``key``, else None."""
+    def finished(self, stage, key, outputs=()):
+        """The stored result of ``stage`` if it finished under ``key`` and its ``outputs`` (paths)
+        are all on disk, else None."""
         record = _read_json(os.path.join(self._stages, f"{stage}.json"))
-        if record and record.get("key") == key:
+        if record and record.get("key") == key and all(os.path.exists(p) for p in outputs):
             return record["result"]
         return None
 
-    def begin(self, stage, key, checkpoint_dir):
-        """Before (re)starting ``stage``: drop its checkpoints when they were made under another key."""
+    def begin(self, stage, key, checkpoint_dir=None):
+        """Before (re)doing ``stage``: forget that it finished (its outputs are about to be rewritten),
+        and drop its checkpoints when they were made under another key."""
+        _remove(os.path.join(self._stages, f"{stage}.json"))
         marker = os.path.join(self._stages, f"{stage}.begun")
         if (_read_json(marker) or {}).get("key") != key:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
-            _remove(os.path.join(self._stages, f"{stage}.json"))
+            if checkpoint_dir:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
             write_atomic(marker, json.dumps({"key": key}).encode())
 
     def finish(self, stage, key, result):

@@ -1,18 +1,28 @@
 """Model rewrites applied before quantization: plain functions ``model -> model``.
 
 ``fold_batchnorm`` replaces every Conv2D/DepthwiseConv2D -> BatchNormalization [-> ReLU/ReLU6]
-chain by one ``FoldedConvBN`` carrying the same weights and statistics.
+chain by one ``FoldedConvBN`` carrying the same weights and statistics, when every row of
+``FOLD_CONDITIONS`` holds (``mobileqat.quantize.audit`` reports the BatchNormalizations that fail one).
 """
 from mobileqat._tf import keras, tf
 from mobileqat.layers import FoldedConvBN
+
+FOLDABLE_CONVS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)  # exact types: not Conv2DTranspose
+
+
+def layer_nodes(model):
+    """{layer name: [its nodes in this model]}: one node per call of the layer (InputLayers included)."""
+    return {layer.name: [n for i, n in enumerate(layer._inbound_nodes)
+                         if f"{layer.name}_ib-{i}" in model._network_nodes]
+            for layer in model.layers}
 
 
 def _model_nodes(model):
     """{layer name: its one node in this model}; consumers {layer name: [layer, ...]}."""
     nodes, consumers = {}, {}
+    all_nodes = layer_nodes(model)
     for layer in model.layers:
-        own = [n for i, n in enumerate(layer._inbound_nodes)
-               if f"{layer.name}_ib-{i}" in model._network_nodes]
+        own = all_nodes[layer.name]
         if isinstance(layer, keras.layers.InputLayer):
             continue
         if len(own) != 1:
@@ -23,6 +33,15 @@ def _model_nodes(model):
         for parent in tf.nest.flatten(own[0].inbound_layers):
             consumers.setdefault(parent.name, []).append(layer)
     return nodes, consumers
+
+
+def function_name(fn):
+    """The Keras name of an activation function ("relu", "swish", ...), or the Python name of a custom one."""
+    try:
+        name = keras.activations.serialize(fn)
+    except Exception:  # e.g. a lambda whose source cannot be read
+        name = None
+    return name if isinstance(name, str) else getattr(fn, "__name__", type(fn).__name__)
 
 
 def activation_name(layer):
@@ -36,7 +55,7 @@ def activation_name(layer):
         return "relu6" if float(layer.max_value) == 6.0 else "relu_n"
     if isinstance(layer, keras.layers.Softmax):
         return "softmax"
-    return keras.activations.serialize(layer.activation)
+    return function_name(layer.activation)
 
 
 def _relu6_like(layer):
@@ -47,19 +66,80 @@ def _relu6_like(layer):
     return None
 
 
+# When fold_batchnorm folds ``bn`` into ``conv`` (the layer before it): no row's check gives a reason.
+# Each row: (check(conv, bn, users of conv's output) -> why it is not folded, or None; the fix).
+def _follows_a_conv(conv, bn, users):
+    if type(conv) not in FOLDABLE_CONVS:
+        return f"it follows '{conv.name}' ({type(conv).__name__}), not a Conv2D/DepthwiseConv2D it could be folded into"
+
+
+def _conv_is_plain(conv, bn, users):  # what FoldedConvBN computes
+    if getattr(conv, "groups", 1) != 1 or tuple(conv.dilation_rate) != (1, 1) or conv.data_format != "channels_last":
+        return (f"'{conv.name}' is grouped, dilated or channels_first (groups={getattr(conv, 'groups', 1)}, "
+                f"dilation_rate={tuple(conv.dilation_rate)}, data_format='{conv.data_format}')")
+
+
+def _only_consumer(conv, bn, users):
+    others = [f"'{u.name}'" for u in users if u is not bn]
+    if others:
+        return f"the output of '{conv.name}' also goes to {', '.join(others)}"
+
+
+def _linear_conv(conv, bn, users):
+    name = function_name(conv.activation)
+    if name != "linear":
+        return f"'{conv.name}' applies activation '{name}' before it"
+
+
+def _scale_and_center(conv, bn, users):
+    if not bn.scale or not bn.center:
+        return f"it has scale={bn.scale}, center={bn.center}"
+
+
+def _no_virtual_batch(conv, bn, users):
+    if bn.virtual_batch_size:
+        return f"it has virtual_batch_size={bn.virtual_batch_size} (ghost batch normalization)"
+
+
+def _channel_axis(conv, bn, users):
+    if bn.axis not in ([3], [-1], 3, -1):
+        axis = list(bn.axis) if isinstance(bn.axis, (list, tuple)) else bn.axis
+        return f"it normalizes axis {axis}, not the channel axis (-1)"
+
+
+FOLD_CONDITIONS = (
+    (_follows_a_conv, "put it directly after a Conv2D/DepthwiseConv2D, or remove it (a BatchNormalization "
+                      "is only quantized folded into the convolution before it)"),
+    (_conv_is_plain, "make the convolution before it ungrouped, undilated and channels_last"),
+    (_only_consumer, "make the BatchNormalization the only layer that takes the convolution's output "
+                     "(other branches can take the BatchNormalization's output)"),
+    (_linear_conv, "give the convolution no activation and put the activation after the BatchNormalization"),
+    (_scale_and_center, "use BatchNormalization(scale=True, center=True)"),
+    (_no_virtual_batch, "use virtual_batch_size=None"),
+    (_channel_axis, "normalize the channel axis: BatchNormalization(axis=-1) on channels_last data"),
+)
+
+
+def fold_blocker(conv, bn, users):
+    """(why, fix) for the first row of ``FOLD_CONDITIONS`` that keeps ``bn`` from folding into ``conv``, or None."""
+    for check, fix in FOLD_CONDITIONS:
+        why = check(conv, bn, users)
+        if why:
+            return why, fix
+    return None
+
+
 def _fold_plan(model, consumers, weight_quantizer):
     """{conv name: (FoldedConvBN, weights, [absorbed layer names])}."""
     plan = {}
     for layer in model.layers:
-        if type(layer) not in (keras.layers.Conv2D, keras.layers.DepthwiseConv2D):
+        if type(layer) not in FOLDABLE_CONVS:
             continue
         users = consumers.get(layer.name, [])
-        if len(users) != 1 or not isinstance(users[0], keras.layers.BatchNormalization):
+        bns = [u for u in users if isinstance(u, keras.layers.BatchNormalization)]
+        if len(bns) != 1 or fold_blocker(layer, bns[0], users):
             continue
-        bn = users[0]
-        if keras.activations.serialize(layer.activation) != "linear" or not bn.scale or not bn.center \
-                or layer.dilation_rate != (1, 1) or bn.axis not in ([3], [-1], 3, -1):
-            continue
+        bn = bns[0]
         absorbed, activation = [bn.name], None
         after = consumers.get(bn.name, [])
         if len(after) == 1 and _relu6_like(after[0]):
@@ -80,16 +160,20 @@ def _fold_plan(model, consumers, weight_quantizer):
     return plan
 
 
+def _require_graph(model):
+    if not getattr(model, "_is_graph_network", False):
+        raise ValueError(
+            f"model '{model.name}' is a subclassed Keras model; mobileqat needs a functional or Sequential "
+            "model. Fix: rebuild it with keras.Input and layer calls.")
+
+
 def rebuild(model, replace):
     """Rebuild a functional/Sequential model, layer by layer, with fresh layer objects.
 
     ``replace(layer)`` returns None (clone the layer with its weights) or
     (new_layer, weights: a list for set_weights or a function of the built layer, [names of later layers whose output it takes over]).
     """
-    if not getattr(model, "_is_graph_network", False):
-        raise ValueError(
-            f"model '{model.name}' is a subclassed Keras model; mobileqat needs a functional or Sequential "
-            "model. Fix: rebuild it with keras.Input and layer calls.")
+    _require_graph(model)
     nodes, _ = _model_nodes(model)
     tensors, taken_over = {}, {}
     new_inputs = []
@@ -128,7 +212,10 @@ def rebuild(model, replace):
 
 
 def fold_batchnorm(model, weight_quantizer=None):
-    """Conv/DepthwiseConv -> BN [-> ReLU/ReLU6] chains become ``FoldedConvBN`` layers (same function)."""
+    """Conv/DepthwiseConv -> BN [-> ReLU/ReLU6] chains become ``FoldedConvBN`` layers (same function).
+
+    Chains that fail a row of ``FOLD_CONDITIONS`` are left as they are."""
+    _require_graph(model)
     _, consumers = _model_nodes(model)
     plan = _fold_plan(model, consumers, weight_quantizer)
     return rebuild(model, lambda layer: plan.get(layer.name))

@@ -28,3 +28,44 @@ def numpy_fake_quant(x, qmin_f, qmax_f, num_bits=8, narrow_range=False):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def tiny_qat_model(seed, width=6, extra_conv=False):
+    """A trained-for-one-epoch QAT model (12x12x3 -> 4 classes): conv+BN+ReLU6 [, conv+BN], GAP, Dense,
+    softmax. Different seeds give different weights; ``extra_conv`` a different op sequence."""
+    from mobileqat._tf import keras
+    from mobileqat.quantize import quantize
+    L = keras.layers
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((12, 12, 3))
+    x = L.ReLU(6.0)(L.BatchNormalization()(L.Conv2D(width, 3, strides=2, padding="same", use_bias=False,
+                                                     name="stem")(inp)))
+    if extra_conv:
+        x = L.BatchNormalization()(L.Conv2D(width, 1, use_bias=False, name="extra")(x))
+    x = L.Dense(4, name="logits")(L.GlobalAveragePooling2D()(x))
+    model = keras.Model(inp, L.Activation("softmax")(x))
+    x, y = tiny_data()
+    qat = quantize(model)
+    qat.compile("adam", "sparse_categorical_crossentropy")
+    qat.fit(x, y, epochs=1, verbose=0)
+    return qat
+
+
+def tiny_data(n=64):
+    """(x (n, 12, 12, 3) float32 in [-1, 1], y (n,) in 0..3), fixed."""
+    rng = np.random.default_rng(3)
+    return rng.uniform(-1, 1, (n, 12, 12, 3)).astype(np.float32), rng.integers(0, 4, n)
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tmp_path_factory):
+    """Folder with a.h5 / b.h5 (same architecture, other weights), c.h5 (one more conv), a.tflite
+    exported from a, and x.npy (24 images)."""
+    from mobileqat.export import export_tflite
+    folder = tmp_path_factory.mktemp("tiny")
+    models = {"a": tiny_qat_model(3), "b": tiny_qat_model(4), "c": tiny_qat_model(3, extra_conv=True)}
+    for name, qat in models.items():
+        qat.save(folder / f"{name}.h5")
+    export_tflite(models["a"], folder / "a.tflite")
+    np.save(folder / "x.npy", tiny_data()[0][:24])
+    return folder

@@ -28,28 +28,12 @@ SNIPPET = textwrap.dedent("""\
 
 
 @pytest.fixture(scope="module")
-def qat_file(tmp_path_factory):
-    from mobileqat._tf import keras
-    from mobileqat.quantize import quantize
-    L = keras.layers
-    keras.utils.set_random_seed(3)
-    inp = keras.Input((12, 12, 3))
-    x = L.ReLU(6.0)(L.BatchNormalization()(L.Conv2D(6, 3, strides=2, padding="same", use_bias=False)(inp)))
-    x = L.Dense(4)(L.GlobalAveragePooling2D()(x))
-    model = keras.Model(inp, L.Activation("softmax")(x))
-    rng = np.random.default_rng(3)
-    x = rng.uniform(-1, 1, (64, 12, 12, 3)).astype(np.float32)
-    qat = quantize(model)
-    qat.compile("adam", "sparse_categorical_crossentropy")
-    qat.fit(x, rng.integers(0, 4, 64), epochs=1, verbose=0)
-    folder = tmp_path_factory.mktemp("isolation")
-    qat.save(folder / "qat.h5")
-    np.save(folder / "x.npy", x[:24])
-    return folder
+def qat_file(tiny_files):
+    return tiny_files
 
 
 def _snippet(folder, tag):
-    return SNIPPET.format(counter=str(folder / f"{tag}.count"), h5=str(folder / "qat.h5"),
+    return SNIPPET.format(counter=str(folder / f"{tag}.count"), h5=str(folder / "a.h5"),
                           tflite=str(folder / f"{tag}.tflite"), x=str(folder / "x.npy"))
 
 
@@ -117,7 +101,7 @@ def test_run_isolated_refuses_what_a_worker_cannot_import():
 def test_worker_results_equal_the_in_process_run(qat_file, tmp_path):
     from mobileqat import export
     from mobileqat.quantize import load_qat_model
-    qat = load_qat_model(qat_file / "qat.h5")
+    qat = load_qat_model(qat_file / "a.h5")
     path = tmp_path / "m.tflite"
     export.export_tflite(qat, path)
     x = np.load(qat_file / "x.npy")
