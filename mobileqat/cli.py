@@ -217,12 +217,16 @@ def build_parser():
 def main(argv=None):
     """Exit codes: 0 done; 1 a check failed or a runtime could not run; 2 bad input (flags, data,
     files), with one line naming the thing and the fix; 130 interrupted."""
+    from mobileqat.runtime import RuntimeFailure
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, OSError) as e:  # our errors name the file/thing and the fix
         print(f"mobileqat: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeFailure as e:
+        print(f"mobileqat: failed: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("mobileqat: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -100,13 +100,16 @@ def debug_fidelity(qat_model, tflite_path, samples, compare_runtime="builtin", g
 
     x = check_images(samples, rt.check_tflite(tflite_path), tflite_path)
     belongs = provenance.check(qat_model, tflite_path)  # FileMismatchError before any table
-    ref, (in_scale, in_zero) = tflite_activations(tflite_path, x, "reference")
+    found, error = rt.run_isolated(tflite_activations, os.fspath(tflite_path), x, "reference")
+    if error:
+        raise rt.RuntimeFailure(f"{tflite_path}: the reference kernels could not run the file ({error}); the "
+                                "debugger compares every tensor with them. `mobileqat validate` shows which "
+                                "runtimes run it.")
+    ref, (in_scale, in_zero) = found
     other = {}
-    if compare_runtime:
-        try:
-            other = {t["name"]: t["value"] for t in tflite_activations(tflite_path, x, compare_runtime)[0]}
-        except Exception:  # a runtime that fails here is reported by validate(); keep the table
-            other = {}
+    if compare_runtime:  # a runtime that fails here is reported by validate(); keep the table
+        found, error = rt.run_isolated(tflite_activations, os.fspath(tflite_path), x, compare_runtime)
+        other = {t["name"]: t["value"] for t in found[0]} if not error else {}
     layers = [layer for layer in qat_model.layers if not isinstance(layer, keras.layers.InputLayer)]
     names = {layer.name for layer in layers}
     last_tensor = {}

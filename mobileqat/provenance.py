@@ -95,8 +95,7 @@ def _twin_difference(model, path):
 
 def _file_graph(path):
     from mobileqat.runtime import TFLiteModel
-    it = TFLiteModel(path, "reference").interpreter
-    it.allocate_tensors()
+    it = TFLiteModel(path, "reference").interpreter  # constants are readable without allocating
     return it, {t["index"]: t for t in it.get_tensor_details()}, it._get_ops_details()
 
 

@@ -135,9 +135,10 @@ def _latency_job(path, runtime, threads, warmup, runs):
 
 def describe(path):
     """{"input_dtype", "input_quantization", "input_shape", "output_dtype", "output_quantization",
-    "output_shape", "ops": [op names]} of a .tflite, read in this process (see ``check_tflite``)."""
+    "output_shape", "ops": [op names]} of a .tflite, read in this process (see ``check_tflite``).
+    No tensor is allocated, so no kernel's Prepare runs: a runtime that cannot prepare the file is
+    reported by that runtime's own run, not here."""
     m = TFLiteModel(path, "reference")
-    m.interpreter.allocate_tensors()
     return {"input_dtype": np.dtype(m.input["dtype"]).name, "input_quantization": m.input_quantization,
             "input_shape": [int(d) for d in m.input["shape"]],
             "output_dtype": np.dtype(m.output["dtype"]).name, "output_quantization": m.output_quantization,
@@ -147,6 +148,10 @@ def describe(path):
 
 class InvalidModelError(ValueError):
     """A .tflite that cannot be read, names the file and the fix."""
+
+
+class RuntimeFailure(RuntimeError):
+    """A runtime could not run a file that loads (its kernels refused or aborted); names both."""
 
 
 def check_tflite(path, timeout=120):

@@ -160,3 +160,17 @@ def test_mutated_flatbuffers_give_an_error_or_a_result_never_a_crash(tiny_files,
 
 def teardown_module():
     print(f"\ninputs tried: {TRIED}", file=sys.__stderr__)
+
+
+def test_debug_exits_1_when_the_reference_kernels_cannot_run_the_file(tiny_files, monkeypatch, capsys):
+    real = rt.run_isolated
+
+    def reference_aborts(fn, *args, **kwargs):
+        if fn.__name__ == "tflite_activations":
+            return None, "the runtime killed the process with SIGABRT (a kernel aborted, e.g. in Prepare)"
+        return real(fn, *args, **kwargs)
+    monkeypatch.setattr(rt, "run_isolated", reference_aborts)
+    code = cli.main(["debug", str(tiny_files / "a.tflite"), "--keras-model", str(tiny_files / "a.h5"),
+                     "--input-size", "12", "--test", "4", "--samples", "4"])
+    err = capsys.readouterr().err
+    assert code == 1 and "reference kernels could not run" in err and "SIGABRT" in err
