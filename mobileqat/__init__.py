@@ -37,9 +37,12 @@ _API = {
     "fit": "mobileqat.training",
     "run_pipeline": "mobileqat.pipeline", "RunConfig": "mobileqat.pipeline", "load_qat_model": "mobileqat.quantize",
     "save_keras_model": "mobileqat.export",
+    "audit": "mobileqat.quantize", "FileMismatchError": "mobileqat.provenance", "fingerprint": "mobileqat.provenance",
+    "check_tflite": "mobileqat.runtime", "InvalidModelError": "mobileqat.runtime", "RuntimeFailure": "mobileqat.runtime",
 }
 _SUBMODULES = {"architectures", "data", "debug", "integer", "integer_xnnpack", "lowering", "export", "harness", "layers", "quantizers", "quantize", "schemes",
-               "transforms", "training", "pipeline", "report", "runtime", "cli"}
+               "transforms", "training", "pipeline", "report", "runtime", "cli", "provenance", "stages",
+               "tflite_file", "faults"}
 
 __all__ = sorted(_API) + ["architectures", "debug", "integer", "integer_xnnpack", "lowering"]
 
