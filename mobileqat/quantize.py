@@ -2,8 +2,8 @@
 
 Steps: ``audit`` the float model against the refusal list below (``MODEL_RULES``, ``LAYER_RULES``) and
 refuse, in one ValueError, every layer mobileqat cannot quantize, with its class and the fix, before any
-layer is rebuilt or reaches tfmot; fold BatchNorm into the convolutions
-(``transforms.fold_batchnorm``); give every layer a ``QuantizeConfig`` from the scheme; let tfmot wrap
+layer is rebuilt or reaches tfmot; split softmax/sigmoid out of Conv/Dense layers
+(``transforms.split_activations``); fold BatchNorm into the convolutions (``transforms.fold_batchnorm``); give every layer a ``QuantizeConfig`` from the scheme; let tfmot wrap
 the layers (``quantize_annotate_layer`` + ``quantize_apply``).
 """
 from typing import NamedTuple
@@ -115,20 +115,22 @@ def no_layers(model):
         return "it has no layers besides its input"
 
 
+def _several(tensors, what):
+    if len(tensors) != 1:
+        names = ", ".join(f"'{t._keras_history.layer.name}'" for t in tensors)
+        return f"it has {len(tensors)} {what} ({names})"
+
+
 @_rule(MODEL_RULES, "quantize a model with one image input (N, H, W, C); mobileqat's export, harness and "
                     "integer path run models with one input and one output")
 def several_inputs(model):
-    if len(model.inputs) != 1:
-        names = ", ".join(f"'{t._keras_history.layer.name}'" for t in model.inputs)
-        return f"it has {len(model.inputs)} inputs ({names})"
+    return _several(model.inputs, "inputs")
 
 
 @_rule(MODEL_RULES, "quantize a model with one output, e.g. keras.Model(model.input, model.outputs[0]); "
                     "mobileqat's export, harness and integer path run models with one input and one output")
 def several_outputs(model):
-    if len(model.outputs) != 1:
-        names = ", ".join(f"'{t._keras_history.layer.name}'" for t in model.outputs)
-        return f"it has {len(model.outputs)} outputs (from {names})"
+    return _several(model.outputs, "outputs")
 
 
 @_rule(LAYER_RULES, "use a separate layer for each call", final=True)
@@ -209,8 +211,9 @@ def channels_first(layer, graph):
 def unfusable_activation(layer, graph):
     if type(layer) in _WEIGHTED + transforms.FOLDABLE_CONVS:
         name = transforms.function_name(layer.activation)
-        if name not in _FUSABLE:
-            return f"its activation '{name}' cannot be fused into the integer op (fusable: {', '.join(_FUSABLE)})"
+        if name not in _FUSABLE + transforms.SPLIT_ACTIVATIONS:
+            return (f"its activation '{name}' cannot be fused into the integer op (fusable: {', '.join(_FUSABLE)}; "
+                    f"{', '.join(transforms.SPLIT_ACTIVATIONS)} are split into their own layer)")
 
 
 @_rule(LAYER_RULES, "put Flatten or GlobalAveragePooling2D before it")
@@ -348,7 +351,8 @@ def quantize(model, scheme="w8a8"):
     problems = audit(model)
     if problems:
         raise _refusal(model, problems)
-    folded = transforms.fold_batchnorm(model, weight_quantizer=scheme.weight_quantizer())
+    split = transforms.split_activations(model)
+    folded = transforms.fold_batchnorm(split, weight_quantizer=scheme.weight_quantizer())
     configs = {}
     for layer in folded.layers:
         if isinstance(layer, L.InputLayer):

@@ -172,6 +172,7 @@ def rebuild(model, replace):
 
     ``replace(layer)`` returns None (clone the layer with its weights) or
     (new_layer, weights: a list for set_weights or a function of the built layer, [names of later layers whose output it takes over]).
+    ``new_layer`` may be a tuple of layers, called one after the other; ``weights`` go to the first.
     """
     _require_graph(model)
     nodes, _ = _model_nodes(model)
@@ -195,7 +196,11 @@ def rebuild(model, replace):
             new_layer, weights, absorbed = choice
         args = tf.nest.map_structure(
             lambda x: tensors.get(id(x), x), (node.call_args, node.call_kwargs))
+        chain = new_layer if isinstance(new_layer, tuple) else (new_layer,)
+        new_layer = chain[0]
         out = new_layer(*args[0], **args[1])
+        for then in chain[1:]:
+            out = then(out)
         if callable(weights):
             weights(new_layer)
         elif weights is not None:
@@ -219,3 +224,26 @@ def fold_batchnorm(model, weight_quantizer=None):
     _, consumers = _model_nodes(model)
     plan = _fold_plan(model, consumers, weight_quantizer)
     return rebuild(model, lambda layer: plan.get(layer.name))
+
+
+# Activations with an int8 kernel of their own but none fused into CONV_2D / FULLY_CONNECTED.
+SPLIT_ACTIVATIONS = ("softmax", "sigmoid")
+_SPLIT_LAYERS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)  # exact types
+
+
+def split_activations(model):
+    """Conv2D / DepthwiseConv2D / Dense layers whose activation is softmax or sigmoid become the layer
+    without activation followed by an ``Activation`` layer named ``<layer>_<activation>`` (same
+    function, same weights): the converter writes those activations as their own int8 op, with the
+    output range TFLite fixes. E.g. the ``Dense(classes, activation="softmax")`` classifier of
+    tf_keras.applications' MobileNetV2, ResNet50 and VGG16."""
+    _require_graph(model)
+
+    def replace(layer):
+        name = function_name(getattr(layer, "activation", None)) if type(layer) in _SPLIT_LAYERS else None
+        if name not in SPLIT_ACTIVATIONS:
+            return None
+        config = dict(layer.get_config(), activation="linear")
+        linear = type(layer).from_config(config)
+        return (linear, keras.layers.Activation(name, name=f"{layer.name}_{name}")), layer.get_weights(), []
+    return rebuild(model, replace)

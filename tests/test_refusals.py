@@ -125,9 +125,9 @@ def conv_tanh():
     return _one(L.Conv2D(2, 3, activation="tanh", name="tanh_conv"))
 
 
-def dense_softmax():
+def dense_swish():  # softmax/sigmoid are split into their own layer (test_split_activations.py); swish is not
     inp = keras.Input((4,))
-    return _model(inp, L.Dense(2, activation="softmax", name="probs")(inp))
+    return _model(inp, L.Dense(2, activation="swish", name="probs")(inp))
 
 
 def dense_rank3():
@@ -219,7 +219,7 @@ CASES = {
     "channels_first conv": (channels_first_conv, "layer 'cf_conv' (Conv2D)", "data_format='channels_last'"),
     "channels_first pooling": (channels_first_pool, "layer 'cf_pool' (MaxPooling2D)", "data_format='channels_last'"),
     "conv activation": (conv_tanh, "layer 'tanh_conv' (Conv2D)", "its own Activation layer"),
-    "dense softmax": (dense_softmax, "layer 'probs' (Dense)", "its own Activation layer"),
+    "dense swish": (dense_swish, "layer 'probs' (Dense)", "its own Activation layer"),
     "dense rank 3": (dense_rank3, "layer 'dense3d' (Dense)", "Flatten or GlobalAveragePooling2D before it"),
     "activation layer": (activation_tanh, "layer 'act_tanh' (Activation)", "use ReLU or ReLU6"),
     "relu max 3": (relu_max3, "layer 'relu3' (ReLU)", "use ReLU or ReLU6"),
