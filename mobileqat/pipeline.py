@@ -62,10 +62,10 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig()):
     x_tr, y_tr, x_te, y_te = dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test
     data_key = data_fingerprint(dataset)
 
-    float_fields = dict(data=data_key, model=cfg.model, alpha=cfg.alpha, epochs=cfg.epochs,
-                        batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=cfg.seed)
+    float_key = stage_key(data=data_key, model=cfg.model, alpha=cfg.alpha, epochs=cfg.epochs,
+                          batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=cfg.seed)
     float_model, float_fit = _trained(
-        folder, "float", stage_key(**float_fields), os.path.join(out_dir, "float_model.keras"),
+        folder, "float", float_key, os.path.join(out_dir, "float_model.keras"),
         load=keras.models.load_model,
         build=lambda: architectures.BUILDERS[cfg.model](input_shape=dataset.input_shape, classes=dataset.classes,
                                                         alpha=cfg.alpha),
@@ -80,11 +80,11 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig()):
         export.export_tflite(float_model, paths["float"], "float")
         calib = calibration_subset(dataset, cfg.calibration_images, seed=cfg.seed)
         export.export_tflite(float_model, paths["ptq_int8"], "ptq_int8", calib, io_type=cfg.io_type)
-    _once(folder, "export_float", stage_key(float=stage_key(**float_fields), io_type=cfg.io_type,
+    _once(folder, "export_float", stage_key(float=float_key, io_type=cfg.io_type,
                                             calibration_images=cfg.calibration_images),
           (paths["float"], paths["ptq_int8"]), export_float, cfg, "export: float and PTQ int8")
 
-    qat_key = stage_key(float=stage_key(**float_fields), qat_epochs=cfg.qat_epochs,
+    qat_key = stage_key(float=float_key, qat_epochs=cfg.qat_epochs,
                         qat_learning_rate=cfg.qat_learning_rate)
     qat_model, qat_fit = _trained(
         folder, "qat", qat_key, os.path.join(out_dir, "qat_model.h5"), load=load_qat_model,
