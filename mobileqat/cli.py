@@ -65,6 +65,11 @@ def _finish(report, out):
     print(f"report: {os.path.join(out, 'report.json')} and report.md")
     for k, v in report.get("errors", {}).items():
         print(f"runtime error ({k}): {v}", file=sys.stderr)
+    unrun = [kind for kind, v in report["variants"].items()
+             if v.get("accuracy") is None and v.get("accuracy_reference") is None]
+    if unrun:  # no runtime could run these files: the run did not do its job
+        print(f"mobileqat: failed: no runtime ran {', '.join(unrun)} (errors above)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -174,3 +174,13 @@ def test_debug_exits_1_when_the_reference_kernels_cannot_run_the_file(tiny_files
                      "--input-size", "12", "--test", "4", "--samples", "4"])
     err = capsys.readouterr().err
     assert code == 1 and "reference kernels could not run" in err and "SIGABRT" in err
+
+
+def test_a_run_whose_files_no_runtime_can_run_exits_1(capsys):
+    report = {"dataset": {"name": "d", "test": 1}, "model": {"name": "m", "params": 1},
+              "variants": {"float": {"accuracy": 0.9}, "qat_int8": {"accuracy": None, "accuracy_reference": None}},
+              "errors": {"qat_int8/xnnpack": "SIGABRT", "qat_int8/reference": "SIGABRT"}}
+    assert cli._finish(report, "out") == 1
+    assert "no runtime ran qat_int8" in capsys.readouterr().err
+    report["variants"]["qat_int8"]["accuracy_reference"] = 0.8  # one runtime ran it: the run did its job
+    assert cli._finish(report, "out") == 0
