@@ -239,9 +239,16 @@ def split_activations(model):
     tf_keras.applications' MobileNetV2, ResNet50 and VGG16."""
     _require_graph(model)
 
-    def replace(layer):
+    def split_off(layer):
         name = function_name(getattr(layer, "activation", None)) if type(layer) in _SPLIT_LAYERS else None
-        if name not in SPLIT_ACTIVATIONS:
+        return name if name in SPLIT_ACTIVATIONS else None
+
+    if not any(split_off(layer) for layer in model.layers):
+        return model  # nothing to split: no rebuild (fold_batchnorm rebuilds next anyway)
+
+    def replace(layer):
+        name = split_off(layer)
+        if name is None:
             return None
         config = dict(layer.get_config(), activation="linear")
         linear = type(layer).from_config(config)
