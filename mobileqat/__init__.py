@@ -40,7 +40,7 @@ _API = {
     "audit": "mobileqat.quantize", "FileMismatchError": "mobileqat.provenance", "fingerprint": "mobileqat.provenance",
     "check_tflite": "mobileqat.runtime", "InvalidModelError": "mobileqat.runtime", "RuntimeFailure": "mobileqat.runtime",
 }
-_SUBMODULES = {"architectures", "data", "debug", "integer", "integer_xnnpack", "lowering", "export", "harness", "layers", "quantizers", "quantize", "schemes",
+_SUBMODULES = {"architectures", "ops", "data", "debug", "integer", "integer_xnnpack", "lowering", "export", "harness", "layers", "quantizers", "quantize", "schemes",
                "transforms", "training", "pipeline", "report", "runtime", "cli", "provenance", "stages",
                "tflite_file", "faults"}
 

@@ -19,6 +19,7 @@ import numpy as np
 from mobileqat import runtime as rt
 from mobileqat._tf import keras, tfmot
 from mobileqat.layers import FoldedConvBN
+from mobileqat.ops import KERNELS
 from mobileqat.quantizers import ActivationQuantizer, FixedRangeQuantizer
 
 _qk = tfmot.quantization.keras
@@ -71,7 +72,7 @@ class IntegerModel:
         arith = _arithmetic(runtime)
         values = {self.input.name: np.asarray(codes, np.int8)}
         for op in self.ops:
-            values[op.output] = self._eval(op, values, arith)
+            values[op.output] = self._eval(op, values, arith, runtime)
             if not keep_all:
                 for name in op.inputs:
                     if name != self.input.name and all(name not in o.inputs for o in self._after(op)):
@@ -89,11 +90,14 @@ class IntegerModel:
         codes = np.concatenate(outs) if outs else np.zeros((0,) + tuple(), np.int8)
         return (codes.astype(np.float32) - self.output.zero_point) * self.output.scale
 
-    def _eval(self, op, values, arith):
+    def _eval(self, op, values, arith, runtime):
         xs = [values[n] for n in op.inputs]
         t_in = [self.tensors[n] for n in op.inputs]
         t_out = self.tensors[op.output]
         p = op.params
+        if op.kind in KERNELS:  # ops by family (mobileqat.ops)
+            return KERNELS[op.kind][runtime](xs, [(t.scale, t.zero_point) for t in t_in],
+                                            (t_out.scale, t_out.zero_point), **p)
         if op.kind in ("identity", "reshape"):
             return xs[0].reshape((len(xs[0]),) + tuple(p.get("shape", xs[0].shape[1:])))
         act = arith.activation_range(p.get("activation"), t_out.scale, t_out.zero_point) \

@@ -1,0 +1,3 @@
+"""activations ops: reference and XNNPACK arithmetic side by side (see mobileqat.ops)."""
+
+KERNELS = {}

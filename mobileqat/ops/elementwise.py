@@ -1,0 +1,3 @@
+"""elementwise ops: reference and XNNPACK arithmetic side by side (see mobileqat.ops)."""
+
+KERNELS = {}

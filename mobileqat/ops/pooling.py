@@ -1,0 +1,3 @@
+"""pooling ops: reference and XNNPACK arithmetic side by side (see mobileqat.ops)."""
+
+KERNELS = {}

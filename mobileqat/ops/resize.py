@@ -1,0 +1,3 @@
+"""resize ops: reference and XNNPACK arithmetic side by side (see mobileqat.ops)."""
+
+KERNELS = {}
