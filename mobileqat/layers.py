@@ -11,6 +11,10 @@ sec. 3.2): y = conv(x, Q(w * g / s)) * s / s_B + (beta - mean_B * g / s_B), whil
 quantized weights stay folded with the moving statistics, so training and inference
 quantize the same tensor.
 
+With ``batch_statistics=False`` training uses the moving statistics too (they stay fixed): a frozen
+BatchNormalization (``trainable=False``, as in transfer learning), or a fixed per-channel scale and
+offset that a rewrite expressed as a 1x1 depthwise FoldedConvBN (Rescaling, Normalization).
+
 The QuantizeConfigs say which tensors of a layer are fake-quantized (tfmot's contract).
 """
 from mobileqat._tf import keras, tf, tfmot
@@ -31,7 +35,8 @@ class FoldedConvBN(keras.layers.Layer):
 
     def __init__(self, filters=None, kernel_size=3, strides=1, padding="same", depthwise=False,
                  depth_multiplier=1, activation=None, momentum=0.9, epsilon=1e-3,
-                 weight_quantizer=None, kernel_initializer="he_normal", kernel_regularizer=None, **kwargs):
+                 weight_quantizer=None, kernel_initializer="he_normal", kernel_regularizer=None,
+                 batch_statistics=True, **kwargs):
         super().__init__(**kwargs)
         if not depthwise and not filters:
             raise ValueError(f"FoldedConvBN '{self.name}': give filters (a positive integer) or depthwise=True.")
@@ -48,6 +53,7 @@ class FoldedConvBN(keras.layers.Layer):
         self.weight_quantizer = weight_quantizer
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.batch_statistics = bool(batch_statistics)
 
     def build(self, input_shape):
         c_in = int(input_shape[-1])
@@ -104,12 +110,15 @@ class FoldedConvBN(keras.layers.Layer):
     def call(self, inputs, training=None):
         if training is None:
             training = keras.backend.learning_phase()
-        return tf.__internal__.smart_cond.smart_cond(
-            training, lambda: self._train_step(inputs), lambda: self._infer(inputs))
+        train = self._train_step if self.batch_statistics else self._fixed_statistics_step
+        return tf.__internal__.smart_cond.smart_cond(training, lambda: train(inputs), lambda: self._infer(inputs))
 
-    def _infer(self, inputs):
-        y = self._conv(inputs, self.folded_kernel(training=False)) + self.folded_bias()
+    def _infer(self, inputs, training=False):
+        y = self._conv(inputs, self.folded_kernel(training=training)) + self.folded_bias()
         return self.activation(y)
+
+    def _fixed_statistics_step(self, inputs):
+        return self._infer(inputs, training=True)  # moving statistics; the weight range still updates
 
     def _train_step(self, inputs):
         # Batch statistics of the float conv (as BatchNormalization computes them).
@@ -149,6 +158,7 @@ class FoldedConvBN(keras.layers.Layer):
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
             kernel_regularizer=keras.regularizers.serialize(self.kernel_regularizer)
             if self.kernel_regularizer is not None else None,
+            batch_statistics=self.batch_statistics,
         )
         return config
 

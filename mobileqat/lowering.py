@@ -268,6 +268,18 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
         return IntOp("depthwise_conv2d" if inner.depthwise else "conv2d", (srcs[0],), name, dict(
             weights=q, filter_scales=scales, bias=bias, stride=tuple(inner.strides),
             padding=inner.padding.upper(), activation=_activation(inner)))
+    if type(inner) is keras.layers.Conv2D:  # a convolution with no BatchNormalization to fold: its own bias
+        (kernel, quantizer, qvars), = wrapper._weight_vars
+        _require_8bit(quantizer, where)
+        w = quantizer(kernel, False, qvars).numpy()
+        q, scales, scales_d = _quantize_weights(w, qvars["max_var"].numpy(), per_channel=quantizer.per_channel)
+        if not quantizer.per_channel:
+            scales_d = np.full(q.shape[-1], scales_d[0])
+        bias = inner.bias.numpy() if inner.use_bias else np.zeros(q.shape[-1], np.float32)
+        return IntOp("conv2d", (srcs[0],), name, dict(
+            weights=q.transpose(3, 0, 1, 2), filter_scales=scales,
+            bias=_quantize_bias(bias, double_scale[srcs[0]], scales_d), stride=tuple(inner.strides),
+            padding=inner.padding.upper(), activation=_activation(inner)))
     if type(inner) is keras.layers.Dense:
         (kernel, quantizer, qvars), = wrapper._weight_vars
         _require_8bit(quantizer, where)

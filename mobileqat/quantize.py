@@ -1,10 +1,12 @@
 """quantize(model, scheme) -> a Keras QAT model that trains with model.fit.
 
-Steps: ``audit`` the float model against the refusal list below (``MODEL_RULES``, ``LAYER_RULES``) and
-refuse, in one ValueError, every layer mobileqat cannot quantize, with its class and the fix, before any
-layer is rebuilt or reaches tfmot; split softmax/sigmoid out of Conv/Dense layers
-(``transforms.split_activations``); fold BatchNorm into the convolutions (``transforms.fold_batchnorm``); give every layer a ``QuantizeConfig`` from the scheme; let tfmot wrap
-the layers (``quantize_annotate_layer`` + ``quantize_apply``).
+Steps: apply the rewrites of ``REWRITES`` (plain model -> model functions of ``mobileqat.transforms``:
+flatten nested models, TF ops to layers, split activations, separable and grouped convolutions,
+preprocessing and standalone BatchNorm to foldable pairs); ``audit`` the result against the refusal list
+below (``MODEL_RULES``, ``LAYER_RULES``) and refuse, in one ValueError, every layer mobileqat cannot
+quantize, with its class and the fix, before any layer reaches tfmot; fold BatchNorm into the
+convolutions (``transforms.fold_batchnorm``); give every layer a ``QuantizeConfig`` from the scheme; let
+tfmot wrap the layers (``quantize_annotate_layer`` + ``quantize_apply``).
 """
 from typing import NamedTuple
 
@@ -306,10 +308,33 @@ def _run(check, fix, *args):
     return result if isinstance(result, tuple) else (result, fix)
 
 
+# The rewrites quantize applies, in this order, before the layer rules and the BatchNorm folding: each is
+# a plain function model -> model with the same float function (``mobileqat.transforms``).
+REWRITES = (
+    transforms.flatten_nested,         # backbone nested in a head -> one flat graph
+    transforms.tf_ops_to_layers,       # x + y, x * y, tf.nn.relu on Keras tensors -> Add, Multiply, ReLU
+    transforms.split_activations,      # Conv/Dense(activation=softmax|sigmoid|swish) -> layer + Activation
+    transforms.swish_to_sigmoid,       # swish -> sigmoid and Multiply (LOGISTIC, MUL)
+    transforms.grouped_to_depthwise,   # Conv2D(groups == channels) -> DepthwiseConv2D
+    transforms.dense_to_conv,          # Dense on (N, H, W, C) -> 1x1 Conv2D
+    transforms.split_separable,        # SeparableConv2D -> DepthwiseConv2D + 1x1 Conv2D
+    transforms.preprocessing_to_conv,  # Rescaling, Normalization -> fixed 1x1 depthwise scale and offset
+    transforms.standalone_batchnorm,   # BN after Add/Concat/pool, depthwise without BN -> foldable pairs
+)
+
+
+def rewrite(model):
+    """``model`` after every rewrite of ``REWRITES`` (the model itself when none applies)."""
+    for step in REWRITES:
+        model = step(model)
+    return model
+
+
 def audit(model):
     """Every reason ``quantize`` refuses ``model`` (a tf_keras Model), as a list of ``Problem``; empty when it
-    can quantize it. The model is not changed and none of its layers is called (the last rule only builds
-    throwaway copies of layers from their configs)."""
+    can quantize it. The layer rules see the model after ``REWRITES`` (layers keep their names; a layer a
+    rewrite adds is named after the one it came from). The model is not changed and none of its layers is
+    called (rules build throwaway copies of layers from their configs)."""
     problems = []
     for check, fix, final in MODEL_RULES:
         found = _run(check, fix, model)
@@ -317,13 +342,22 @@ def audit(model):
             problems.append(Problem("model", model.name, type(model).__name__, *found))
             if final:
                 return problems
+    try:
+        model = rewrite(model)
+    except ValueError:  # e.g. a shared layer: the layer rules on the model as given say which
+        pass
+    return problems + _audit_layers(model)
+
+
+def _audit_layers(model):
+    problems = []
     graph = _Graph(model)
     inputs = [t._keras_history.layer for t in model.inputs]  # Sequential.layers leaves its InputLayer out
     for layer in inputs + [la for la in model.layers if not isinstance(la, L.InputLayer)]:
         for check, fix, final in LAYER_RULES:
             found = _run(check, fix, layer, graph)
             if found:
-                problems.append(Problem("layer", layer.name, type(layer).__name__, *found))
+                problems.append(Problem("layer", layer.name, transforms.rewritten_from(layer), *found))
                 graph.refused.add(layer.name)
                 if final:
                     break
@@ -351,8 +385,7 @@ def quantize(model, scheme="w8a8"):
     problems = audit(model)
     if problems:
         raise _refusal(model, problems)
-    split = transforms.split_activations(model)
-    folded = transforms.fold_batchnorm(split, weight_quantizer=scheme.weight_quantizer())
+    folded = transforms.fold_batchnorm(rewrite(model), weight_quantizer=scheme.weight_quantizer())
     configs = {}
     for layer in folded.layers:
         if isinstance(layer, L.InputLayer):

@@ -4,6 +4,8 @@
 chain by one ``FoldedConvBN`` carrying the same weights and statistics, when every row of
 ``FOLD_CONDITIONS`` holds (``mobileqat.quantize.audit`` reports the BatchNormalizations that fail one).
 """
+import numpy as np
+
 from mobileqat._tf import keras, tf
 from mobileqat.layers import FoldedConvBN
 
@@ -91,11 +93,6 @@ def _linear_conv(conv, bn, users):
         return f"'{conv.name}' applies activation '{name}' before it"
 
 
-def _scale_and_center(conv, bn, users):
-    if not bn.scale or not bn.center:
-        return f"it has scale={bn.scale}, center={bn.center}"
-
-
 def _no_virtual_batch(conv, bn, users):
     if bn.virtual_batch_size:
         return f"it has virtual_batch_size={bn.virtual_batch_size} (ghost batch normalization)"
@@ -114,7 +111,6 @@ FOLD_CONDITIONS = (
     (_only_consumer, "make the BatchNormalization the only layer that takes the convolution's output "
                      "(other branches can take the BatchNormalization's output)"),
     (_linear_conv, "give the convolution no activation and put the activation after the BatchNormalization"),
-    (_scale_and_center, "use BatchNormalization(scale=True, center=True)"),
     (_no_virtual_batch, "use virtual_batch_size=None"),
     (_channel_axis, "normalize the channel axis: BatchNormalization(axis=-1) on channels_last data"),
 )
@@ -151,8 +147,10 @@ def _fold_plan(model, consumers, weight_quantizer):
             strides=layer.strides, padding=layer.padding, depthwise=depthwise,
             depth_multiplier=layer.depth_multiplier if depthwise else 1, activation=activation,
             momentum=bn.momentum, epsilon=bn.epsilon, weight_quantizer=weight_quantizer,
-            name=layer.name)
-        gamma, beta, mean, var = (w.numpy() for w in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance))
+            batch_statistics=bn.trainable, trainable=layer.trainable or bn.trainable, name=layer.name)
+        mean, var = bn.moving_mean.numpy(), bn.moving_variance.numpy()
+        gamma = bn.gamma.numpy() if bn.scale else np.ones_like(mean)  # scale=False: gamma 1 (InceptionV3)
+        beta = bn.beta.numpy() if bn.center else np.zeros_like(mean)
         kernel = (layer.depthwise_kernel if depthwise else layer.kernel).numpy()
         if layer.use_bias:  # BN(conv + b) == BN'(conv) with mean' = mean - b
             mean = mean - layer.bias.numpy().reshape(mean.shape)
@@ -167,53 +165,87 @@ def _require_graph(model):
             "model. Fix: rebuild it with keras.Input and layer calls.")
 
 
-def rebuild(model, replace):
+def rebuild(model, replace, flatten=False):
     """Rebuild a functional/Sequential model, layer by layer, with fresh layer objects.
 
-    ``replace(layer)`` returns None (clone the layer with its weights) or
-    (new_layer, weights: a list for set_weights or a function of the built layer, [names of later layers whose output it takes over]).
-    ``new_layer`` may be a tuple of layers, called one after the other; ``weights`` go to the first.
+    ``replace(layer)`` returns None (clone the layer with its weights), a function ``call(args, kwargs)
+    -> output tensor(s)`` that builds the replacement from the node's call arguments (already mapped to
+    the new graph), or (new_layer, weights: a list for set_weights or a function of the built layer,
+    [names of later layers whose output it takes over]). ``new_layer`` may be a tuple of layers, called
+    one after the other; ``weights`` go to the first. With ``flatten`` a nested model's layers are
+    called in place of the nested model (renamed ``<nested>_<layer>`` where a name is taken).
     """
     _require_graph(model)
-    nodes, _ = _model_nodes(model)
-    tensors, taken_over = {}, {}
     new_inputs = []
     for t in model.inputs:
-        layer = t._keras_history.layer
-        new = keras.Input(batch_shape=t.shape, dtype=t.dtype, name=layer.name)
-        tensors[id(t)] = new
-        new_inputs.append(new)
+        new_inputs.append(keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t._keras_history.layer.name))
+    names = {t.name.split(":")[0] for t in new_inputs} | {t._keras_history.layer.name for t in model.inputs}
+    outputs = _rebuild_graph(model, new_inputs, replace, flatten, names, prefix=None)
+    return keras.Model(new_inputs, outputs, name=model.name)
 
+
+def _unique(layer, names, prefix):
+    if layer.name in names:
+        base = f"{prefix}_{layer.name}" if prefix else layer.name
+        name, i = base, 1
+        while name in names:
+            name, i = f"{base}_{i}", i + 1
+        layer._name = name
+    names.add(layer.name)
+    return layer
+
+
+def _rebuild_graph(model, inputs, replace, flatten, names, prefix):
+    """Call new layers for ``model``'s graph on the new tensors ``inputs``; returns the new outputs."""
+    nodes, _ = _model_nodes(model)
+    tensors, taken_over = {}, set()
+    for old, new in zip(model.inputs, inputs):
+        tensors[id(old)] = new
     for layer in model.layers:
         if layer.name not in nodes or layer.name in taken_over:
             continue
         node = nodes[layer.name]
-        choice = replace(layer)
-        if choice is None:
-            new_layer = type(layer).from_config(layer.get_config())
-            weights, absorbed = layer.get_weights(), []
+        args = tf.nest.map_structure(lambda x: tensors.get(id(x), x), (node.call_args, node.call_kwargs))
+        if flatten and isinstance(layer, keras.Model) and getattr(layer, "_is_graph_network", False):
+            out = _rebuild_graph(layer, tf.nest.flatten(args[0]), replace, flatten, names, prefix=layer.name)
+            out = out[0] if isinstance(out, list) and len(out) == 1 else out
+            last = layer
         else:
-            new_layer, weights, absorbed = choice
-        args = tf.nest.map_structure(
-            lambda x: tensors.get(id(x), x), (node.call_args, node.call_kwargs))
-        chain = new_layer if isinstance(new_layer, tuple) else (new_layer,)
-        new_layer = chain[0]
-        out = new_layer(*args[0], **args[1])
-        for then in chain[1:]:
-            out = then(out)
-        if callable(weights):
-            weights(new_layer)
-        elif weights is not None:
-            new_layer.set_weights(weights)
-        last = layer
-        for name in absorbed:
-            taken_over[name] = True
-            last = model.get_layer(name)
+            choice = replace(layer)
+            if callable(choice) and not isinstance(choice, (tuple, keras.layers.Layer)):
+                out, last = choice(*args), layer
+            else:
+                if choice is None:
+                    new_layer = type(layer).from_config(layer.get_config())
+                    weights, absorbed = layer.get_weights(), []
+                else:
+                    new_layer, weights, absorbed = choice
+                chain = new_layer if isinstance(new_layer, tuple) else (new_layer,)
+                for piece in chain:
+                    _unique(piece, names, prefix)
+                out = chain[0](*args[0], **args[1])
+                for then in chain[1:]:
+                    out = then(out)
+                if callable(weights):
+                    weights(chain[0])
+                elif weights is not None:
+                    chain[0].set_weights(weights)
+                last = layer
+                for name in absorbed:
+                    taken_over.add(name)
+                    last = model.get_layer(name)
+        made = getattr(tf.nest.flatten(out)[0], "_keras_history", None)
+        if made is not None and made.layer.name == layer.name and type(made.layer) is not type(layer):
+            made.layer._rewritten_from = rewritten_from(layer)  # errors name the class the user wrote
         old_out = nodes[last.name].outputs
         for o, n in zip(tf.nest.flatten(old_out), tf.nest.flatten(out)):
             tensors[id(o)] = n
-    outputs = tf.nest.map_structure(lambda t: tensors[id(t)], model.outputs)
-    return keras.Model(new_inputs, outputs, name=model.name)
+    return tf.nest.map_structure(lambda t: tensors[id(t)], model.outputs)
+
+
+def rewritten_from(layer):
+    """The class name of the layer the user wrote, for a layer a rewrite put in its place (same name)."""
+    return getattr(layer, "_rewritten_from", type(layer).__name__)
 
 
 def fold_batchnorm(model, weight_quantizer=None):
@@ -227,7 +259,7 @@ def fold_batchnorm(model, weight_quantizer=None):
 
 
 # Activations with an int8 kernel of their own but none fused into CONV_2D / FULLY_CONNECTED.
-SPLIT_ACTIVATIONS = ("softmax", "sigmoid")
+SPLIT_ACTIVATIONS = ("softmax", "sigmoid", "swish", "silu")
 _SPLIT_LAYERS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)  # exact types
 
 
@@ -254,3 +286,222 @@ def split_activations(model):
         linear = type(layer).from_config(config)
         return (linear, keras.layers.Activation(name, name=f"{layer.name}_{name}")), layer.get_weights(), []
     return rebuild(model, replace)
+
+
+# --- Rewrites that bring common Keras models to the layers mobileqat quantizes ------------------------
+# Each is a plain function model -> model with the same function (float), which changes only what it
+# recognises and returns the model itself when there is nothing to change. ``quantize.REWRITES`` lists
+# the order in which quantize applies them.
+
+L = keras.layers
+
+
+def _rewrite(model, replace, flatten=False):
+    """rebuild(model, replace) when ``replace`` changes some layer (or ``flatten`` finds a nested model),
+    else ``model`` unchanged."""
+    _require_graph(model)
+    if not (any(replace(layer) is not None for layer in model.layers)
+            or (flatten and any(isinstance(layer, keras.Model) for layer in model.layers))):
+        return model
+    return rebuild(model, replace, flatten=flatten)
+
+
+def flatten_nested(model):
+    """A model nested in another (a backbone in a Sequential or functional head, a Sequential block)
+    becomes its own layers, called in its place, recursively; names that clash get the nested model's
+    name as prefix."""
+    return _rewrite(model, lambda layer: None, flatten=True)
+
+
+# TensorFlow ops called on Keras tensors (TFOpLambda) -> the Keras layer that computes the same.
+_TF_BINARY = {"__operators__.add": L.Add, "math.add": L.Add, "math.subtract": L.Subtract,
+              "math.multiply": L.Multiply, "math.maximum": L.Maximum, "math.minimum": L.Minimum}
+_TF_UNARY = {"nn.relu": lambda: L.ReLU(), "nn.relu6": lambda: L.ReLU(6.0),
+             "math.sigmoid": lambda: L.Activation("sigmoid"), "nn.sigmoid": lambda: L.Activation("sigmoid"),
+             "nn.silu": lambda: L.Activation("swish"), "nn.swish": lambda: L.Activation("swish")}
+
+
+def _is_keras_tensor(x):
+    return hasattr(x, "_keras_history")
+
+
+def tf_ops_to_layers(model):
+    """TF-op lambdas on Keras tensors become Keras layers: ``x + y``, ``x - y``, ``x * y``,
+    tf.maximum/minimum of two tensors -> Add/Subtract/Multiply/Maximum/Minimum; tf.nn.relu/relu6/sigmoid/
+    silu of one tensor -> ReLU/ReLU6/Activation. Ops with a constant operand (``x + 3.0``) are left to
+    the rewrites that know their pattern (``hard_activations``)."""
+    nodes = layer_nodes(model)
+
+    def replace(layer):
+        if type(layer).__name__ != "TFOpLambda" or len(nodes.get(layer.name, ())) != 1:
+            return None
+        args, kwargs = nodes[layer.name][0].call_args, nodes[layer.name][0].call_kwargs
+        extra = {k: v for k, v in kwargs.items() if k != "name" and v is not None}
+        if layer.symbol in _TF_BINARY and len(args) == 2 and all(map(_is_keras_tensor, args)) and not extra:
+            if tuple(args[0].shape) == tuple(args[1].shape) or layer.symbol == "math.multiply":
+                return lambda a, k, cls=_TF_BINARY[layer.symbol], name=layer.name: cls(name=name)([a[0], a[1]])
+        if layer.symbol in _TF_UNARY and len(args) == 1 and _is_keras_tensor(args[0]) and not extra:
+            return lambda a, k, make=_TF_UNARY[layer.symbol], name=layer.name: _named(make(), name)(a[0])
+        return None
+    return _rewrite(model, replace)
+
+
+def _named(layer, name):
+    layer._name = name
+    return layer
+
+
+def swish_to_sigmoid(model):
+    """Activation("swish") (x * sigmoid(x), EfficientNet) becomes Activation("sigmoid") and a Multiply
+    of its input and the sigmoid: the int8 graph has no SWISH op, it has LOGISTIC and MUL."""
+    def replace(layer):
+        if not (isinstance(layer, L.Activation) and function_name(layer.activation) in ("swish", "silu")):
+            return None
+
+        def call(args, kwargs, name=layer.name):
+            x = args[0]
+            gate = L.Activation("sigmoid", name=f"{name}_sigmoid")(x)
+            return L.Multiply(name=name)([x, gate])
+        return call
+    return _rewrite(model, replace)
+
+
+def grouped_to_depthwise(model):
+    """Conv2D(groups == input channels) is a depthwise convolution: it becomes DepthwiseConv2D with
+    depth_multiplier = filters / groups and the same weights (ConvNeXt's 7x7 convolutions)."""
+    def replace(layer):
+        if type(layer) is not L.Conv2D or layer.groups == 1 or layer.groups != int(layer.input_shape[-1]):
+            return None
+        multiplier = layer.filters // layer.groups
+        new = L.DepthwiseConv2D(layer.kernel_size, strides=layer.strides, padding=layer.padding,
+                                depth_multiplier=multiplier, use_bias=layer.use_bias,
+                                activation=layer.activation, dilation_rate=layer.dilation_rate, name=layer.name)
+        kernel = layer.kernel.numpy()  # (kh, kw, 1, C*m): output channel c*m + j comes from input c
+        kh, kw = kernel.shape[:2]
+        weights = [kernel.reshape(kh, kw, layer.groups, multiplier)] + ([layer.bias.numpy()] if layer.use_bias else [])
+        return new, weights, []
+    return _rewrite(model, replace)
+
+
+def dense_to_conv(model):
+    """Dense on a (N, H, W, C) input applies to the last axis: it becomes the 1x1 Conv2D it is (ConvNeXt's
+    pointwise layers), which the int8 CONV_2D computes."""
+    def replace(layer):
+        if type(layer) is not L.Dense or len(layer.input_shape) != 4:
+            return None
+        new = L.Conv2D(layer.units, 1, use_bias=layer.use_bias, activation=layer.activation, name=layer.name)
+        weights = [layer.kernel.numpy()[None, None]] + ([layer.bias.numpy()] if layer.use_bias else [])
+        return new, weights, []
+    return _rewrite(model, replace)
+
+
+def split_separable(model):
+    """SeparableConv2D becomes DepthwiseConv2D (``<name>_dw``, no bias) followed by the 1x1 Conv2D
+    (``<name>``, with the bias and activation) it computes, with the same weights (Xception, NASNet)."""
+    def replace(layer):
+        if type(layer) is not L.SeparableConv2D:
+            return None
+        dw = L.DepthwiseConv2D(layer.kernel_size, strides=layer.strides, padding=layer.padding,
+                               depth_multiplier=layer.depth_multiplier, dilation_rate=layer.dilation_rate,
+                               use_bias=False, name=f"{layer.name}_dw")
+        pw = L.Conv2D(layer.filters, 1, use_bias=layer.use_bias, activation=layer.activation, name=layer.name)
+        weights = [layer.depthwise_kernel.numpy(), layer.pointwise_kernel.numpy()] + (
+            [layer.bias.numpy()] if layer.use_bias else [])
+
+        def call(args, kwargs):
+            out = pw(dw(args[0]))
+            dw.set_weights(weights[:1])
+            pw.set_weights(weights[1:])
+            return out
+        return call
+    return _rewrite(model, replace)
+
+
+def _affine(name, scale, offset, trainable):
+    """A per-channel y = x * scale + offset as a call(args, kwargs): a 1x1 DepthwiseConv2D (kernel = scale,
+    ``<name>``) and a BatchNormalization in inference mode (beta = offset, mean 0, variance 1, epsilon
+    0, ``<name>_bn``) that ``fold_batchnorm`` makes one DEPTHWISE_CONV_2D with bias and no batch statistics."""
+    channels = len(scale)
+    dw = L.DepthwiseConv2D(1, use_bias=False, trainable=trainable, name=name)
+    bn = L.BatchNormalization(epsilon=0.0, trainable=False, name=f"{name}_bn")
+
+    def call(args, kwargs):
+        out = bn(dw(args[0]))
+        dw.set_weights([np.asarray(scale, np.float32).reshape(1, 1, channels, 1)])
+        bn.set_weights([np.ones(channels, np.float32), np.asarray(offset, np.float32),
+                        np.zeros(channels, np.float32), np.ones(channels, np.float32)])
+        return out
+    return call
+
+
+def preprocessing_to_conv(model):
+    """Rescaling (x * scale + offset) and Normalization ((x - mean) / sqrt(variance)) become a fixed
+    (non-trainable) 1x1 depthwise FoldedConvBN with the same per-channel scale and offset, written as one
+    int8 DEPTHWISE_CONV_2D; the model keeps taking the pixels it took (tf_keras MobileNetV3,
+    EfficientNet, RegNet)."""
+    def replace(layer):
+        if not isinstance(layer, (L.Rescaling, L.Normalization)) or len(layer.input_shape) != 4:
+            return None
+        channels = int(layer.input_shape[-1])
+        if isinstance(layer, L.Rescaling):
+            scale = np.broadcast_to(np.asarray(layer.scale, np.float64), (channels,))
+            offset = np.broadcast_to(np.asarray(layer.offset, np.float64), (channels,))
+        else:
+            if tuple(layer.axis) not in ((-1,), (3,)):
+                return None
+            std = np.maximum(np.sqrt(np.reshape(layer.variance.numpy(), -1)), keras.backend.epsilon())
+            scale = np.broadcast_to(1.0 / std, (channels,))
+            offset = np.broadcast_to(-np.reshape(layer.mean.numpy(), -1) / std, (channels,))
+            if getattr(layer, "invert", False):
+                return None
+        return _affine(layer.name, scale, offset, trainable=False)
+    return _rewrite(model, replace)
+
+
+def _foldable_bn(layer):
+    return (isinstance(layer, L.BatchNormalization) and not layer.virtual_batch_size
+            and layer.axis in ([3], [-1], 3, -1) and len(layer.input_shape) == 4)
+
+
+def standalone_batchnorm(model):
+    """A BatchNormalization that cannot fold into a convolution before it (it follows an Add,
+    Concatenate, pooling, ...: ResNet50V2, DenseNet121, NASNet) gets a 1x1 DepthwiseConv2D of ones
+    (``<bn>_scale``) in front, so that ``fold_batchnorm`` makes the pair one per-channel scale and
+    offset (an int8 DEPTHWISE_CONV_2D with bias) that trains as the BatchNormalization did.
+    A plain DepthwiseConv2D with no BatchNormalization after it gets a fixed identity one (moving mean 0,
+    variance 1, epsilon 0, its bias as beta, no batch statistics), so that it folds the same way."""
+    _, consumers = _model_nodes(model)
+    nodes = layer_nodes(model)
+
+    def replace(layer):
+        if _foldable_bn(layer):
+            before = tf.nest.flatten(nodes[layer.name][0].inbound_layers)[0]
+            if fold_blocker(before, layer, consumers.get(before.name, [])) is None:
+                return None
+            channels = int(layer.input_shape[-1])
+            ones = L.DepthwiseConv2D(1, use_bias=False, name=f"{layer.name}_scale")
+            bn = type(layer).from_config(layer.get_config())
+
+            def call(args, kwargs, bn=bn, weights=layer.get_weights()):
+                out = bn(ones(args[0]))
+                ones.set_weights([np.ones((1, 1, channels, 1), np.float32)])
+                bn.set_weights(weights)
+                return out
+            return call
+        if type(layer) is L.DepthwiseConv2D and not any(
+                _foldable_bn(u) for u in consumers.get(layer.name, [])) and function_name(layer.activation) == "linear":
+            channels = int(layer.input_shape[-1]) * layer.depth_multiplier
+            config = dict(layer.get_config(), use_bias=False)
+            dw = L.DepthwiseConv2D.from_config(config)
+            bias = layer.bias.numpy() if layer.use_bias else np.zeros(channels, np.float32)
+            bn = L.BatchNormalization(epsilon=0.0, trainable=False, name=f"{layer.name}_bias")
+
+            def call(args, kwargs, kernel=layer.depthwise_kernel.numpy()):
+                out = bn(dw(args[0]))
+                dw.set_weights([kernel])
+                bn.set_weights([np.ones(channels, np.float32), bias, np.zeros(channels, np.float32),
+                                np.ones(channels, np.float32)])
+                return out
+            return call
+        return None
+    return _rewrite(model, replace)
