@@ -196,7 +196,7 @@ def grouped_conv(layer, graph):
         return f"grouped convolution (groups={layer.groups}); FoldedConvBN and the int8 conv compute groups=1 only"
 
 
-@_rule(LAYER_RULES, "use dilation_rate=1")
+@_rule(LAYER_RULES, "use dilation_rate=1", final=True)
 def dilated_conv(layer, graph):
     if type(layer) in transforms.FOLDABLE_CONVS and tuple(layer.dilation_rate) != (1, 1):
         return (f"dilation_rate={tuple(layer.dilation_rate)}; mobileqat folds and lowers undilated "

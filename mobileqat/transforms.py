@@ -235,7 +235,7 @@ def _rebuild_graph(model, inputs, replace, flatten, names, prefix):
                     taken_over.add(name)
                     last = model.get_layer(name)
         made = getattr(tf.nest.flatten(out)[0], "_keras_history", None)
-        if made is not None and made.layer.name == layer.name and type(made.layer) is not type(layer):
+        if made is not None and made.layer.name == layer.name and rewritten_from(layer) != type(made.layer).__name__:
             made.layer._rewritten_from = rewritten_from(layer)  # errors name the class the user wrote
         old_out = nodes[last.name].outputs
         for o, n in zip(tf.nest.flatten(old_out), tf.nest.flatten(out)):
