@@ -146,6 +146,18 @@ def cmd_bench(args):
     return _failed(args.tflite, failed_runtimes(result))
 
 
+def cmd_coverage(args):
+    from mobileqat import coverage
+    models = args.models or coverage.MODELS
+    rows = coverage.run(args.out, models, again=args.again, log=lambda m: print(m, flush=True))
+    text = coverage.table(rows)
+    from mobileqat.export import write_atomic
+    write_atomic(os.path.join(args.out, "coverage.md"), text.encode())
+    print(text)
+    print(f"written: {os.path.join(args.out, 'coverage.md')} and one JSON per model in {args.out}")
+    return 0
+
+
 def _failed(path, failures):
     """Exit code 1 with one line per failure on stderr, 0 when there is none."""
     if failures:
@@ -216,6 +228,14 @@ def build_parser():
     p.add_argument("--threads", type=THREADS, default=1)
     p.add_argument("--runs", type=COUNT, default=100)
     p.set_defaults(func=cmd_bench)
+
+    from mobileqat.coverage import MODELS
+    p = sub.add_parser("coverage", help="which Keras models quantize, convert and lower exactly (mobileqat and tfmot)")
+    p.add_argument("--models", nargs="+", choices=MODELS, metavar="MODEL",
+                   help="models to cover (default: all): " + ", ".join(MODELS))
+    p.add_argument("--out", default="coverage_out", help="folder for one JSON per model and coverage.md")
+    p.add_argument("--again", action="store_true", help="redo models already in --out")
+    p.set_defaults(func=cmd_coverage)
     return parser
 
 

@@ -146,6 +146,33 @@ def describe(path):
             "ops": [op["op_name"] for op in m.interpreter._get_ops_details()]}
 
 
+def xnnpack_coverage(path):
+    """{"delegated": ops XNNPACK runs, "total": ops of the file, "left": {op name: count} of the ops left
+    to the builtin kernels}. Run it in a worker (``run_isolated``): it allocates tensors.
+
+    The interpreter keeps the replaced nodes after a DELEGATE node; a node is delegated when a DELEGATE
+    node produces one of its outputs, or when it feeds a delegated node through a tensor that is not an
+    input of a DELEGATE node (a tensor inside a partition)."""
+    from collections import Counter
+    m = TFLiteModel(path, "xnnpack")
+    m.interpreter.allocate_tensors()
+    ops = m.interpreter._get_ops_details()
+    delegates = [op for op in ops if op["op_name"] == "DELEGATE"]
+    plain = [op for op in ops if op["op_name"] != "DELEGATE"]
+    boundary = {int(i) for op in delegates for i in op["inputs"]}
+    producer = {int(o): k for k, op in enumerate(plain) for o in op["outputs"]}
+    delegated = set()
+    todo = [producer[int(o)] for op in delegates for o in op["outputs"] if int(o) in producer]
+    while todo:
+        k = todo.pop()
+        if k in delegated:
+            continue
+        delegated.add(k)
+        todo += [producer[int(i)] for i in plain[k]["inputs"] if int(i) in producer and int(i) not in boundary]
+    left = Counter(op["op_name"] for k, op in enumerate(plain) if k not in delegated)
+    return {"delegated": len(delegated), "total": len(plain), "left": dict(left)}
+
+
 class InvalidModelError(ValueError):
     """A .tflite that cannot be read, names the file and the fix."""
 
