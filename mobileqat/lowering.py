@@ -45,9 +45,10 @@ class QTensor:
 
 @dataclasses.dataclass
 class IntOp:
-    """One int8 op: kind ("conv2d", "depthwise_conv2d", "add", "mean_hw", "fully_connected",
-    "softmax", "reshape", "identity", or a kind of ``mobileqat.ops``), input tensor names, output tensor name and the op's constant
-    parameters (int8 weights as TFLite stores them, int32 bias, float32 filter scales, ...)."""
+    """One int8 op: kind ("conv2d", "depthwise_conv2d", "add", "fully_connected", "softmax", "reshape",
+    "identity", or a kind of ``mobileqat.ops``: "mean_hw", "max_pool2d", ...), input tensor names, output
+    tensor name and the op's constant parameters (int8 weights as TFLite stores them, int32 bias, float32
+    filter scales, pool sizes, ...)."""
     kind: str
     inputs: tuple
     output: str
