@@ -31,6 +31,8 @@ _RESHAPE = (keras.layers.Reshape, keras.layers.Flatten)
 # op kind -> the TFLite operator the converter writes for it ("identity"/"reshape" write no compute op)
 TFLITE_OPS = {"conv2d": "CONV_2D", "depthwise_conv2d": "DEPTHWISE_CONV_2D", "add": "ADD", "mean_hw": "MEAN",
               "fully_connected": "FULLY_CONNECTED", "softmax": "SOFTMAX"}
+TFLITE_OPS.update(max_pool2d="MAX_POOL_2D", average_pool2d="AVERAGE_POOL_2D", pad="PAD",  # mobileqat.ops.pooling
+                  strided_slice="STRIDED_SLICE", reduce_max_hw="REDUCE_MAX")
 
 
 @dataclasses.dataclass
@@ -43,9 +45,10 @@ class QTensor:
 
 @dataclasses.dataclass
 class IntOp:
-    """One int8 op: kind ("conv2d", "depthwise_conv2d", "add", "mean_hw", "fully_connected",
-    "softmax", "reshape", "identity"), input tensor names, output tensor name and the op's constant
-    parameters (int8 weights as TFLite stores them, int32 bias, float32 filter scales, ...)."""
+    """One int8 op: kind ("conv2d", "depthwise_conv2d", "add", "fully_connected", "softmax", "reshape",
+    "identity", or a kind of ``mobileqat.ops``: "mean_hw", "max_pool2d", ...), input tensor names, output
+    tensor name and the op's constant parameters (int8 weights as TFLite stores them, int32 bias, float32
+    filter scales, pool sizes, ...)."""
     kind: str
     inputs: tuple
     output: str
@@ -113,8 +116,6 @@ class IntegerModel:
         if op.kind == "add":
             return arith.add(xs[0], t_in[0].scale, t_in[0].zero_point, xs[1], t_in[1].scale, t_in[1].zero_point,
                              t_out.scale, t_out.zero_point, act_range=act)
-        if op.kind == "mean_hw":
-            return arith.mean_hw(xs[0], t_in[0].scale, t_in[0].zero_point, t_out.scale, t_out.zero_point)
         if op.kind == "softmax":
             return arith.softmax(xs[0], t_in[0].scale, t_in[0].zero_point)
         raise ValueError(f"unknown op kind {op.kind!r}")
@@ -291,8 +292,9 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
             activation=_activation(inner)))
     if isinstance(inner, keras.layers.Add) and len(srcs) == 2:
         return IntOp("add", tuple(srcs), name)
-    if isinstance(inner, keras.layers.GlobalAveragePooling2D) and not inner.keepdims:
-        return IntOp("mean_hw", (srcs[0],), name)
+    pooling = _lower_pooling(wrapper, inner, srcs, where)
+    if pooling is not None:
+        return pooling
     if isinstance(inner, (keras.layers.Activation, keras.layers.Softmax)) and _is_softmax(inner):
         return IntOp("softmax", (srcs[0],), name)
     if isinstance(inner, _IDENTITY):
@@ -301,7 +303,31 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
         shape = tuple(inner.output_shape[1:])
         return IntOp("reshape", (srcs[0],), name, dict(shape=shape))
     raise ValueError(f"{where} has no int8 op in mobileqat.lowering yet (supported: folded Conv/Depthwise+BN, "
-                     "Dense, Add of two inputs, GlobalAveragePooling2D, softmax, Dropout, Reshape/Flatten).")
+                     "Dense, Add of two inputs, Max/AveragePooling2D, Global{Average,Max}Pooling2D, ZeroPadding2D, "
+                     "Cropping2D, softmax, Dropout, Reshape/Flatten).")
+
+
+def _lower_pooling(wrapper, inner, srcs, where):
+    """The mobileqat.ops.pooling op of a pooling/padding/cropping layer, or None for other layers."""
+    L = keras.layers
+    if isinstance(inner, L.GlobalAveragePooling2D):  # MEAN, with its own output range
+        return IntOp("mean_hw", (srcs[0],), wrapper.name, dict(keepdims=bool(inner.keepdims)))
+    if isinstance(inner, (L.MaxPooling2D, L.AveragePooling2D)):
+        kind = "max_pool2d" if isinstance(inner, L.MaxPooling2D) else "average_pool2d"
+        params = dict(pool=tuple(inner.pool_size), stride=tuple(inner.strides), padding=inner.padding.upper())
+    elif isinstance(inner, L.ZeroPadding2D):
+        kind, params = "pad", dict(paddings=tuple(tuple(p) for p in inner.padding))
+    elif isinstance(inner, L.Cropping2D):
+        kind, params = "strided_slice", dict(cropping=tuple(tuple(c) for c in inner.cropping))
+    elif isinstance(inner, L.GlobalMaxPooling2D):
+        kind, params = "reduce_max_hw", dict(keepdims=bool(inner.keepdims))
+    else:
+        return None
+    if _output_range(wrapper) is not None:  # e.g. a QAT model saved when AveragePooling2D requantized
+        raise ValueError(f"{where}: it has its own output range, but the int8 {TFLITE_OPS[kind]} keeps its "
+                         "input's scale (the converter adds a QUANTIZE after it, which lowering does not "
+                         "reproduce); quantize the float model again with mobileqat.quantize.")
+    return IntOp(kind, (srcs[0],), wrapper.name, params)
 
 
 def _is_softmax(layer):

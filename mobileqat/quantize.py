@@ -20,11 +20,13 @@ _qk = tfmot.quantization.keras
 L = keras.layers
 
 # Layers that move integers without rescaling: output keeps the input's scale, nothing to quantize.
-_PASS_THROUGH = (L.MaxPooling2D, L.Reshape, L.Flatten, L.Dropout, L.ZeroPadding2D, L.Cropping2D,
-                 L.GlobalMaxPooling2D, L.SpatialDropout2D, L.GaussianNoise, L.Permute)
+# AveragePooling2D too: the int8 AVERAGE_POOL_2D keeps its input's scale (pooling.cc), and an output
+# range of its own only makes the converter add a QUANTIZE (a second rounding) after it.
+_PASS_THROUGH = (L.MaxPooling2D, L.AveragePooling2D, L.Reshape, L.Flatten, L.Dropout, L.ZeroPadding2D,
+                 L.Cropping2D, L.GlobalMaxPooling2D, L.SpatialDropout2D, L.GaussianNoise, L.Permute)
 # Layers whose output gets its own (moving-average) range.
 _REQUANTIZE = (L.Add, L.Subtract, L.Multiply, L.Concatenate, L.Average, L.Maximum, L.Minimum,
-               L.GlobalAveragePooling2D, L.AveragePooling2D, L.UpSampling2D)
+               L.GlobalAveragePooling2D, L.UpSampling2D)
 _WEIGHTED = (L.Dense, L.Conv2D)  # exact types: their kernel is fake-quantized in place
 _FOLDED_ONLY = (L.DepthwiseConv2D, L.BatchNormalization)  # quantized only as a FoldedConvBN
 _ACTIVATION_LAYERS = (L.Activation, L.ReLU, L.Softmax)
