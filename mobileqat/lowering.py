@@ -30,7 +30,9 @@ _IDENTITY = (keras.layers.Dropout, keras.layers.SpatialDropout2D, keras.layers.G
 _RESHAPE = (keras.layers.Reshape, keras.layers.Flatten)
 # op kind -> the TFLite operator the converter writes for it ("identity"/"reshape" write no compute op)
 TFLITE_OPS = {"conv2d": "CONV_2D", "depthwise_conv2d": "DEPTHWISE_CONV_2D", "add": "ADD", "mean_hw": "MEAN",
-              "fully_connected": "FULLY_CONNECTED", "softmax": "SOFTMAX"}
+              "fully_connected": "FULLY_CONNECTED", "softmax": "SOFTMAX",
+              "resize_nearest": "RESIZE_NEAREST_NEIGHBOR", "resize_bilinear": "RESIZE_BILINEAR",
+              "transpose_conv": "TRANSPOSE_CONV"}
 
 
 @dataclasses.dataclass
@@ -277,6 +279,14 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
         return IntOp("fully_connected", (srcs[0],), name, dict(
             weights=q.T.copy(), filter_scales=scales, bias=_quantize_bias(bias, double_scale[srcs[0]], scales_d[0]),
             activation=_activation(inner)))
+    if type(inner) is keras.layers.Conv2DTranspose:
+        return _lower_transpose_conv(wrapper, inner, srcs, double_scale, where)
+    if isinstance(inner, (keras.layers.UpSampling2D, keras.layers.Resizing)):  # keeps its input's scale
+        size = tuple(wrapper.output_shape[1:3])
+        if None in size or inner.interpolation not in ("nearest", "bilinear"):
+            raise ValueError(f"{where}: interpolation '{inner.interpolation}' to size {size} has no int8 op here "
+                             "(nearest or bilinear to a fixed size only).")
+        return IntOp(f"resize_{inner.interpolation}", (srcs[0],), name, dict(size=size))
     if isinstance(inner, keras.layers.Add) and len(srcs) == 2:
         return IntOp("add", tuple(srcs), name)
     if isinstance(inner, keras.layers.GlobalAveragePooling2D) and not inner.keepdims:
@@ -289,7 +299,25 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
         shape = tuple(inner.output_shape[1:])
         return IntOp("reshape", (srcs[0],), name, dict(shape=shape))
     raise ValueError(f"{where} has no int8 op in mobileqat.lowering yet (supported: folded Conv/Depthwise+BN, "
-                     "Dense, Add of two inputs, GlobalAveragePooling2D, softmax, Dropout, Reshape/Flatten).")
+                     "Dense, Conv2DTranspose, Add of two inputs, GlobalAveragePooling2D, softmax, UpSampling2D, "
+                     "Resizing, Dropout, Reshape/Flatten).")
+
+
+def _lower_transpose_conv(wrapper, inner, srcs, double_scale, where):
+    """Conv2DTranspose -> TRANSPOSE_CONV: per-tensor int8 weights, kernel (kh, kw, out, in) -> OHWI."""
+    (kernel, quantizer, qvars), = wrapper._weight_vars
+    _require_8bit(quantizer, where)
+    if quantizer.per_channel:
+        raise ValueError(f"{where}: per-channel weights; the converter writes Conv2DTranspose per-tensor only.")
+    size = tuple(wrapper.output_shape[1:3])
+    if None in size:
+        raise ValueError(f"{where}: output size {size} is not fixed; lowering needs static spatial sizes.")
+    w = quantizer(kernel, False, qvars).numpy()
+    q, scales, scales_d = _quantize_weights(w, qvars["max_var"].numpy(), per_channel=False)
+    bias = (_quantize_bias(inner.bias.numpy(), double_scale[srcs[0]], scales_d[0]) if inner.use_bias else None)
+    return IntOp("transpose_conv", (srcs[0],), wrapper.name, dict(
+        weights=q.transpose(2, 0, 1, 3).copy(), filter_scales=scales, bias=bias, stride=tuple(inner.strides),
+        padding=inner.padding.upper(), output_size=size, activation=_activation(inner)))
 
 
 def _is_softmax(layer):
