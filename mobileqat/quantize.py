@@ -30,7 +30,8 @@ _ACTIVATION_LAYERS = (L.Activation, L.ReLU, L.Softmax)
 _FUSABLE = ("linear", "relu", "relu6")
 _FIXED_OUTPUT = {"softmax", "sigmoid"}  # TFLite int8 output: scale 1/256, zero point -128
 _ACTIVATIONS = set(_FUSABLE) | _FIXED_OUTPUT  # what an Activation/ReLU/Softmax layer may apply
-SUPPORTED = ("Conv2D; Conv2DTranspose; Conv2D or DepthwiseConv2D + BatchNormalization [+ ReLU/ReLU6] (folded into one layer); Dense; "
+SUPPORTED = ("Conv2D; Conv2DTranspose; Conv2D or DepthwiseConv2D + BatchNormalization [+ ReLU/ReLU6] "
+             "(folded into one layer); Dense; "
              "Activation/ReLU/Softmax (" + ", ".join(sorted(_ACTIVATIONS)) + "); "
              + ", ".join(c.__name__ for c in _REQUANTIZE + _PASS_THROUGH))
 
@@ -208,8 +209,8 @@ def dilated_conv(layer, graph):
 @_rule(LAYER_RULES, "use dilation_rate=1 and output_padding=None")
 def dilated_or_padded_transpose_conv(layer, graph):
     if type(layer) is L.Conv2DTranspose and (tuple(layer.dilation_rate) != (1, 1) or layer.output_padding is not None):
-        return (f"Conv2DTranspose with dilation_rate={tuple(layer.dilation_rate)}, output_padding={layer.output_padding}; "
-                "mobileqat lowers the plain TRANSPOSE_CONV only")
+        return (f"Conv2DTranspose with dilation_rate={tuple(layer.dilation_rate)}, "
+                f"output_padding={layer.output_padding}; mobileqat lowers the plain TRANSPOSE_CONV only")
 
 
 @_rule(LAYER_RULES, "set use_bias=True (a zero bias costs nothing) or move the activation into its own layer")

@@ -26,13 +26,15 @@ TRANSPOSE_CONV (Conv2DTranspose, per-tensor int8 weights in OHWI, int32 bias at 
   SHAPE -> STRIDED_SLICE -> PACK): scatter-add of (x - zp) * w into int32 accumulators, + bias,
   requantized per channel with the fixed-point multiplier of double(si) * double(sw) / double(so)
   (MultiplyByQuantizedMultiplier), + zp, clamp. The delegate would take int8 TRANSPOSE_CONV (XNNPACK qs8_qc8w
-  deconvolution, fp32 requantization) only with a constant output-shape tensor (CheckTensorStaticAllocation),
-  which these files do not have, so LiteRT's default path runs the builtin optimized kernel (ruy GEMM + col2im,
-  then optimized_ops::Quantize): on x86 that is MultiplyByQuantizedMultiplier too, the reference arithmetic.
+  deconvolution, fp32 requantization: ``transpose_conv_xnnpack``, measured on a file rewritten with a constant
+  shape) only with a constant output-shape tensor (CheckTensorStaticAllocation), which these files do not
+  have, so LiteRT's default path runs the builtin optimized kernel (ruy GEMM + col2im, then
+  optimized_ops::Quantize): on x86 that is MultiplyByQuantizedMultiplier too, the reference arithmetic.
   (On aarch64 its NEON Quantize uses vqdmulh without rounding before the rounding shift; not reproduced here.)
 """
 import numpy as np
 
+from mobileqat import integer_xnnpack
 from mobileqat.integer import _exact_dot, _requantize, activation_range
 
 F32 = np.float32
@@ -163,7 +165,8 @@ def transpose_conv_accumulators(x, input_zero_point, w, bias, stride, padding, o
     buf = np.zeros((n, max((h - 1) * sh + kh, top + oh), max((wd - 1) * sw + kw, left + ow), cout), np.int64)
     for fy in range(kh):
         for fx in range(kw):
-            buf[:, fy:fy + (h - 1) * sh + 1:sh, fx:fx + (wd - 1) * sw + 1:sw] += _exact_dot(x, np.asarray(w[:, fy, fx, :]).T)
+            tap = _exact_dot(x, np.asarray(w[:, fy, fx, :]).T)  # (N, H, W, Cout)
+            buf[:, fy:fy + (h - 1) * sh + 1:sh, fx:fx + (wd - 1) * sw + 1:sw] += tap
     acc = buf[:, top:top + oh, left:left + ow]
     return acc + (np.asarray(bias, np.int64) if bias is not None else 0)
 
@@ -175,6 +178,17 @@ def transpose_conv(xs, ins, out, weights, filter_scales, bias, stride, padding, 
     (si, zi), (so, zo) = ins[0], out
     acc = transpose_conv_accumulators(xs[0], zi, weights, bias, stride, padding, output_size)
     return _requantize(acc, si, filter_scales, so, zo, *activation_range(activation, so, zo))
+
+
+def transpose_conv_xnnpack(xs, ins, out, weights, filter_scales, bias, stride, padding, output_size,
+                           activation=None):
+    """XNNPACK int8 TRANSPOSE_CONV (qs8_qc8w deconvolution): what the delegate computes when it takes the op,
+    i.e. when the output-shape tensor is a constant (not in the files ``export_tflite`` writes, so not in
+    KERNELS): the same accumulators, requantized in fp32 as CONV_2D (``integer_xnnpack.requantize_fp32``)."""
+    (si, zi), (so, zo) = ins[0], out
+    acc = transpose_conv_accumulators(xs[0], zi, weights, bias, stride, padding, output_size)
+    scales = integer_xnnpack.requantization_scales(si, filter_scales, so, weights.shape[0])
+    return integer_xnnpack.requantize_fp32(acc, scales, zo, *integer_xnnpack.activation_range(activation, so, zo))
 
 
 KERNELS = {
