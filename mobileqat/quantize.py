@@ -18,7 +18,8 @@ _qk = tfmot.quantization.keras
 L = keras.layers
 
 # Layers that move integers without rescaling: output keeps the input's scale, nothing to quantize.
-# UpSampling2D/Resizing too: the converter writes RESIZE_* with the input's scale and drops an output range.
+# UpSampling2D/Resizing too: RESIZE_* keeps its input's scale (given an output range of its own, the converter
+# writes an extra QUANTIZE to that scale before the resize).
 _PASS_THROUGH = (L.MaxPooling2D, L.Reshape, L.Flatten, L.Dropout, L.ZeroPadding2D, L.Cropping2D,
                  L.GlobalMaxPooling2D, L.SpatialDropout2D, L.GaussianNoise, L.Permute, L.UpSampling2D, L.Resizing)
 # Layers whose output gets its own (moving-average) range.
