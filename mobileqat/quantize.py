@@ -50,8 +50,9 @@ def quantize_config_for(layer, scheme):
     if type(layer) is L.Conv2D:
         return QuantizeConfig(["kernel"], wq(), aq())
     if type(layer) is L.Conv2DTranspose:
-        # Per-tensor, as Dense: per-channel weights on the kernel's output axis (kh, kw, out, in) stop the
-        # converter ("'tfl.transpose' op has mismatched quantized axes" when it writes the OHWI filter).
+        # Per-tensor, as Dense: a per-channel FakeQuant on the kernel's output axis (kh, kw, out, in; measured
+        # with transposes around fake_quant_with_min_max_vars_per_channel) stops the converter with
+        # "'tfl.transpose' op has mismatched quantized axes of input and output".
         return QuantizeConfig(["kernel"], scheme.dense_weight_quantizer(), aq())
     if isinstance(layer, _ACTIVATION_LAYERS):
         name = transforms.activation_name(layer)
