@@ -30,7 +30,9 @@ _IDENTITY = (keras.layers.Dropout, keras.layers.SpatialDropout2D, keras.layers.G
 _RESHAPE = (keras.layers.Reshape, keras.layers.Flatten)
 # op kind -> the TFLite operator the converter writes for it ("identity"/"reshape" write no compute op)
 TFLITE_OPS = {"conv2d": "CONV_2D", "depthwise_conv2d": "DEPTHWISE_CONV_2D", "add": "ADD", "mean_hw": "MEAN",
-              "fully_connected": "FULLY_CONNECTED", "softmax": "SOFTMAX"}
+              "fully_connected": "FULLY_CONNECTED", "softmax": "SOFTMAX",
+              "resize_nearest": "RESIZE_NEAREST_NEIGHBOR", "resize_bilinear": "RESIZE_BILINEAR",
+              "transpose_conv": "TRANSPOSE_CONV"}
 TFLITE_OPS.update(max_pool2d="MAX_POOL_2D", average_pool2d="AVERAGE_POOL_2D", pad="PAD",  # mobileqat.ops.pooling
                   strided_slice="STRIDED_SLICE", reduce_max_hw="REDUCE_MAX")
 
@@ -290,6 +292,14 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
         return IntOp("fully_connected", (srcs[0],), name, dict(
             weights=q.T.copy(), filter_scales=scales, bias=_quantize_bias(bias, double_scale[srcs[0]], scales_d[0]),
             activation=_activation(inner)))
+    if type(inner) is keras.layers.Conv2DTranspose:
+        return _lower_transpose_conv(wrapper, inner, srcs, double_scale, where)
+    if isinstance(inner, (keras.layers.UpSampling2D, keras.layers.Resizing)):  # keeps its input's scale
+        size = tuple(wrapper.output_shape[1:3])
+        if None in size or inner.interpolation not in ("nearest", "bilinear"):
+            raise ValueError(f"{where}: interpolation '{inner.interpolation}' to size {size} has no int8 op here "
+                             "(nearest or bilinear to a fixed size only).")
+        return IntOp(f"resize_{inner.interpolation}", (srcs[0],), name, dict(size=size))
     if isinstance(inner, keras.layers.Add) and len(srcs) == 2:
         return IntOp("add", tuple(srcs), name)
     pooling = _lower_pooling(wrapper, inner, srcs, where)
@@ -303,31 +313,11 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
         shape = tuple(inner.output_shape[1:])
         return IntOp("reshape", (srcs[0],), name, dict(shape=shape))
     raise ValueError(f"{where} has no int8 op in mobileqat.lowering yet (supported: folded Conv/Depthwise+BN, "
-                     "Dense, Add of two inputs, Max/AveragePooling2D, Global{Average,Max}Pooling2D, ZeroPadding2D, "
-                     "Cropping2D, softmax, Dropout, Reshape/Flatten).")
-
-
-def _lower_pooling(wrapper, inner, srcs, where):
-    """The mobileqat.ops.pooling op of a pooling/padding/cropping layer, or None for other layers."""
-    L = keras.layers
-    if isinstance(inner, L.GlobalAveragePooling2D):  # MEAN, with its own output range
-        return IntOp("mean_hw", (srcs[0],), wrapper.name, dict(keepdims=bool(inner.keepdims)))
-    if isinstance(inner, (L.MaxPooling2D, L.AveragePooling2D)):
-        kind = "max_pool2d" if isinstance(inner, L.MaxPooling2D) else "average_pool2d"
-        params = dict(pool=tuple(inner.pool_size), stride=tuple(inner.strides), padding=inner.padding.upper())
-    elif isinstance(inner, L.ZeroPadding2D):
-        kind, params = "pad", dict(paddings=tuple(tuple(p) for p in inner.padding))
-    elif isinstance(inner, L.Cropping2D):
-        kind, params = "strided_slice", dict(cropping=tuple(tuple(c) for c in inner.cropping))
-    elif isinstance(inner, L.GlobalMaxPooling2D):
-        kind, params = "reduce_max_hw", dict(keepdims=bool(inner.keepdims))
-    else:
-        return None
-    if _output_range(wrapper) is not None:  # e.g. a QAT model saved when AveragePooling2D requantized
-        raise ValueError(f"{where}: it has its own output range, but the int8 {TFLITE_OPS[kind]} keeps its "
-                         "input's scale (the converter adds a QUANTIZE after it, which lowering does not "
-                         "reproduce); quantize the float model again with mobileqat.quantize.")
-    return IntOp(kind, (srcs[0],), wrapper.name, params)
+              "fully_connected": "FULLY_CONNECTED", "softmax": "SOFTMAX",
+              "resize_nearest": "RESIZE_NEAREST_NEIGHBOR", "resize_bilinear": "RESIZE_BILINEAR",
+              "transpose_conv": "TRANSPOSE_CONV"}
+TFLITE_OPS.update(max_pool2d="MAX_POOL_2D", average_pool2d="AVERAGE_POOL_2D", pad="PAD",  # mobileqat.ops.pooling
+                  strided_slice="STRIDED_SLICE", reduce_max_hw="REDUCE_MAX")
 
 
 def _is_softmax(layer):

@@ -14,6 +14,7 @@
 """
 import hashlib
 import json
+import re
 
 import numpy as np
 
@@ -104,13 +105,26 @@ def first_difference(integer_model, path):
     text naming the file's tensor and the twin's layer, or None when they hold the same graph."""
     from mobileqat.lowering import TFLITE_OPS
     it, tensors, ops = _file_graph(path)
-    file_ops = [op for op in ops if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE", "RESHAPE")]
+    file_ops = [op for op in ops if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE", "RESHAPE")
+                and not _shape_arithmetic(op, tensors)]
     twin_ops = [op for op in integer_model.ops if op.kind in TFLITE_OPS]
     if file_ops and integer_model.input is not None:
-        t_in = tensors[file_ops[0]["inputs"][0]]
+        t_in = tensors[file_ops[0]["inputs"][_DATA_INPUT.get(file_ops[0]["op_name"], 0)]]
         why = _quantization_difference(t_in, integer_model.input)
         if why:
             return f"input tensor '{_short(t_in['name'])}': {why}"
+    why = _first_op_difference(it, tensors, file_ops, twin_ops, integer_model)
+    if why is None:
+        return None
+    # The converter may list parallel branches in another order than the Keras layers: when the twin's ops
+    # pair with the file's along the graph's edges, compare them so paired (no difference or a value one).
+    paired, same_graph = _in_file_order(ops, twin_ops, integer_model, int(it.get_input_details()[0]["index"]),
+                                        tensors)
+    return _first_op_difference(it, tensors, file_ops, paired, integer_model) if same_graph else why
+
+
+def _first_op_difference(it, tensors, file_ops, twin_ops, integer_model):
+    from mobileqat.lowering import TFLITE_OPS
     for i in range(max(len(file_ops), len(twin_ops))):
         if i >= len(file_ops) or i >= len(twin_ops):
             extra = (f"the model has {twin_ops[i].kind} (layer '{twin_ops[i].output}')" if i < len(twin_ops)
@@ -125,17 +139,69 @@ def first_difference(integer_model, path):
         if why:
             return f"tensor '{_short(t_out['name'])}' (layer '{lop.output}'): {why}"
         if "weights" in lop.params:
-            t_w, t_b = tensors[fop["inputs"][1]], tensors[fop["inputs"][2]]
+            t_w = tensors[fop["inputs"][1]]
+            bias_at = _BIAS_INPUT.get(fop["op_name"], 2)
+            has_bias = len(fop["inputs"]) > bias_at and fop["inputs"][bias_at] >= 0
+            t_b = tensors[fop["inputs"][bias_at]] if has_bias else None
             checks = (("weights", it.get_tensor(t_w["index"]), lop.params["weights"]),
                       ("filter scales", t_w["quantization_parameters"]["scales"],
                        np.atleast_1d(lop.params["filter_scales"])),
-                      ("bias", it.get_tensor(t_b["index"]), lop.params["bias"]))
+                      ("bias", None if t_b is None else it.get_tensor(t_b["index"]), lop.params["bias"]))
             for what, in_file, in_model in checks:
+                if in_file is None or in_model is None:  # an op without bias (TRANSPOSE_CONV writes none)
+                    if in_file is not in_model:
+                        return (f"op {i} (layer '{lop.output}'): the {'file' if in_model is None else 'model'} "
+                                f"has a {what} where the other has none")
+                    continue
                 why = _array_difference(in_file, in_model)
                 if why:
                     tensor = t_b if what == "bias" else t_w
                     return f"tensor '{_short(tensor['name'])}' ({what} of layer '{lop.output}'): {why}"
     return None
+
+
+# TRANSPOSE_CONV's inputs are (output shape, weights, data, bias); other ops start with the data input.
+_DATA_INPUT, _BIAS_INPUT = {"TRANSPOSE_CONV": 2}, {"TRANSPOSE_CONV": 3}
+_SHAPE_OPS = ("SHAPE", "STRIDED_SLICE", "PACK")
+
+
+def _shape_arithmetic(op, tensors):
+    """int32 ops computing a shape (TRANSPOSE_CONV's output shape under Keras' dynamic batch): no twin op."""
+    return op["op_name"] in _SHAPE_OPS and all(np.dtype(tensors[i]["dtype"]) == np.int32 for i in op["outputs"])
+
+
+def _in_file_order(ops, twin_ops, integer_model, input_index, tensors):
+    """``twin_ops`` paired with the file's ops by graph position, in the file's order. A file op pairs with
+    the unpaired twin op of the same TFLite op reading the twin tensors paired with its inputs (among
+    several, the one whose layer the file's output tensor names); with none, the first unpaired twin op,
+    which the comparison then reports. Twin ops left over follow, in their own order. Also returns whether every op
+    paired along the edges (the same graph, up to the order of parallel branches)."""
+    from mobileqat.lowering import TFLITE_OPS
+    alias = {}  # twin identity/reshape outputs -> the tensor they carry
+    for op in integer_model.ops:
+        if op.kind not in TFLITE_OPS and op.inputs:
+            alias[op.output] = alias.get(op.inputs[0], op.inputs[0])
+    paired, left, order, same_graph = {input_index: integer_model.input.name}, list(twin_ops), [], True
+    for op in ops:
+        mapped = sorted(paired[i] for i in op["inputs"] if i in paired)
+        if op["op_name"] in ("QUANTIZE", "DEQUANTIZE", "RESHAPE"):
+            if mapped:
+                paired[op["outputs"][0]] = mapped[0]
+            continue
+        if _shape_arithmetic(op, tensors):
+            continue
+        if not left:
+            return order, False
+        candidates = [t for t in left if TFLITE_OPS[t.kind] == op["op_name"]
+                      and sorted(alias.get(n, n) for n in t.inputs) == mapped]
+        named = [t for t in candidates
+                 if t.output in re.split("[;/]", tensors[op["outputs"][0]]["name"])]
+        same_graph &= bool(candidates)
+        pick = (named or candidates or left)[0]
+        left.remove(pick)
+        order.append(pick)
+        paired[op["outputs"][0]] = pick.output
+    return order + left, same_graph and not left
 
 
 def _short(name):

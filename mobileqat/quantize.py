@@ -22,18 +22,22 @@ L = keras.layers
 # Layers that move integers without rescaling: output keeps the input's scale, nothing to quantize.
 # AveragePooling2D too: the int8 AVERAGE_POOL_2D keeps its input's scale (pooling.cc), and an output
 # range of its own only makes the converter add a QUANTIZE (a second rounding) after it.
+# UpSampling2D/Resizing too: RESIZE_* keeps its input's scale (given an output range of its own, the converter
+# writes an extra QUANTIZE to that scale before the resize).
 _PASS_THROUGH = (L.MaxPooling2D, L.AveragePooling2D, L.Reshape, L.Flatten, L.Dropout, L.ZeroPadding2D,
-                 L.Cropping2D, L.GlobalMaxPooling2D, L.SpatialDropout2D, L.GaussianNoise, L.Permute)
+                 L.Cropping2D, L.GlobalMaxPooling2D, L.SpatialDropout2D, L.GaussianNoise, L.Permute,
+                 L.UpSampling2D, L.Resizing)
 # Layers whose output gets its own (moving-average) range.
 _REQUANTIZE = (L.Add, L.Subtract, L.Multiply, L.Concatenate, L.Average, L.Maximum, L.Minimum,
-               L.GlobalAveragePooling2D, L.UpSampling2D)
-_WEIGHTED = (L.Dense, L.Conv2D)  # exact types: their kernel is fake-quantized in place
+               L.GlobalAveragePooling2D)
+_WEIGHTED = (L.Dense, L.Conv2D, L.Conv2DTranspose)  # exact types: their kernel is fake-quantized in place
 _FOLDED_ONLY = (L.DepthwiseConv2D, L.BatchNormalization)  # quantized only as a FoldedConvBN
 _ACTIVATION_LAYERS = (L.Activation, L.ReLU, L.Softmax)
 _FUSABLE = ("linear", "relu", "relu6")
 _FIXED_OUTPUT = {"softmax", "sigmoid"}  # TFLite int8 output: scale 1/256, zero point -128
 _ACTIVATIONS = set(_FUSABLE) | _FIXED_OUTPUT  # what an Activation/ReLU/Softmax layer may apply
-SUPPORTED = ("Conv2D; Conv2D or DepthwiseConv2D + BatchNormalization [+ ReLU/ReLU6] (folded into one layer); Dense; "
+SUPPORTED = ("Conv2D; Conv2DTranspose; Conv2D or DepthwiseConv2D + BatchNormalization [+ ReLU/ReLU6] "
+             "(folded into one layer); Dense; "
              "Activation/ReLU/Softmax (" + ", ".join(sorted(_ACTIVATIONS)) + "); "
              + ", ".join(c.__name__ for c in _REQUANTIZE + _PASS_THROUGH))
 
@@ -50,6 +54,11 @@ def quantize_config_for(layer, scheme):
         return QuantizeConfig(["kernel"], scheme.dense_weight_quantizer(), aq())
     if type(layer) is L.Conv2D:
         return QuantizeConfig(["kernel"], wq(), aq())
+    if type(layer) is L.Conv2DTranspose:
+        # Per-tensor, as Dense: a per-channel FakeQuant on the kernel's output axis (kh, kw, out, in; measured
+        # with transposes around fake_quant_with_min_max_vars_per_channel) stops the converter with
+        # "'tfl.transpose' op has mismatched quantized axes of input and output".
+        return QuantizeConfig(["kernel"], scheme.dense_weight_quantizer(), aq())
     if isinstance(layer, _ACTIVATION_LAYERS):
         name = transforms.activation_name(layer)
         if name in _FIXED_OUTPUT:
@@ -155,7 +164,6 @@ _NO_MAPPING_FIX = {  # class name -> fix, where a plainer one than "replace it" 
     "TFOpLambda": "use the Keras layer instead of the TensorFlow op (x + y: layers.Add, x * y: layers.Multiply, "
                   "tf.nn.relu: layers.ReLU, tf.reshape: layers.Reshape)",
     "SeparableConv2D": "split it into DepthwiseConv2D -> BatchNormalization -> 1x1 Conv2D -> BatchNormalization",
-    "Conv2DTranspose": "use UpSampling2D followed by Conv2D",
     "LeakyReLU": "use ReLU or ReLU6", "PReLU": "use ReLU or ReLU6", "ELU": "use ReLU or ReLU6",
     "ThresholdedReLU": "use ReLU or ReLU6",
     "Rescaling": "scale the images in the input pipeline, before the model",
@@ -203,6 +211,31 @@ def dilated_conv(layer, graph):
     if type(layer) in transforms.FOLDABLE_CONVS and tuple(layer.dilation_rate) != (1, 1):
         return (f"dilation_rate={tuple(layer.dilation_rate)}; mobileqat folds and lowers undilated "
                 "convolutions only")
+
+
+@_rule(LAYER_RULES, "use dilation_rate=1 and output_padding=None")
+def dilated_or_padded_transpose_conv(layer, graph):
+    if type(layer) is L.Conv2DTranspose and (tuple(layer.dilation_rate) != (1, 1) or layer.output_padding is not None):
+        return (f"Conv2DTranspose with dilation_rate={tuple(layer.dilation_rate)}, "
+                f"output_padding={layer.output_padding}; mobileqat lowers the plain TRANSPOSE_CONV only")
+
+
+@_rule(LAYER_RULES, "set use_bias=True (a zero bias costs nothing) or move the activation into its own layer")
+def transpose_conv_activation_without_bias(layer, graph):
+    if type(layer) is L.Conv2DTranspose and not layer.use_bias:
+        name = transforms.function_name(layer.activation)
+        if name in ("relu", "relu6"):
+            return (f"Conv2DTranspose with use_bias=False and activation '{name}': the converter leaves that "
+                    "TRANSPOSE_CONV and its activation in float")
+
+
+@_rule(LAYER_RULES, "use interpolation='nearest' or 'bilinear' (and crop_to_aspect_ratio=False)")
+def unsupported_resize(layer, graph):
+    if isinstance(layer, (L.UpSampling2D, L.Resizing)):
+        crop = getattr(layer, "crop_to_aspect_ratio", False)
+        if layer.interpolation not in ("nearest", "bilinear") or crop:
+            return (f"interpolation='{layer.interpolation}'" + (", crop_to_aspect_ratio=True" if crop else "")
+                    + "; the int8 resize ops are RESIZE_NEAREST_NEIGHBOR and RESIZE_BILINEAR")
 
 
 @_rule(LAYER_RULES, "use data_format='channels_last' (the default) and (N, H, W, C) inputs")

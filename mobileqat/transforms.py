@@ -260,7 +260,8 @@ def fold_batchnorm(model, weight_quantizer=None):
 
 # Activations with an int8 kernel of their own but none fused into CONV_2D / FULLY_CONNECTED.
 SPLIT_ACTIVATIONS = ("softmax", "sigmoid", "swish", "silu")
-_SPLIT_LAYERS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)  # exact types
+_SPLIT_LAYERS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense,
+                 keras.layers.Conv2DTranspose)  # exact types
 
 
 def split_activations(model):
