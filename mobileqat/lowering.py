@@ -313,11 +313,49 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
         shape = tuple(inner.output_shape[1:])
         return IntOp("reshape", (srcs[0],), name, dict(shape=shape))
     raise ValueError(f"{where} has no int8 op in mobileqat.lowering yet (supported: folded Conv/Depthwise+BN, "
-              "fully_connected": "FULLY_CONNECTED", "softmax": "SOFTMAX",
-              "resize_nearest": "RESIZE_NEAREST_NEIGHBOR", "resize_bilinear": "RESIZE_BILINEAR",
-              "transpose_conv": "TRANSPOSE_CONV"}
-TFLITE_OPS.update(max_pool2d="MAX_POOL_2D", average_pool2d="AVERAGE_POOL_2D", pad="PAD",  # mobileqat.ops.pooling
-                  strided_slice="STRIDED_SLICE", reduce_max_hw="REDUCE_MAX")
+                     "Dense, Conv2DTranspose, Add of two inputs, UpSampling2D, Resizing, Max/AveragePooling2D, "
+                     "Global{Average,Max}Pooling2D, ZeroPadding2D, "
+                     "Cropping2D, softmax, Dropout, Reshape/Flatten).")
+
+
+def _lower_pooling(wrapper, inner, srcs, where):
+    """The mobileqat.ops.pooling op of a pooling/padding/cropping layer, or None for other layers."""
+    L = keras.layers
+    if isinstance(inner, L.GlobalAveragePooling2D):  # MEAN, with its own output range
+        return IntOp("mean_hw", (srcs[0],), wrapper.name, dict(keepdims=bool(inner.keepdims)))
+    if isinstance(inner, (L.MaxPooling2D, L.AveragePooling2D)):
+        kind = "max_pool2d" if isinstance(inner, L.MaxPooling2D) else "average_pool2d"
+        params = dict(pool=tuple(inner.pool_size), stride=tuple(inner.strides), padding=inner.padding.upper())
+    elif isinstance(inner, L.ZeroPadding2D):
+        kind, params = "pad", dict(paddings=tuple(tuple(p) for p in inner.padding))
+    elif isinstance(inner, L.Cropping2D):
+        kind, params = "strided_slice", dict(cropping=tuple(tuple(c) for c in inner.cropping))
+    elif isinstance(inner, L.GlobalMaxPooling2D):
+        kind, params = "reduce_max_hw", dict(keepdims=bool(inner.keepdims))
+    else:
+        return None
+    if _output_range(wrapper) is not None:  # e.g. a QAT model saved when AveragePooling2D requantized
+        raise ValueError(f"{where}: it has its own output range, but the int8 {TFLITE_OPS[kind]} keeps its "
+                         "input's scale (the converter adds a QUANTIZE after it, which lowering does not "
+                         "reproduce); quantize the float model again with mobileqat.quantize.")
+    return IntOp(kind, (srcs[0],), wrapper.name, params)
+
+
+def _lower_transpose_conv(wrapper, inner, srcs, double_scale, where):
+    """Conv2DTranspose -> TRANSPOSE_CONV: per-tensor int8 weights, kernel (kh, kw, out, in) -> OHWI."""
+    (kernel, quantizer, qvars), = wrapper._weight_vars
+    _require_8bit(quantizer, where)
+    if quantizer.per_channel:
+        raise ValueError(f"{where}: per-channel weights; the converter writes Conv2DTranspose per-tensor only.")
+    size = tuple(wrapper.output_shape[1:3])
+    if None in size:
+        raise ValueError(f"{where}: output size {size} is not fixed; lowering needs static spatial sizes.")
+    w = quantizer(kernel, False, qvars).numpy()
+    q, scales, scales_d = _quantize_weights(w, qvars["max_var"].numpy(), per_channel=False)
+    bias = (_quantize_bias(inner.bias.numpy(), double_scale[srcs[0]], scales_d[0]) if inner.use_bias else None)
+    return IntOp("transpose_conv", (srcs[0],), wrapper.name, dict(
+        weights=q.transpose(2, 0, 1, 3).copy(), filter_scales=scales, bias=bias, stride=tuple(inner.strides),
+        padding=inner.padding.upper(), output_size=size, activation=_activation(inner)))
 
 
 def _is_softmax(layer):
