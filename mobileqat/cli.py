@@ -149,7 +149,7 @@ def cmd_bench(args):
 def cmd_coverage(args):
     from mobileqat import coverage
     models = args.models or coverage.MODELS
-    rows = coverage.run(args.out, models, again=args.again, log=lambda m: print(m, flush=True))
+    rows = coverage.run(args.out, models, tools=args.tools, again=args.again, log=lambda m: print(m, flush=True))
     text = coverage.table(rows)
     from mobileqat.export import write_atomic
     write_atomic(os.path.join(args.out, "coverage.md"), text.encode())
@@ -234,6 +234,8 @@ def build_parser():
     p.add_argument("--models", nargs="+", choices=MODELS, metavar="MODEL",
                    help="models to cover (default: all): " + ", ".join(MODELS))
     p.add_argument("--out", default="coverage_out", help="folder for one JSON per model and coverage.md")
+    p.add_argument("--tools", nargs="+", choices=("mobileqat", "tfmot"), default=["mobileqat", "tfmot"],
+                   help="quantize with mobileqat, plain tfmot quantize_model, or both")
     p.add_argument("--again", action="store_true", help="redo models already in --out")
     p.set_defaults(func=cmd_coverage)
     return parser

@@ -234,14 +234,18 @@ def _tool(tool, model, x, y, folder, name):
     return row
 
 
-def cover(name, folder, images=32):
-    """One model's row: {"model", "layers", "mobileqat": {...}, "tfmot": {...}}."""
+TOOLS = ("mobileqat", "tfmot")
+
+
+def cover(name, folder, tools=TOOLS, images=32):
+    """One model's row: {"model", "layers", "input_shape", and per tool in ``tools`` ("mobileqat",
+    "tfmot") its columns}."""
     model, (low, high) = build(name)
     rng = np.random.default_rng(0)
     x = rng.uniform(low, high, (images,) + tuple(model.input_shape[1:])).astype(np.float32)
     y = rng.integers(0, 10, images)
     row = {"model": name, "layers": len(model.layers), "input_shape": list(model.input_shape[1:])}
-    for tool in ("mobileqat", "tfmot"):
+    for tool in tools:
         try:
             row[tool] = _tool(tool, model, x, y, folder, name)
         except Exception as e:  # noqa: BLE001
@@ -249,13 +253,15 @@ def cover(name, folder, images=32):
     return row
 
 
-def _cover_job(name, folder):
-    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-    return cover(name, folder)
+def _cover_job(name, tools):
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="mobileqat-coverage-") as folder:  # the .tflite files
+        return cover(name, folder, tools)
 
 
-def run(out, models=MODELS, again=False, timeout=3600, log=print):
-    """Cover ``models`` into ``out`` (one JSON per model, each in a worker); returns the rows in order."""
+def run(out, models=MODELS, tools=TOOLS, again=False, timeout=3600, log=print):
+    """Cover ``models`` with ``tools`` into ``out`` (one JSON per model, each model in a worker); a model's
+    tools already in its JSON are kept unless ``again``. Returns the rows in order."""
     from mobileqat import runtime
     from mobileqat.export import write_atomic
     unknown = [m for m in models if m not in MODELS]
@@ -265,16 +271,20 @@ def run(out, models=MODELS, again=False, timeout=3600, log=print):
     rows = []
     for name in models:
         path = os.path.join(out, f"{name}.json")
+        before = {}
         if os.path.exists(path) and not again:
             with open(path) as f:
-                rows.append(json.load(f))
+                before = json.load(f)
+        todo = tuple(t for t in tools if t not in before)
+        if not todo:
+            rows.append(before)
             log(f"{name}: done before ({path})")
             continue
         t0 = time.time()
-        row, error = runtime.run_isolated(_cover_job, name, os.path.abspath(out), timeout=timeout)
+        row, error = runtime.run_isolated(_cover_job, name, todo, timeout=timeout)
         if error:
-            row = {"model": name, "mobileqat": {"quantize": f"crash: {error}"}, "tfmot": {}}
-        row["seconds"] = round(time.time() - t0, 1)
+            row = {"model": name, **{t: {"quantize": f"crash: {error}"} for t in todo}}
+        row = {**before, **row, "seconds": round(time.time() - t0, 1)}
         write_atomic(path, json.dumps(row, indent=1).encode())
         rows.append(row)
         log(f"{name}: {row['seconds']} s - " + format_row(row))

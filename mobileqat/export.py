@@ -98,20 +98,22 @@ def _has_fake_quant(model):
                for layer in model.layers)
 
 
-def export_tflite(model, path, kind="qat_int8", representative_data=None, io_type=None):
+def export_tflite(model, path, kind="qat_int8", representative_data=None, io_type=None, allow_float_ops=False):
     """Convert ``model`` and write it to ``path`` atomically. Returns the file size in bytes.
 
     io_type defaults to "float32" for kind="float" and "int8" otherwise. The file's metadata records
     the model's fingerprint (``mobileqat.provenance``), so ``validate`` and ``debug`` can tell
-    cheaply whether a file belongs to the model they are given.
+    cheaply whether a file belongs to the model they are given. An integer kind that leaves float ops
+    raises ValueError, unless ``allow_float_ops`` (layers kept float by ``quantize(keep_float=...)``).
     """
     io_type = io_type or ("float32" if kind == "float" else "int8")
     data = convert(model, kind, representative_data, io_type)
     if kind != "float":
         float_ops = tensor_types(data)["float_ops"]
-        if float_ops:
+        if float_ops and not allow_float_ops:
             raise ValueError(f"the {kind} conversion of '{model.name}' left float ops {sorted(set(float_ops))}; "
-                             "the layers producing them lack fake-quant ranges. Nothing was written to "
+                             "the layers producing them lack fake-quant ranges (or were kept float by "
+                             "quantize(keep_float=...): then pass allow_float_ops=True). Nothing was written to "
                              f"{os.fspath(path)}.")
     data = tflite_file.with_metadata(data, provenance.metadata_entry(model, kind))
     write_atomic(path, data)

@@ -406,24 +406,57 @@ def _refusal(model, problems):
                       f"Layers mobileqat quantizes: {SUPPORTED}.")
 
 
-def quantize(model, scheme="w8a8"):
+def _kept_float(model, problems, keep_float):
+    """Split the audit's problems into (still refused, kept float) by ``keep_float`` (True, or layer names).
+    Model-level problems and layers that cannot be rebuilt are never kept."""
+    if not keep_float:
+        return problems, []
+    names = None if keep_float is True else set([keep_float] if isinstance(keep_float, str) else keep_float)
+    if names is not None:
+        known = {layer.name for layer in rewrite(model).layers}
+        unknown = sorted(names - known)
+        if unknown:
+            raise ValueError(f"keep_float names no layer of model '{model.name}': {unknown}; pass names from "
+                             "model.layers (or keep_float=True for every layer the audit refuses).")
+    keep = [p for p in problems if p.where == "layer" and (names is None or p.name in names)
+            and "rebuild from its config" not in p.why and p.cls != "InputLayer"]
+    return [p for p in problems if p not in keep], keep
+
+
+def quantize(model, scheme="w8a8", keep_float=()):
     """Return a QAT copy of ``model`` (float Keras model, functional or Sequential).
 
     Conv/DepthwiseConv + BN (+ReLU/ReLU6) become ``FoldedConvBN``; weights are fake-quantized
     per channel, activations per tensor, as ``scheme`` says. The original model is untouched.
     Raises ValueError naming every layer that cannot be quantized, its class and the fix (``audit``).
+
+    keep_float: layer names (or True: every layer the audit refuses) to keep in float instead of
+    refusing them, with a warning. Their weights and computation are not fake-quantized; their output
+    is (so the layers after them stay int8). The converter writes them as float ops between
+    DEQUANTIZE/QUANTIZE (``export_tflite(..., allow_float_ops=True)``) or as int8 ops where it has them;
+    ``mobileqat.lower`` names them (no integer twin for such a model yet).
     """
     scheme = get_scheme(scheme)
     if not isinstance(model, keras.Model):
         raise TypeError(f"quantize() takes a tf_keras Model, got {type(model).__name__}. If it is a Keras 3 "
                         "model, build it with tf_keras (import mobileqat before tensorflow).")
-    problems = audit(model)
+    problems, kept = _kept_float(model, audit(model), keep_float)
     if problems:
         raise _refusal(model, problems)
+    if kept:
+        import warnings
+        lines = "\n".join(f"  - {p}" for p in kept)
+        warnings.warn(f"quantize: keeping {len({p.name for p in kept})} layer(s) of '{model.name}' float, as "
+                      f"keep_float asks; their weights and computation are not fake-quantized:\n{lines}",
+                      stacklevel=2)
+    kept_names = {p.name for p in kept}
     folded = transforms.fold_batchnorm(rewrite(model), weight_quantizer=scheme.weight_quantizer())
     configs = {}
     for layer in folded.layers:
         if isinstance(layer, L.InputLayer):
+            continue
+        if layer.name in kept_names:  # float inside, fake-quantized output
+            configs[layer.name] = QuantizeConfig(output_quantizer=scheme.activation_quantizer())
             continue
         configs[layer.name] = quantize_config_for(layer, scheme)
         if configs[layer.name] is None:  # the audit let it through: a gap in the refusal list

@@ -164,3 +164,37 @@ def test_a_model_using_every_rewrite_exports_and_lowers_at_zero_lsb(tmp_path):
         m = TFLiteModel(path, runtime)
         codes = m.quantize_input(x)
         np.testing.assert_array_equal(twin.run(codes, runtime), m.invoke_raw(codes))
+
+
+def layer_norm_net():
+    inp = keras.Input((8, 8, 3))
+    x = L.ReLU()(L.BatchNormalization()(L.Conv2D(4, 3, use_bias=False, name="conv")(inp)))
+    x = L.LayerNormalization(name="ln")(x)
+    return keras.Model(inp, L.Dense(3, name="logits")(L.GlobalAveragePooling2D()(x)))
+
+
+def test_keep_float_keeps_a_refused_layer_float_with_a_warning(tmp_path):
+    keras.utils.set_random_seed(2)
+    model = layer_norm_net()
+    with pytest.raises(ValueError, match="layer 'ln' \\(LayerNormalization\\)"):
+        quantize(model)
+    with pytest.raises(ValueError, match="keep_float names no layer.*'nope'"):
+        quantize(model, keep_float=["nope"])
+    with pytest.warns(UserWarning, match="keeping 1 layer.*'ln' \\(LayerNormalization\\)"):
+        qat = quantize(model, keep_float=["ln"])
+    x = np.random.default_rng(2).uniform(-1, 1, (32, 8, 8, 3)).astype(np.float32)
+    qat.compile("adam", "mse")
+    qat.fit(x, np.zeros((32, 3), np.float32), epochs=1, verbose=0)
+    path = tmp_path / "kept.tflite"
+    with pytest.raises(ValueError, match="allow_float_ops=True"):
+        export.export_tflite(qat, path)
+    assert not path.exists()
+    export.export_tflite(qat, path, allow_float_ops=True)
+    want = qat(x, training=False).numpy()
+    for runtime in ("reference", "xnnpack"):
+        m = TFLiteModel(path, runtime)
+        scale, zero = m.output_quantization
+        got = (m.predict(x).astype(np.float32) - zero) * scale
+        assert np.abs(got - want).max() < 0.1 * np.abs(want).max() + 4 * scale  # float inside, int8 around
+    with pytest.raises(ValueError, match="'quant_ln'"):
+        lowering.lower(qat)
