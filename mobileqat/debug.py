@@ -115,7 +115,7 @@ def debug_fidelity(qat_model, tflite_path, samples, compare_runtime="builtin", g
     last_tensor = {}
     for t in ref:
         owner = _layer_of(t["name"], names)
-        if owner:
+        if owner and not (t["op"] == "QUANTIZE" and owner in last_tensor):  # not a copy requantized for a join
             last_tensor[owner] = t
     if in_scale and layers and layers[0].name not in last_tensor:  # integer input: the graph input
         xq = rt.TFLiteModel(tflite_path, "reference").quantize_input(x)

@@ -31,6 +31,14 @@ _RESHAPE = (keras.layers.Reshape, keras.layers.Flatten)
 # op kind -> the TFLite operator the converter writes for it ("identity"/"reshape" write no compute op)
 TFLITE_OPS = {"conv2d": "CONV_2D", "depthwise_conv2d": "DEPTHWISE_CONV_2D", "add": "ADD", "mean_hw": "MEAN",
               "fully_connected": "FULLY_CONNECTED", "softmax": "SOFTMAX"}
+# elementwise ops and joins (mobileqat.ops.elementwise). "requantize" is the QUANTIZE int8 -> int8 the
+# converter writes before a join input of another scale: like RESHAPE, provenance steps through it.
+TFLITE_OPS.update(sub="SUB", mul="MUL", concatenation="CONCATENATION", maximum="MAXIMUM", minimum="MINIMUM")
+_JOINS = {keras.layers.Concatenate: "concatenation", keras.layers.Maximum: "maximum", keras.layers.Minimum: "minimum"}
+_ARITHMETIC_MERGES = {keras.layers.Add: "add", keras.layers.Subtract: "sub", keras.layers.Multiply: "mul"}
+# ops whose output scale the converter may set to a join's scale (FoldTrivalRequantizeOp: the producer is
+# neither a same-scale nor a fixed-range op and the join is its only user); other producers get a requantize
+_FREE_SCALE = {"conv2d", "depthwise_conv2d", "fully_connected", "add", "sub", "mul", "mean_hw"}
 
 
 @dataclasses.dataclass
@@ -44,8 +52,9 @@ class QTensor:
 @dataclasses.dataclass
 class IntOp:
     """One int8 op: kind ("conv2d", "depthwise_conv2d", "add", "mean_hw", "fully_connected",
-    "softmax", "reshape", "identity"), input tensor names, output tensor name and the op's constant
-    parameters (int8 weights as TFLite stores them, int32 bias, float32 filter scales, ...)."""
+    "softmax", "reshape", "identity", or a kind of ``mobileqat.ops.KERNELS``: "sub", "mul",
+    "concatenation", "maximum", "minimum", "requantize", ...), input tensor names, output tensor name
+    and the op's constant parameters (int8 weights as TFLite stores them, int32 bias, float32 filter scales, ...)."""
     kind: str
     inputs: tuple
     output: str
@@ -110,9 +119,6 @@ class IntegerModel:
             return arith.fully_connected(xs[0], t_in[0].scale, t_in[0].zero_point, p["weights"],
                                          p["filter_scales"], p["bias"], t_out.scale, t_out.zero_point,
                                          act_range=act)
-        if op.kind == "add":
-            return arith.add(xs[0], t_in[0].scale, t_in[0].zero_point, xs[1], t_in[1].scale, t_in[1].zero_point,
-                             t_out.scale, t_out.zero_point, act_range=act)
         if op.kind == "mean_hw":
             return arith.mean_hw(xs[0], t_in[0].scale, t_in[0].zero_point, t_out.scale, t_out.zero_point)
         if op.kind == "softmax":
@@ -244,7 +250,10 @@ def lower(qat_model):
                              "returned by mobileqat.quantize.")
         inner = layer.layer
         add_tensor(layer.name, _output_range(layer), like=srcs[0])
-        ops.append(_lower_layer(layer, inner, srcs, tensors, double_scale))
+        op = _lower_layer(layer, inner, srcs, tensors, double_scale)
+        if op.kind in _JOINS.values():
+            ops.extend(_join_inputs(op, ops, tensors, double_scale, inbound))
+        ops.append(op)
         output_name = layer.name
     if input_name is None:
         raise ValueError("the model has no QuantizeLayer at its input; lower a model returned by mobileqat.quantize.")
@@ -277,8 +286,18 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
         return IntOp("fully_connected", (srcs[0],), name, dict(
             weights=q.T.copy(), filter_scales=scales, bias=_quantize_bias(bias, double_scale[srcs[0]], scales_d[0]),
             activation=_activation(inner)))
-    if isinstance(inner, keras.layers.Add) and len(srcs) == 2:
-        return IntOp("add", tuple(srcs), name)
+    merge = next((kind for cls, kind in {**_ARITHMETIC_MERGES, **_JOINS}.items() if type(inner) is cls), None)
+    if merge is not None:
+        if len(srcs) != 2 and merge != "concatenation":
+            raise ValueError(f"{where} has {len(srcs)} inputs; the int8 op takes two (mobileqat.quantize splits "
+                             "such merges into a chain of two-input layers: quantize the float model again).")
+        if merge != "concatenation":
+            return IntOp(merge, tuple(srcs), name)
+        rank = len(inner.output_shape)
+        axis = inner.axis % rank
+        if axis == 0:
+            raise ValueError(f"{where} concatenates along the batch axis; the int8 path concatenates features.")
+        return IntOp("concatenation", tuple(srcs), name, dict(axis=axis))
     if isinstance(inner, keras.layers.GlobalAveragePooling2D) and not inner.keepdims:
         return IntOp("mean_hw", (srcs[0],), name)
     if isinstance(inner, (keras.layers.Activation, keras.layers.Softmax)) and _is_softmax(inner):
@@ -289,7 +308,44 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
         shape = tuple(inner.output_shape[1:])
         return IntOp("reshape", (srcs[0],), name, dict(shape=shape))
     raise ValueError(f"{where} has no int8 op in mobileqat.lowering yet (supported: folded Conv/Depthwise+BN, "
-                     "Dense, Add of two inputs, GlobalAveragePooling2D, softmax, Dropout, Reshape/Flatten).")
+                     "Dense, Add/Subtract/Multiply/Maximum/Minimum of two inputs, Concatenate, GlobalAveragePooling2D, "
+                     "softmax, Dropout, Reshape/Flatten).")
+
+
+def _join_inputs(op, ops, tensors, double_scale, inbound):
+    """Give every input of a same-scale join (CONCATENATION, MAXIMUM, MINIMUM) the join's output scale
+    and zero point, as the converter does: an input produced by a free-scale op (through Dropout-like
+    identities) that the join alone uses is written at the join's scale (the requantize is folded into
+    its producer); any other input gets a "requantize" op (QUANTIZE int8 -> int8). Returns the ops to
+    run before the join; ``op.inputs`` then names the requantized tensors."""
+    uses = {}
+    for sources in inbound.values():
+        for s in sources:
+            uses[s] = uses.get(s, 0) + 1
+    producer = {o.output: o for o in ops}
+    target = tensors[op.output]
+    inputs, extra = [], []
+    for i, src in enumerate(op.inputs):
+        t = tensors[src]
+        if (t.scale, t.zero_point) == (target.scale, target.zero_point):
+            inputs.append(src)
+            continue
+        chain = [src]
+        while chain[-1] in producer and producer[chain[-1]].kind == "identity" and uses.get(chain[-1]) == 1:
+            chain.append(producer[chain[-1]].inputs[0])
+        if all(uses.get(n) == 1 for n in chain) and chain[-1] in producer and producer[chain[-1]].kind in _FREE_SCALE:
+            for n in chain:
+                tensors[n] = dataclasses.replace(target, name=n)
+                double_scale[n] = double_scale[op.output]
+            inputs.append(src)
+            continue
+        name = f"{src}/requantized_for/{op.output}:{i}"
+        tensors[name] = dataclasses.replace(target, name=name)
+        double_scale[name] = double_scale[op.output]
+        extra.append(IntOp("requantize", (src,), name))
+        inputs.append(name)
+    op.inputs = tuple(inputs)
+    return extra
 
 
 def _is_softmax(layer):

@@ -99,42 +99,89 @@ def _file_graph(path):
     return it, {t["index"]: t for t in it.get_tensor_details()}, it._get_ops_details()
 
 
+_STEP_THROUGH = ("QUANTIZE", "RESHAPE")  # file ops that move or requantize a tensor: no twin op of their own
+
+
 def first_difference(integer_model, path):
     """The first place where ``integer_model`` (from ``mobileqat.lower``) and the .tflite differ, as
-    text naming the file's tensor and the twin's layer, or None when they hold the same graph."""
+    text naming the file's tensor and the twin's layer, or None when they hold the same graph.
+
+    Ops are matched by the graph, not by position: the converter orders branches its own way. Each
+    twin op (kinds in ``TFLITE_OPS``, in twin order) is matched with the file op that takes the same
+    tensors; QUANTIZE (int8 -> int8 requantize) and RESHAPE in the file, and the twin's
+    "requantize", "reshape" and "identity", pass their input through. "op i" counts the file's ops
+    (int8 outputs, QUANTIZE/RESHAPE and shape arithmetic left out)."""
     from mobileqat.lowering import TFLITE_OPS
     it, tensors, ops = _file_graph(path)
-    file_ops = [op for op in ops if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE", "RESHAPE")]
-    twin_ops = [op for op in integer_model.ops if op.kind in TFLITE_OPS]
+    graph_in = int(it.get_input_details()[0]["index"])
+    activations, alias, file_ops = {graph_in}, {}, []
+    for op in ops:
+        ins = [int(i) for i in op["inputs"] if int(i) >= 0]
+        out = int(op["outputs"][0])
+        if np.dtype(tensors[out]["dtype"]) not in (np.int8, np.uint8, np.int16):
+            continue  # DEQUANTIZE at a float output, SHAPE / STRIDED_SLICE / PACK of a reshape's shape
+        activations.add(out)
+        if op["op_name"] == "QUANTIZE" and ins == [graph_in] and np.dtype(tensors[graph_in]["dtype"]) == np.float32:
+            graph_in = out  # float input: the int8 graph starts at its QUANTIZE
+        elif op["op_name"] in _STEP_THROUGH and ins:
+            alias[out] = alias.get(ins[0], ins[0])
+        else:
+            file_ops.append(dict(op, ins=[alias.get(i, i) for i in ins if i in activations], out=out))
+    twin_alias, twin_ops = {}, []
+    for op in integer_model.ops:
+        if op.kind in TFLITE_OPS:
+            twin_ops.append(op)
+        else:
+            twin_alias[op.output] = twin_alias.get(op.inputs[0], op.inputs[0])
     if file_ops and integer_model.input is not None:
-        t_in = tensors[file_ops[0]["inputs"][0]]
-        why = _quantization_difference(t_in, integer_model.input)
+        why = _quantization_difference(tensors[graph_in], integer_model.input)
         if why:
-            return f"input tensor '{_short(t_in['name'])}': {why}"
-    for i in range(max(len(file_ops), len(twin_ops))):
-        if i >= len(file_ops) or i >= len(twin_ops):
-            extra = (f"the model has {twin_ops[i].kind} (layer '{twin_ops[i].output}')" if i < len(twin_ops)
-                     else f"the file has {file_ops[i]['op_name']}")
-            return f"op {i}: {extra} where the other has none (file: {len(file_ops)} ops, model: {len(twin_ops)})"
-        fop, lop = file_ops[i], twin_ops[i]
-        if fop["op_name"] != TFLITE_OPS[lop.kind]:
-            return (f"op {i}: the file has {fop['op_name']} where the model has {TFLITE_OPS[lop.kind]} "
-                    f"(layer '{lop.output}')")
-        t_out = tensors[fop["outputs"][0]]
-        why = _quantization_difference(t_out, integer_model.tensors[lop.output])
-        if why:
-            return f"tensor '{_short(t_out['name'])}' (layer '{lop.output}'): {why}"
-        if "weights" in lop.params:
-            t_w, t_b = tensors[fop["inputs"][1]], tensors[fop["inputs"][2]]
-            checks = (("weights", it.get_tensor(t_w["index"]), lop.params["weights"]),
-                      ("filter scales", t_w["quantization_parameters"]["scales"],
-                       np.atleast_1d(lop.params["filter_scales"])),
-                      ("bias", it.get_tensor(t_b["index"]), lop.params["bias"]))
-            for what, in_file, in_model in checks:
-                why = _array_difference(in_file, in_model)
-                if why:
-                    tensor = t_b if what == "bias" else t_w
-                    return f"tensor '{_short(tensor['name'])}' ({what} of layer '{lop.output}'): {why}"
+            return f"input tensor '{_short(tensors[graph_in]['name'])}': {why}"
+    mapped = {integer_model.input.name: graph_in}
+    matched = set()
+    counts = f"(file: {len(file_ops)} ops, model: {len(twin_ops)})"
+    for lop in twin_ops:
+        want = [mapped.get(twin_alias.get(n, n)) for n in lop.inputs]
+        candidates = [i for i, fop in enumerate(file_ops) if i not in matched and fop["ins"] == want]
+        if not candidates:
+            rest = [i for i in range(len(file_ops)) if i not in matched]
+            if not rest:
+                return (f"op {len(file_ops)}: the model has {lop.kind} (layer '{lop.output}') where the other "
+                        f"has none {counts}")
+            return (f"op {rest[0]}: the file has {file_ops[rest[0]]['op_name']} where the model has "
+                    f"{TFLITE_OPS[lop.kind]} (layer '{lop.output}')")
+        whys = [_op_difference(it, tensors, file_ops[i], lop, integer_model, TFLITE_OPS) for i in candidates]
+        best = next((i for i, why in zip(candidates, whys) if why is None), None)
+        if best is None:
+            same = [w for i, w in zip(candidates, whys) if file_ops[i]["op_name"] == TFLITE_OPS[lop.kind]]
+            return same[0] if same else f"op {candidates[0]}: {whys[0]}"
+        matched.add(best)
+        mapped[lop.output] = file_ops[best]["out"]
+    rest = [i for i in range(len(file_ops)) if i not in matched]
+    if rest:
+        return f"op {rest[0]}: the file has {file_ops[rest[0]]['op_name']} where the other has none {counts}"
+    return None
+
+
+def _op_difference(it, tensors, fop, lop, integer_model, tflite_ops):
+    """Why file op ``fop`` is not the twin's op ``lop`` (kind, output quantization, weights), or None."""
+    if fop["op_name"] != tflite_ops[lop.kind]:
+        return f"the file has {fop['op_name']} where the model has {tflite_ops[lop.kind]} (layer '{lop.output}')"
+    t_out = tensors[fop["out"]]
+    why = _quantization_difference(t_out, integer_model.tensors[lop.output])
+    if why:
+        return f"tensor '{_short(t_out['name'])}' (layer '{lop.output}'): {why}"
+    if "weights" in lop.params:
+        t_w, t_b = tensors[fop["inputs"][1]], tensors[fop["inputs"][2]]
+        checks = (("weights", it.get_tensor(t_w["index"]), lop.params["weights"]),
+                  ("filter scales", t_w["quantization_parameters"]["scales"],
+                   np.atleast_1d(lop.params["filter_scales"])),
+                  ("bias", it.get_tensor(t_b["index"]), lop.params["bias"]))
+        for what, in_file, in_model in checks:
+            why = _array_difference(in_file, in_model)
+            if why:
+                tensor = t_b if what == "bias" else t_w
+                return f"tensor '{_short(tensor['name'])}' ({what} of layer '{lop.output}'): {why}"
     return None
 
 

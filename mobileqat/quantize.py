@@ -3,7 +3,9 @@
 Steps: ``audit`` the float model against the refusal list below (``MODEL_RULES``, ``LAYER_RULES``) and
 refuse, in one ValueError, every layer mobileqat cannot quantize, with its class and the fix, before any
 layer is rebuilt or reaches tfmot; split softmax/sigmoid out of Conv/Dense layers
-(``transforms.split_activations``); fold BatchNorm into the convolutions (``transforms.fold_batchnorm``); give every layer a ``QuantizeConfig`` from the scheme; let tfmot wrap
+(``transforms.split_activations``); split Add/Multiply/Maximum/Minimum of more than two inputs into
+pairs (``transforms.split_merges``); fold BatchNorm into the convolutions (``transforms.fold_batchnorm``);
+give every layer a ``QuantizeConfig`` from the scheme; let tfmot wrap
 the layers (``quantize_annotate_layer`` + ``quantize_apply``).
 """
 from typing import NamedTuple
@@ -21,7 +23,7 @@ L = keras.layers
 _PASS_THROUGH = (L.MaxPooling2D, L.Reshape, L.Flatten, L.Dropout, L.ZeroPadding2D, L.Cropping2D,
                  L.GlobalMaxPooling2D, L.SpatialDropout2D, L.GaussianNoise, L.Permute)
 # Layers whose output gets its own (moving-average) range.
-_REQUANTIZE = (L.Add, L.Subtract, L.Multiply, L.Concatenate, L.Average, L.Maximum, L.Minimum,
+_REQUANTIZE = (L.Add, L.Subtract, L.Multiply, L.Concatenate, L.Maximum, L.Minimum,
                L.GlobalAveragePooling2D, L.AveragePooling2D, L.UpSampling2D)
 _WEIGHTED = (L.Dense, L.Conv2D)  # exact types: their kernel is fake-quantized in place
 _FOLDED_ONLY = (L.DepthwiseConv2D, L.BatchNormalization)  # quantized only as a FoldedConvBN
@@ -154,6 +156,7 @@ _NO_MAPPING_FIX = {  # class name -> fix, where a plainer one than "replace it" 
     "Conv2DTranspose": "use UpSampling2D followed by Conv2D",
     "LeakyReLU": "use ReLU or ReLU6", "PReLU": "use ReLU or ReLU6", "ELU": "use ReLU or ReLU6",
     "ThresholdedReLU": "use ReLU or ReLU6",
+    "Average": "use Add: the converter leaves Average's division by the input count in float (no int8 op)",
     "Rescaling": "scale the images in the input pipeline, before the model",
     "Normalization": "normalize the images in the input pipeline, before the model",
     "SyncBatchNormalization": "use layers.BatchNormalization",
@@ -351,7 +354,7 @@ def quantize(model, scheme="w8a8"):
     problems = audit(model)
     if problems:
         raise _refusal(model, problems)
-    split = transforms.split_activations(model)
+    split = transforms.split_merges(transforms.split_activations(model))
     folded = transforms.fold_batchnorm(split, weight_quantizer=scheme.weight_quantizer())
     configs = {}
     for layer in folded.layers:
