@@ -293,7 +293,7 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
                              "such merges into a chain of two-input layers: quantize the float model again).")
         if merge != "concatenation":
             return IntOp(merge, tuple(srcs), name)
-        rank = len(inner.output_shape)
+        rank = len(wrapper.output_shape)
         axis = inner.axis % rank
         if axis == 0:
             raise ValueError(f"{where} concatenates along the batch axis; the int8 path concatenates features.")
@@ -305,7 +305,7 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
     if isinstance(inner, _IDENTITY):
         return IntOp("identity", (srcs[0],), name)
     if isinstance(inner, _RESHAPE):
-        shape = tuple(inner.output_shape[1:])
+        shape = tuple(wrapper.output_shape[1:])  # the inner layer of a reloaded model was never called
         return IntOp("reshape", (srcs[0],), name, dict(shape=shape))
     raise ValueError(f"{where} has no int8 op in mobileqat.lowering yet (supported: folded Conv/Depthwise+BN, "
                      "Dense, Add/Subtract/Multiply/Maximum/Minimum of two inputs, Concatenate, GlobalAveragePooling2D, "
