@@ -7,8 +7,9 @@
 ``check(model, path)`` is what ``validate``, ``debug`` and ``run`` call before comparing numbers:
 - the file's fingerprint equals the model's: it belongs (cheap, no file parsing beyond metadata);
 - otherwise, for an integer file and a model that lowers, the integer twin (``mobileqat.lower``) is
-  compared with the file op by op: op sequence, tensor scales and zero points, int8 weights, filter
-  scales, int32 biases. The first difference raises ``FileMismatchError`` naming the tensor;
+  compared with the file op by op, ops matched through the graph (not by position): op kinds, tensor
+  scales and zero points, int8 weights, filter scales, int32 biases. The first difference raises
+  ``FileMismatchError`` naming the tensor;
 - a fingerprint that differs and no twin to say more also raises; no fingerprint and no twin is
   reported as unchecked.
 """
