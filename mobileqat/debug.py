@@ -115,7 +115,7 @@ def debug_fidelity(qat_model, tflite_path, samples, compare_runtime="builtin", g
     last_tensor = {}
     for t in ref:
         owner = _layer_of(t["name"], names)
-        if owner:
+        if owner and not (t["op"] == "QUANTIZE" and owner in last_tensor):  # not a copy requantized for a join
             last_tensor[owner] = t
     if in_scale and layers and layers[0].name not in last_tensor:  # integer input: the graph input
         xq = rt.TFLiteModel(tflite_path, "reference").quantize_input(x)
@@ -124,7 +124,9 @@ def debug_fidelity(qat_model, tflite_path, samples, compare_runtime="builtin", g
     integer_values, integer_error = _integer_activations(qat_model, x)
     xnnpack_values, xnnpack_error = _integer_activations(qat_model, x, "xnnpack") if integer_values else ({}, None)
     twin_check = _xnnpack_twin_check(tflite_path, x, xnnpack_values) if xnnpack_values else None
-    probe = keras.Model(qat_model.inputs, [layer.output for layer in layers])
+    from mobileqat.transforms import layer_nodes
+    nodes = layer_nodes(qat_model)  # tfmot calls the input's QuantizeLayer once more, outside this model,
+    probe = keras.Model(qat_model.inputs, [nodes[layer.name][0].outputs for layer in layers])  # when it feeds 2+ layers
     if in_scale:
         x_seen = (quantize_output(x, in_scale, in_zero, "int8").astype(np.float32) - in_zero) * in_scale
     else:

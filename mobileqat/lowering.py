@@ -35,6 +35,14 @@ TFLITE_OPS = {"conv2d": "CONV_2D", "depthwise_conv2d": "DEPTHWISE_CONV_2D", "add
               "transpose_conv": "TRANSPOSE_CONV"}
 TFLITE_OPS.update(max_pool2d="MAX_POOL_2D", average_pool2d="AVERAGE_POOL_2D", pad="PAD",  # mobileqat.ops.pooling
                   strided_slice="STRIDED_SLICE", reduce_max_hw="REDUCE_MAX")
+# elementwise ops and joins (mobileqat.ops.elementwise). "requantize" is the QUANTIZE int8 -> int8 the
+# converter writes before a join input of another scale: like RESHAPE, provenance steps through it.
+TFLITE_OPS.update(sub="SUB", mul="MUL", concatenation="CONCATENATION", maximum="MAXIMUM", minimum="MINIMUM")
+_JOINS = {keras.layers.Concatenate: "concatenation", keras.layers.Maximum: "maximum", keras.layers.Minimum: "minimum"}
+_ARITHMETIC_MERGES = {keras.layers.Add: "add", keras.layers.Subtract: "sub", keras.layers.Multiply: "mul"}
+# ops whose output scale the converter may set to a join's scale (FoldTrivalRequantizeOp: the producer is
+# neither a same-scale nor a fixed-range op and the join is its only user); other producers get a requantize
+_FREE_SCALE = {"conv2d", "depthwise_conv2d", "fully_connected", "add", "sub", "mul", "mean_hw"}
 
 
 @dataclasses.dataclass
@@ -47,10 +55,10 @@ class QTensor:
 
 @dataclasses.dataclass
 class IntOp:
-    """One int8 op: kind ("conv2d", "depthwise_conv2d", "add", "fully_connected", "softmax", "reshape",
-    "identity", or a kind of ``mobileqat.ops``: "mean_hw", "max_pool2d", ...), input tensor names, output
-    tensor name and the op's constant parameters (int8 weights as TFLite stores them, int32 bias, float32
-    filter scales, pool sizes, ...)."""
+    """One int8 op: kind ("conv2d", "depthwise_conv2d", "fully_connected", "softmax", "reshape",
+    "identity", or a kind of ``mobileqat.ops.KERNELS``: "add", "mean_hw", "max_pool2d", "sub", "mul",
+    "concatenation", "requantize", ...), input tensor names, output tensor name and the op's constant
+    parameters (int8 weights as TFLite stores them, int32 bias, float32 filter scales, pool sizes, ...)."""
     kind: str
     inputs: tuple
     output: str
@@ -115,9 +123,6 @@ class IntegerModel:
             return arith.fully_connected(xs[0], t_in[0].scale, t_in[0].zero_point, p["weights"],
                                          p["filter_scales"], p["bias"], t_out.scale, t_out.zero_point,
                                          act_range=act)
-        if op.kind == "add":
-            return arith.add(xs[0], t_in[0].scale, t_in[0].zero_point, xs[1], t_in[1].scale, t_in[1].zero_point,
-                             t_out.scale, t_out.zero_point, act_range=act)
         if op.kind == "softmax":
             return arith.softmax(xs[0], t_in[0].scale, t_in[0].zero_point)
         raise ValueError(f"unknown op kind {op.kind!r}")
@@ -247,7 +252,10 @@ def lower(qat_model):
                              "returned by mobileqat.quantize.")
         inner = layer.layer
         add_tensor(layer.name, _output_range(layer), like=srcs[0])
-        ops.append(_lower_layer(layer, inner, srcs, tensors, double_scale))
+        op = _lower_layer(layer, inner, srcs, tensors, double_scale)
+        if op.kind in _JOINS.values():
+            ops.extend(_join_inputs(op, ops, tensors, double_scale, inbound))
+        ops.append(op)
         output_name = layer.name
     if input_name is None:
         raise ValueError("the model has no QuantizeLayer at its input; lower a model returned by mobileqat.quantize.")
@@ -300,8 +308,18 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
             raise ValueError(f"{where}: interpolation '{inner.interpolation}' to size {size} has no int8 op here "
                              "(nearest or bilinear to a fixed size only).")
         return IntOp(f"resize_{inner.interpolation}", (srcs[0],), name, dict(size=size))
-    if isinstance(inner, keras.layers.Add) and len(srcs) == 2:
-        return IntOp("add", tuple(srcs), name)
+    merge = next((kind for cls, kind in {**_ARITHMETIC_MERGES, **_JOINS}.items() if type(inner) is cls), None)
+    if merge is not None:
+        if len(srcs) != 2 and merge != "concatenation":
+            raise ValueError(f"{where} has {len(srcs)} inputs; the int8 op takes two (mobileqat.quantize splits "
+                             "such merges into a chain of two-input layers: quantize the float model again).")
+        if merge != "concatenation":
+            return IntOp(merge, tuple(srcs), name)
+        rank = len(wrapper.output_shape)
+        axis = inner.axis % rank
+        if axis == 0:
+            raise ValueError(f"{where} concatenates along the batch axis; the int8 path concatenates features.")
+        return IntOp("concatenation", tuple(srcs), name, dict(axis=axis))
     pooling = _lower_pooling(wrapper, inner, srcs, where)
     if pooling is not None:
         return pooling
@@ -310,11 +328,11 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
     if isinstance(inner, _IDENTITY):
         return IntOp("identity", (srcs[0],), name)
     if isinstance(inner, _RESHAPE):
-        shape = tuple(inner.output_shape[1:])
+        shape = tuple(wrapper.output_shape[1:])  # the inner layer of a reloaded model was never called
         return IntOp("reshape", (srcs[0],), name, dict(shape=shape))
     raise ValueError(f"{where} has no int8 op in mobileqat.lowering yet (supported: folded Conv/Depthwise+BN, "
-                     "Dense, Conv2DTranspose, Add of two inputs, UpSampling2D, Resizing, Max/AveragePooling2D, "
-                     "Global{Average,Max}Pooling2D, ZeroPadding2D, "
+                     "Dense, Conv2DTranspose, Add/Subtract/Multiply/Maximum/Minimum of two inputs, Concatenate, "
+                     "UpSampling2D, Resizing, Max/AveragePooling2D, Global{Average,Max}Pooling2D, ZeroPadding2D, "
                      "Cropping2D, softmax, Dropout, Reshape/Flatten).")
 
 
@@ -356,6 +374,42 @@ def _lower_transpose_conv(wrapper, inner, srcs, double_scale, where):
     return IntOp("transpose_conv", (srcs[0],), wrapper.name, dict(
         weights=q.transpose(2, 0, 1, 3).copy(), filter_scales=scales, bias=bias, stride=tuple(inner.strides),
         padding=inner.padding.upper(), output_size=size, activation=_activation(inner)))
+
+
+def _join_inputs(op, ops, tensors, double_scale, inbound):
+    """Give every input of a same-scale join (CONCATENATION, MAXIMUM, MINIMUM) the join's output scale
+    and zero point, as the converter does: an input produced by a free-scale op (through Dropout-like
+    identities) that the join alone uses is written at the join's scale (the requantize is folded into
+    its producer); any other input gets a "requantize" op (QUANTIZE int8 -> int8). Returns the ops to
+    run before the join; ``op.inputs`` then names the requantized tensors."""
+    uses = {}
+    for sources in inbound.values():
+        for s in sources:
+            uses[s] = uses.get(s, 0) + 1
+    producer = {o.output: o for o in ops}
+    target = tensors[op.output]
+    inputs, extra = [], []
+    for i, src in enumerate(op.inputs):
+        t = tensors[src]
+        if (t.scale, t.zero_point) == (target.scale, target.zero_point):
+            inputs.append(src)
+            continue
+        chain = [src]
+        while chain[-1] in producer and producer[chain[-1]].kind == "identity" and uses.get(chain[-1]) == 1:
+            chain.append(producer[chain[-1]].inputs[0])
+        if all(uses.get(n) == 1 for n in chain) and chain[-1] in producer and producer[chain[-1]].kind in _FREE_SCALE:
+            for n in chain:
+                tensors[n] = dataclasses.replace(target, name=n)
+                double_scale[n] = double_scale[op.output]
+            inputs.append(src)
+            continue
+        name = f"{src}/requantized_for/{op.output}:{i}"
+        tensors[name] = dataclasses.replace(target, name=name)
+        double_scale[name] = double_scale[op.output]
+        extra.append(IntOp("requantize", (src,), name))
+        inputs.append(name)
+    op.inputs = tuple(inputs)
+    return extra
 
 
 def _is_softmax(layer):

@@ -7,14 +7,14 @@
 ``check(model, path)`` is what ``validate``, ``debug`` and ``run`` call before comparing numbers:
 - the file's fingerprint equals the model's: it belongs (cheap, no file parsing beyond metadata);
 - otherwise, for an integer file and a model that lowers, the integer twin (``mobileqat.lower``) is
-  compared with the file op by op: op sequence, tensor scales and zero points, int8 weights, filter
-  scales, int32 biases. The first difference raises ``FileMismatchError`` naming the tensor;
+  compared with the file op by op, ops matched through the graph (not by position): op kinds, tensor
+  scales and zero points, int8 weights, filter scales, int32 biases. The first difference raises
+  ``FileMismatchError`` naming the tensor;
 - a fingerprint that differs and no twin to say more also raises; no fingerprint and no twin is
   reported as unchecked.
 """
 import hashlib
 import json
-import re
 
 import numpy as np
 
@@ -100,108 +100,102 @@ def _file_graph(path):
     return it, {t["index"]: t for t in it.get_tensor_details()}, it._get_ops_details()
 
 
+_STEP_THROUGH = ("QUANTIZE", "RESHAPE")  # file ops that move or requantize a tensor: no twin op of their own
+
+
 def first_difference(integer_model, path):
     """The first place where ``integer_model`` (from ``mobileqat.lower``) and the .tflite differ, as
-    text naming the file's tensor and the twin's layer, or None when they hold the same graph."""
+    text naming the file's tensor and the twin's layer, or None when they hold the same graph.
+
+    Ops are matched by the graph, not by position: the converter orders branches its own way. Each
+    twin op (kinds in ``TFLITE_OPS``, in twin order) is matched with the file op that takes the same
+    tensors; QUANTIZE (int8 -> int8 requantize) and RESHAPE in the file, and the twin's
+    "requantize", "reshape" and "identity", pass their input through. "op i" counts the file's ops
+    (int8 outputs, QUANTIZE/RESHAPE and shape arithmetic left out)."""
     from mobileqat.lowering import TFLITE_OPS
     it, tensors, ops = _file_graph(path)
-    file_ops = [op for op in ops if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE", "RESHAPE")
-                and not _shape_arithmetic(op, tensors)]
-    twin_ops = [op for op in integer_model.ops if op.kind in TFLITE_OPS]
+    graph_in = int(it.get_input_details()[0]["index"])
+    activations, alias, file_ops = {graph_in}, {}, []
+    for op in ops:
+        ins = [int(i) for i in op["inputs"] if int(i) >= 0]
+        out = int(op["outputs"][0])
+        if np.dtype(tensors[out]["dtype"]) not in (np.int8, np.uint8, np.int16):
+            continue  # DEQUANTIZE at a float output, SHAPE / STRIDED_SLICE / PACK of a reshape's shape
+        activations.add(out)
+        if op["op_name"] == "QUANTIZE" and ins == [graph_in] and np.dtype(tensors[graph_in]["dtype"]) == np.float32:
+            graph_in = out  # float input: the int8 graph starts at its QUANTIZE
+        elif op["op_name"] in _STEP_THROUGH and ins:
+            alias[out] = alias.get(ins[0], ins[0])
+        else:
+            file_ops.append(dict(op, ins=[alias.get(i, i) for i in ins if i in activations], out=out))
+    twin_alias, twin_ops = {}, []
+    for op in integer_model.ops:
+        if op.kind in TFLITE_OPS:
+            twin_ops.append(op)
+        else:
+            twin_alias[op.output] = twin_alias.get(op.inputs[0], op.inputs[0])
     if file_ops and integer_model.input is not None:
-        t_in = tensors[file_ops[0]["inputs"][_DATA_INPUT.get(file_ops[0]["op_name"], 0)]]
-        why = _quantization_difference(t_in, integer_model.input)
+        why = _quantization_difference(tensors[graph_in], integer_model.input)
         if why:
-            return f"input tensor '{_short(t_in['name'])}': {why}"
-    why = _first_op_difference(it, tensors, file_ops, twin_ops, integer_model)
-    if why is None:
-        return None
-    # The converter may list parallel branches in another order than the Keras layers: when the twin's ops
-    # pair with the file's along the graph's edges, compare them so paired (no difference or a value one).
-    paired, same_graph = _in_file_order(ops, twin_ops, integer_model, int(it.get_input_details()[0]["index"]),
-                                        tensors)
-    return _first_op_difference(it, tensors, file_ops, paired, integer_model) if same_graph else why
+            return f"input tensor '{_short(tensors[graph_in]['name'])}': {why}"
+    mapped = {integer_model.input.name: graph_in}
+    matched = set()
+    counts = f"(file: {len(file_ops)} ops, model: {len(twin_ops)})"
+    for lop in twin_ops:
+        want = [mapped.get(twin_alias.get(n, n)) for n in lop.inputs]
+        candidates = [i for i, fop in enumerate(file_ops) if i not in matched and fop["ins"] == want]
+        if not candidates:
+            rest = [i for i in range(len(file_ops)) if i not in matched]
+            if not rest:
+                return (f"op {len(file_ops)}: the model has {lop.kind} (layer '{lop.output}') where the other "
+                        f"has none {counts}")
+            return (f"op {rest[0]}: the file has {file_ops[rest[0]]['op_name']} where the model has "
+                    f"{TFLITE_OPS[lop.kind]} (layer '{lop.output}')")
+        whys = [_op_difference(it, tensors, file_ops[i], lop, integer_model, TFLITE_OPS) for i in candidates]
+        best = next((i for i, why in zip(candidates, whys) if why is None), None)
+        if best is None:
+            same = [w for i, w in zip(candidates, whys) if file_ops[i]["op_name"] == TFLITE_OPS[lop.kind]]
+            return same[0] if same else f"op {candidates[0]}: {whys[0]}"
+        matched.add(best)
+        mapped[lop.output] = file_ops[best]["out"]
+    rest = [i for i in range(len(file_ops)) if i not in matched]
+    if rest:
+        return f"op {rest[0]}: the file has {file_ops[rest[0]]['op_name']} where the other has none {counts}"
+    return None
 
 
-def _first_op_difference(it, tensors, file_ops, twin_ops, integer_model):
-    from mobileqat.lowering import TFLITE_OPS
-    for i in range(max(len(file_ops), len(twin_ops))):
-        if i >= len(file_ops) or i >= len(twin_ops):
-            extra = (f"the model has {twin_ops[i].kind} (layer '{twin_ops[i].output}')" if i < len(twin_ops)
-                     else f"the file has {file_ops[i]['op_name']}")
-            return f"op {i}: {extra} where the other has none (file: {len(file_ops)} ops, model: {len(twin_ops)})"
-        fop, lop = file_ops[i], twin_ops[i]
-        if fop["op_name"] != TFLITE_OPS[lop.kind]:
-            return (f"op {i}: the file has {fop['op_name']} where the model has {TFLITE_OPS[lop.kind]} "
-                    f"(layer '{lop.output}')")
-        t_out = tensors[fop["outputs"][0]]
-        why = _quantization_difference(t_out, integer_model.tensors[lop.output])
-        if why:
-            return f"tensor '{_short(t_out['name'])}' (layer '{lop.output}'): {why}"
-        if "weights" in lop.params:
-            t_w = tensors[fop["inputs"][1]]
-            bias_at = _BIAS_INPUT.get(fop["op_name"], 2)
-            has_bias = len(fop["inputs"]) > bias_at and fop["inputs"][bias_at] >= 0
-            t_b = tensors[fop["inputs"][bias_at]] if has_bias else None
-            checks = (("weights", it.get_tensor(t_w["index"]), lop.params["weights"]),
-                      ("filter scales", t_w["quantization_parameters"]["scales"],
-                       np.atleast_1d(lop.params["filter_scales"])),
-                      ("bias", None if t_b is None else it.get_tensor(t_b["index"]), lop.params["bias"]))
-            for what, in_file, in_model in checks:
-                if in_file is None or in_model is None:  # an op without bias (TRANSPOSE_CONV writes none)
-                    if in_file is not in_model:
-                        return (f"op {i} (layer '{lop.output}'): the {'file' if in_model is None else 'model'} "
-                                f"has a {what} where the other has none")
-                    continue
-                why = _array_difference(in_file, in_model)
-                if why:
-                    tensor = t_b if what == "bias" else t_w
-                    return f"tensor '{_short(tensor['name'])}' ({what} of layer '{lop.output}'): {why}"
+def _op_difference(it, tensors, fop, lop, integer_model, tflite_ops):
+    """Why file op ``fop`` is not the twin's op ``lop`` (kind, output quantization, weights), or None."""
+    if fop["op_name"] != tflite_ops[lop.kind]:
+        return f"the file has {fop['op_name']} where the model has {tflite_ops[lop.kind]} (layer '{lop.output}')"
+    t_out = tensors[fop["out"]]
+    why = _quantization_difference(t_out, integer_model.tensors[lop.output])
+    if why:
+        return f"tensor '{_short(t_out['name'])}' (layer '{lop.output}'): {why}"
+    if "weights" in lop.params:
+        t_w = tensors[fop["inputs"][1]]
+        bias_at = _BIAS_INPUT.get(fop["op_name"], 2)
+        has_bias = len(fop["inputs"]) > bias_at and fop["inputs"][bias_at] >= 0
+        t_b = tensors[fop["inputs"][bias_at]] if has_bias else None
+        checks = (("weights", it.get_tensor(t_w["index"]), lop.params["weights"]),
+                  ("filter scales", t_w["quantization_parameters"]["scales"],
+                   np.atleast_1d(lop.params["filter_scales"])),
+                  ("bias", None if t_b is None else it.get_tensor(t_b["index"]), lop.params["bias"]))
+        for what, in_file, in_model in checks:
+            if in_file is None or in_model is None:  # an op without bias (TRANSPOSE_CONV writes none)
+                if in_file is not in_model:
+                    return (f"layer '{lop.output}': the {'file' if in_model is None else 'model'} has a {what} "
+                            "where the other has none")
+                continue
+            why = _array_difference(in_file, in_model)
+            if why:
+                tensor = t_b if what == "bias" else t_w
+                return f"tensor '{_short(tensor['name'])}' ({what} of layer '{lop.output}'): {why}"
     return None
 
 
 # TRANSPOSE_CONV's inputs are (output shape, weights, data, bias); other ops start with the data input.
-_DATA_INPUT, _BIAS_INPUT = {"TRANSPOSE_CONV": 2}, {"TRANSPOSE_CONV": 3}
-_SHAPE_OPS = ("SHAPE", "STRIDED_SLICE", "PACK")
-
-
-def _shape_arithmetic(op, tensors):
-    """int32 ops computing a shape (TRANSPOSE_CONV's output shape under Keras' dynamic batch): no twin op."""
-    return op["op_name"] in _SHAPE_OPS and all(np.dtype(tensors[i]["dtype"]) == np.int32 for i in op["outputs"])
-
-
-def _in_file_order(ops, twin_ops, integer_model, input_index, tensors):
-    """``twin_ops`` paired with the file's ops by graph position, in the file's order. A file op pairs with
-    the unpaired twin op of the same TFLite op reading the twin tensors paired with its inputs (among
-    several, the one whose layer the file's output tensor names); with none, the first unpaired twin op,
-    which the comparison then reports. Twin ops left over follow, in their own order. Also returns whether every op
-    paired along the edges (the same graph, up to the order of parallel branches)."""
-    from mobileqat.lowering import TFLITE_OPS
-    alias = {}  # twin identity/reshape outputs -> the tensor they carry
-    for op in integer_model.ops:
-        if op.kind not in TFLITE_OPS and op.inputs:
-            alias[op.output] = alias.get(op.inputs[0], op.inputs[0])
-    paired, left, order, same_graph = {input_index: integer_model.input.name}, list(twin_ops), [], True
-    for op in ops:
-        mapped = sorted(paired[i] for i in op["inputs"] if i in paired)
-        if op["op_name"] in ("QUANTIZE", "DEQUANTIZE", "RESHAPE"):
-            if mapped:
-                paired[op["outputs"][0]] = mapped[0]
-            continue
-        if _shape_arithmetic(op, tensors):
-            continue
-        if not left:
-            return order, False
-        candidates = [t for t in left if TFLITE_OPS[t.kind] == op["op_name"]
-                      and sorted(alias.get(n, n) for n in t.inputs) == mapped]
-        named = [t for t in candidates
-                 if t.output in re.split("[;/]", tensors[op["outputs"][0]]["name"])]
-        same_graph &= bool(candidates)
-        pick = (named or candidates or left)[0]
-        left.remove(pick)
-        order.append(pick)
-        paired[op["outputs"][0]] = pick.output
-    return order + left, same_graph and not left
+_BIAS_INPUT = {"TRANSPOSE_CONV": 3}  # file ops whose bias is not input 2 (TRANSPOSE_CONV: shape, weights, data, bias)
 
 
 def _short(name):

@@ -1,7 +1,7 @@
 """quantize(model, scheme) -> a Keras QAT model that trains with model.fit.
 
 Steps: apply the rewrites of ``REWRITES`` (plain model -> model functions of ``mobileqat.transforms``:
-flatten nested models, TF ops to layers, split activations, separable and grouped convolutions,
+flatten nested models, TF ops to layers, split activations, n-input merges into pairs, separable and grouped convolutions,
 preprocessing and standalone BatchNorm to foldable pairs); ``audit`` the result against the refusal list
 below (``MODEL_RULES``, ``LAYER_RULES``) and refuse, in one ValueError, every layer mobileqat cannot
 quantize, with its class and the fix, before any layer reaches tfmot; fold BatchNorm into the
@@ -28,7 +28,7 @@ _PASS_THROUGH = (L.MaxPooling2D, L.AveragePooling2D, L.Reshape, L.Flatten, L.Dro
                  L.Cropping2D, L.GlobalMaxPooling2D, L.SpatialDropout2D, L.GaussianNoise, L.Permute,
                  L.UpSampling2D, L.Resizing)
 # Layers whose output gets its own (moving-average) range.
-_REQUANTIZE = (L.Add, L.Subtract, L.Multiply, L.Concatenate, L.Average, L.Maximum, L.Minimum,
+_REQUANTIZE = (L.Add, L.Subtract, L.Multiply, L.Concatenate, L.Maximum, L.Minimum,
                L.GlobalAveragePooling2D)
 _WEIGHTED = (L.Dense, L.Conv2D, L.Conv2DTranspose)  # exact types: their kernel is fake-quantized in place
 _FOLDED_ONLY = (L.DepthwiseConv2D, L.BatchNormalization)  # quantized only as a FoldedConvBN
@@ -166,6 +166,7 @@ _NO_MAPPING_FIX = {  # class name -> fix, where a plainer one than "replace it" 
     "SeparableConv2D": "split it into DepthwiseConv2D -> BatchNormalization -> 1x1 Conv2D -> BatchNormalization",
     "LeakyReLU": "use ReLU or ReLU6", "PReLU": "use ReLU or ReLU6", "ELU": "use ReLU or ReLU6",
     "ThresholdedReLU": "use ReLU or ReLU6",
+    "Average": "use Add: the converter leaves Average's division by the input count in float (no int8 op)",
     "Rescaling": "scale the images in the input pipeline, before the model",
     "Normalization": "normalize the images in the input pipeline, before the model",
     "SyncBatchNormalization": "use layers.BatchNormalization",
@@ -349,6 +350,7 @@ REWRITES = (
     transforms.flatten_nested,         # backbone nested in a head -> one flat graph
     transforms.tf_ops_to_layers,       # x + y, x * y, tf.nn.relu on Keras tensors -> Add, Multiply, ReLU
     transforms.split_activations,      # Conv/Dense(activation=softmax|sigmoid|swish) -> layer + Activation
+    transforms.split_merges,           # Add/Multiply/Maximum/Minimum of n > 2 inputs -> a chain of pairs
     transforms.swish_to_sigmoid,       # swish -> sigmoid and Multiply (LOGISTIC, MUL)
     transforms.grouped_to_depthwise,   # Conv2D(groups == channels) -> DepthwiseConv2D
     transforms.dense_to_conv,          # Dense on (N, H, W, C) -> 1x1 Conv2D

@@ -506,3 +506,43 @@ def standalone_batchnorm(model):
             return call
         return None
     return _rewrite(model, replace)
+
+
+# Merge layers whose Keras call of n > 2 inputs is n - 1 pairwise ops, left to right (exact types).
+SPLIT_MERGES = (keras.layers.Add, keras.layers.Multiply, keras.layers.Maximum, keras.layers.Minimum)
+
+
+class _MergeChain:
+    """Calls two-input merge layers left to right: [a, b, c] -> second([first([a, b]), c])."""
+
+    def __init__(self, layers):
+        self.layers = layers
+
+    def __call__(self, inputs, **kwargs):
+        out = inputs[0]
+        for layer, x in zip(self.layers, inputs[1:]):
+            out = layer([out, x], **kwargs)
+        return out
+
+
+def split_merges(model):
+    """Add / Multiply / Maximum / Minimum layers of n > 2 inputs become a chain of n - 1 two-input layers of
+    the same class named ``<layer>_1``, ..., ``<layer>_<n-2>`` and, last, ``<layer>`` (same function: Keras
+    itself combines the inputs left to right). The converter writes one int8 op per pair, each with the
+    output range its layer learns; a single layer would leave the partial results in float."""
+    _require_graph(model)
+
+    def split(layer):
+        return type(layer) in SPLIT_MERGES and len(tf.nest.flatten(layer.input)) > 2
+
+    if not any(split(layer) for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)):
+        return model
+
+    def replace(layer):
+        if isinstance(layer, keras.layers.InputLayer) or not split(layer):
+            return None
+        n = len(tf.nest.flatten(layer.input))
+        config = layer.get_config()
+        names = [f"{layer.name}_{i}" for i in range(1, n - 1)] + [layer.name]
+        return _MergeChain([type(layer).from_config(dict(config, name=name)) for name in names]), None, []
+    return rebuild(model, replace)
