@@ -18,7 +18,7 @@ import numpy as np
 
 from mobileqat import runtime as rt
 from mobileqat._tf import keras, tfmot
-from mobileqat.layers import FoldedConvBN
+from mobileqat.layers import FoldedConvBN, HardSigmoid, HardSwish
 from mobileqat.ops import KERNELS
 from mobileqat.quantizers import ActivationQuantizer, FixedRangeQuantizer
 
@@ -30,7 +30,9 @@ _IDENTITY = (keras.layers.Dropout, keras.layers.SpatialDropout2D, keras.layers.G
 _RESHAPE = (keras.layers.Reshape, keras.layers.Flatten)
 # op kind -> the TFLite operator the converter writes for it ("identity"/"reshape" write no compute op)
 TFLITE_OPS = {"conv2d": "CONV_2D", "depthwise_conv2d": "DEPTHWISE_CONV_2D", "add": "ADD", "mean_hw": "MEAN",
-              "fully_connected": "FULLY_CONNECTED", "softmax": "SOFTMAX"}
+              "fully_connected": "FULLY_CONNECTED", "softmax": "SOFTMAX",
+              "logistic": "LOGISTIC", "tanh": "TANH", "relu": "RELU", "relu6": "RELU6", "hard_swish": "HARD_SWISH",
+              "add_const": "ADD", "mul_const": "MUL"}
 
 
 @dataclasses.dataclass
@@ -244,7 +246,10 @@ def lower(qat_model):
                              "returned by mobileqat.quantize.")
         inner = layer.layer
         add_tensor(layer.name, _output_range(layer), like=srcs[0])
-        ops.append(_lower_layer(layer, inner, srcs, tensors, double_scale))
+        new = _lower_layer(layer, inner, srcs, tensors, double_scale)
+        for op in new if isinstance(new, list) else [new]:
+            if not _fuse_activation(ops, op, inbound):
+                ops.append(op)
         output_name = layer.name
     if input_name is None:
         raise ValueError("the model has no QuantizeLayer at its input; lower a model returned by mobileqat.quantize.")
@@ -283,13 +288,66 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
         return IntOp("mean_hw", (srcs[0],), name)
     if isinstance(inner, (keras.layers.Activation, keras.layers.Softmax)) and _is_softmax(inner):
         return IntOp("softmax", (srcs[0],), name)
+    lowered = _lower_activation(wrapper, inner, srcs, tensors, double_scale)
+    if lowered is not None:
+        return lowered
     if isinstance(inner, _IDENTITY):
         return IntOp("identity", (srcs[0],), name)
     if isinstance(inner, _RESHAPE):
         shape = tuple(inner.output_shape[1:])
         return IntOp("reshape", (srcs[0],), name, dict(shape=shape))
     raise ValueError(f"{where} has no int8 op in mobileqat.lowering yet (supported: folded Conv/Depthwise+BN, "
-                     "Dense, Add of two inputs, GlobalAveragePooling2D, softmax, Dropout, Reshape/Flatten).")
+                     "Dense, Add of two inputs, GlobalAveragePooling2D, softmax, sigmoid, tanh, ReLU, ReLU6, "
+                     "HardSwish, HardSigmoid, Dropout, Reshape/Flatten).")
+
+
+# --- activations (mobileqat.ops.activations) ---------------------------------------------------------
+
+_RELU_KINDS = {"relu": "RELU", "relu6": "RELU6"}
+_FUSES_ACTIVATION = ("add",)  # ops the converter fuses a following ReLU/ReLU6 into (measured)
+
+
+def _const_operand(value):
+    """A float constant the converter quantizes on its own per-tensor range [min(0, v), max(0, v)]:
+    (int8 code, float32 scale, zero point)."""
+    value = float(np.float32(value))
+    scale, zp = quantization_params(min(0.0, value), max(0.0, value))
+    code = int(np.clip(rt.quantize(value, np.float32(scale), zp, np.int8), -128, 127))
+    return dict(const=code, const_scale=np.float32(scale), const_zero_point=zp)
+
+
+def _lower_activation(wrapper, inner, srcs, tensors, double_scale):
+    """IntOp(s) of an activation layer, or None when ``inner`` is not one."""
+    name = wrapper.name
+    if isinstance(inner, (keras.layers.Activation, keras.layers.ReLU)):
+        from mobileqat.transforms import activation_name
+        kind = {"sigmoid": "logistic", "tanh": "tanh", "relu": "relu", "relu6": "relu6"}.get(activation_name(inner))
+        return IntOp(kind, (srcs[0],), name) if kind else None
+    if isinstance(inner, HardSwish):
+        return IntOp("hard_swish", (srcs[0],), name)
+    if isinstance(inner, HardSigmoid):  # ADD(x, 3) + RELU6 on [0, 6], then MUL(., 1/6)
+        mid = f"{name}/relu6"
+        scale, zp = quantization_params(*HardSigmoid.RELU6_RANGE)
+        tensors[mid], double_scale[mid] = QTensor(mid, np.float32(scale), zp), scale
+        return [IntOp("add_const", (srcs[0],), mid, dict(_const_operand(3.0), activation="RELU6")),
+                IntOp("mul_const", (mid,), name, _const_operand(1.0 / 6.0))]
+    return None
+
+
+def _fuse_activation(ops, op, inbound):
+    """A RELU/RELU6 after an op that takes a fused activation, and the only user of its output, becomes
+    that op's fused activation: the converter writes one op with the activation's output range (the
+    producer's own range is not in the file). Returns True when ``op`` was fused into ``ops``."""
+    if op.kind not in _RELU_KINDS:
+        return False
+    src = op.inputs[0]
+    users = [layer for layer, parents in inbound.items() if src in parents]
+    for i, prev in enumerate(ops):
+        if prev.output == src and prev.kind in _FUSES_ACTIVATION and prev.params.get("activation") is None \
+                and len(users) == 1:
+            ops[i] = IntOp(prev.kind, prev.inputs, op.output, dict(prev.params, activation=_RELU_KINDS[op.kind]))
+            return True
+    return False
 
 
 def _is_softmax(layer):

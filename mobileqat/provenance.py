@@ -104,8 +104,9 @@ def first_difference(integer_model, path):
     text naming the file's tensor and the twin's layer, or None when they hold the same graph."""
     from mobileqat.lowering import TFLITE_OPS
     it, tensors, ops = _file_graph(path)
-    file_ops = [op for op in ops if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE", "RESHAPE")]
+    file_ops = [op for op in ops if op["op_name"] not in _PASS_THROUGH]
     twin_ops = [op for op in integer_model.ops if op.kind in TFLITE_OPS]
+    file_ops = _in_twin_order(file_ops, ops, integer_model, it) or file_ops
     if file_ops and integer_model.input is not None:
         t_in = tensors[file_ops[0]["inputs"][0]]
         why = _quantization_difference(t_in, integer_model.input)
@@ -136,6 +137,42 @@ def first_difference(integer_model, path):
                     tensor = t_b if what == "bias" else t_w
                     return f"tensor '{_short(tensor['name'])}' ({what} of layer '{lop.output}'): {why}"
     return None
+
+
+_PASS_THROUGH = ("QUANTIZE", "DEQUANTIZE", "RESHAPE")
+
+
+def _in_twin_order(file_ops, ops, integer_model, it):
+    """The file's compute ops in the twin's order, matched by data flow (op name and the tensors each
+    op reads), or None when they do not match one to one. The converter orders the branches of a graph
+    its own way (not in Keras layer order); QUANTIZE/DEQUANTIZE/RESHAPE pass a tensor through."""
+    from mobileqat.lowering import TFLITE_OPS
+    same = {int(it.get_input_details()[0]["index"]): integer_model.input.name}  # file tensor -> twin tensor
+    alias = {}
+    produced = {int(i) for op in ops for i in op["outputs"]} | set(same)
+    for op in ops:
+        if op["op_name"] in _PASS_THROUGH:
+            alias[int(op["outputs"][0])] = int(op["inputs"][0])
+
+    def source(index):
+        while index in alias:
+            index = alias[index]
+        return same.get(index)
+
+    twin_alias, ordered, left = {}, [], list(file_ops)
+    for lop in integer_model.ops:
+        inputs = [twin_alias.get(n, n) for n in lop.inputs]
+        if lop.kind not in TFLITE_OPS:  # identity/reshape: no compute op in the file
+            twin_alias[lop.output] = inputs[0]
+            continue
+        match = next((f for f in left if f["op_name"] == TFLITE_OPS[lop.kind] and
+                      [source(int(i)) for i in f["inputs"] if int(i) in produced] == inputs), None)
+        if match is None:
+            return None
+        left.remove(match)
+        ordered.append(match)
+        same[int(match["outputs"][0])] = lop.output
+    return ordered if not left else None
 
 
 def _short(name):

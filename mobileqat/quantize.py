@@ -1,6 +1,7 @@
 """quantize(model, scheme) -> a Keras QAT model that trains with model.fit.
 
-Steps: ``audit`` the float model against the refusal list below (``MODEL_RULES``, ``LAYER_RULES``) and
+Steps: turn tf_keras MobileNetV3's hard-swish/hard-sigmoid patterns into one layer each
+(``transforms.hard_activations``); ``audit`` the float model against the refusal list below (``MODEL_RULES``, ``LAYER_RULES``) and
 refuse, in one ValueError, every layer mobileqat cannot quantize, with its class and the fix, before any
 layer is rebuilt or reaches tfmot; split softmax/sigmoid out of Conv/Dense layers
 (``transforms.split_activations``); fold BatchNorm into the convolutions (``transforms.fold_batchnorm``); give every layer a ``QuantizeConfig`` from the scheme; let tfmot wrap
@@ -10,7 +11,7 @@ from typing import NamedTuple
 
 from mobileqat import transforms
 from mobileqat._tf import keras, tf, tfmot
-from mobileqat.layers import FoldedConvBN, QuantizeConfig
+from mobileqat.layers import FoldedConvBN, HardSigmoid, HardSigmoidQuantizeConfig, HardSwish, QuantizeConfig
 from mobileqat.quantizers import FixedRangeQuantizer
 from mobileqat.schemes import get_scheme
 
@@ -22,13 +23,14 @@ _PASS_THROUGH = (L.MaxPooling2D, L.Reshape, L.Flatten, L.Dropout, L.ZeroPadding2
                  L.GlobalMaxPooling2D, L.SpatialDropout2D, L.GaussianNoise, L.Permute)
 # Layers whose output gets its own (moving-average) range.
 _REQUANTIZE = (L.Add, L.Subtract, L.Multiply, L.Concatenate, L.Average, L.Maximum, L.Minimum,
-               L.GlobalAveragePooling2D, L.AveragePooling2D, L.UpSampling2D)
+               L.GlobalAveragePooling2D, L.AveragePooling2D, L.UpSampling2D, HardSwish)
 _WEIGHTED = (L.Dense, L.Conv2D)  # exact types: their kernel is fake-quantized in place
 _FOLDED_ONLY = (L.DepthwiseConv2D, L.BatchNormalization)  # quantized only as a FoldedConvBN
 _ACTIVATION_LAYERS = (L.Activation, L.ReLU, L.Softmax)
 _FUSABLE = ("linear", "relu", "relu6")
-_FIXED_OUTPUT = {"softmax", "sigmoid"}  # TFLite int8 output: scale 1/256, zero point -128
-_ACTIVATIONS = set(_FUSABLE) | _FIXED_OUTPUT  # what an Activation/ReLU/Softmax layer may apply
+# TFLite fixes these int8 output ranges: softmax/sigmoid scale 1/256, zero point -128; tanh 1/128, 0
+_FIXED_OUTPUT = {"softmax": (0.0, 255.0 / 256.0), "sigmoid": (0.0, 255.0 / 256.0), "tanh": (-1.0, 127.0 / 128.0)}
+_ACTIVATIONS = set(_FUSABLE) | set(_FIXED_OUTPUT)  # what an Activation/ReLU/Softmax layer may apply
 SUPPORTED = ("Conv2D; Conv2D or DepthwiseConv2D + BatchNormalization [+ ReLU/ReLU6] (folded into one layer); Dense; "
              "Activation/ReLU/Softmax (" + ", ".join(sorted(_ACTIVATIONS)) + "); "
              + ", ".join(c.__name__ for c in _REQUANTIZE + _PASS_THROUGH))
@@ -49,8 +51,10 @@ def quantize_config_for(layer, scheme):
     if isinstance(layer, _ACTIVATION_LAYERS):
         name = transforms.activation_name(layer)
         if name in _FIXED_OUTPUT:
-            return QuantizeConfig(output_quantizer=FixedRangeQuantizer(0.0, 255.0 / 256.0))
+            return QuantizeConfig(output_quantizer=FixedRangeQuantizer(*_FIXED_OUTPUT[name]))
         return QuantizeConfig(output_quantizer=aq()) if name in _FUSABLE else None
+    if isinstance(layer, HardSigmoid):  # output in [0, 1]; relu6(x + 3) on [0, 6] inside
+        return HardSigmoidQuantizeConfig(output_quantizer=FixedRangeQuantizer(0.0, 1.0))
     if isinstance(layer, _REQUANTIZE):
         return QuantizeConfig(output_quantizer=aq())
     if isinstance(layer, _PASS_THROUGH):
@@ -60,7 +64,7 @@ def quantize_config_for(layer, scheme):
 
 def _has_integer_mapping(layer):
     """The layer types quantize_config_for maps, those quantized folded, and model inputs."""
-    return (type(layer) in _WEIGHTED or isinstance(layer, (L.InputLayer, FoldedConvBN) + _FOLDED_ONLY
+    return (type(layer) in _WEIGHTED or isinstance(layer, (L.InputLayer, FoldedConvBN, HardSigmoid) + _FOLDED_ONLY
                                                    + _ACTIVATION_LAYERS + _REQUANTIZE + _PASS_THROUGH))
 
 
@@ -348,6 +352,7 @@ def quantize(model, scheme="w8a8"):
     if not isinstance(model, keras.Model):
         raise TypeError(f"quantize() takes a tf_keras Model, got {type(model).__name__}. If it is a Keras 3 "
                         "model, build it with tf_keras (import mobileqat before tensorflow).")
+    model = transforms.hard_activations(model)  # MobileNetV3's TFOpLambda hard-swish/-sigmoid -> one layer each
     problems = audit(model)
     if problems:
         raise _refusal(model, problems)
@@ -387,6 +392,7 @@ def load_qat_model(path):
 def quantize_scope():
     """tfmot's quantize_scope with mobileqat's objects (they are also registered with Keras)."""
     from mobileqat import layers, quantizers
-    objs = {c.__name__: c for c in (layers.FoldedConvBN, layers.QuantizeConfig, quantizers.WeightQuantizer,
+    objs = {c.__name__: c for c in (layers.FoldedConvBN, layers.QuantizeConfig, layers.HardSwish, layers.HardSigmoid,
+                                    layers.HardSigmoidQuantizeConfig, quantizers.WeightQuantizer,
                                     quantizers.ActivationQuantizer, quantizers.FixedRangeQuantizer)}
     return _qk.quantize_scope(objs)

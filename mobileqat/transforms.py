@@ -5,7 +5,7 @@ chain by one ``FoldedConvBN`` carrying the same weights and statistics, when eve
 ``FOLD_CONDITIONS`` holds (``mobileqat.quantize.audit`` reports the BatchNormalizations that fail one).
 """
 from mobileqat._tf import keras, tf
-from mobileqat.layers import FoldedConvBN
+from mobileqat.layers import FoldedConvBN, HardSigmoid, HardSwish
 
 FOLDABLE_CONVS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)  # exact types: not Conv2DTranspose
 
@@ -173,6 +173,8 @@ def rebuild(model, replace):
     ``replace(layer)`` returns None (clone the layer with its weights) or
     (new_layer, weights: a list for set_weights or a function of the built layer, [names of later layers whose output it takes over]).
     ``new_layer`` may be a tuple of layers, called one after the other; ``weights`` go to the first.
+    A fourth element, a list of tensors of ``model``, calls ``new_layer`` on those (their new
+    counterparts) instead of on the layer's own call arguments.
     """
     _require_graph(model)
     nodes, _ = _model_nodes(model)
@@ -191,11 +193,13 @@ def rebuild(model, replace):
         choice = replace(layer)
         if choice is None:
             new_layer = type(layer).from_config(layer.get_config())
-            weights, absorbed = layer.get_weights(), []
+            weights, absorbed, inputs = layer.get_weights(), [], None
         else:
-            new_layer, weights, absorbed = choice
+            new_layer, weights, absorbed, *inputs = choice
         args = tf.nest.map_structure(
             lambda x: tensors.get(id(x), x), (node.call_args, node.call_kwargs))
+        if inputs:
+            args = (tuple(tensors[id(t)] for t in inputs[0]), {})
         chain = new_layer if isinstance(new_layer, tuple) else (new_layer,)
         new_layer = chain[0]
         out = new_layer(*args[0], **args[1])
@@ -254,3 +258,58 @@ def split_activations(model):
         linear = type(layer).from_config(config)
         return (linear, keras.layers.Activation(name, name=f"{layer.name}_{name}")), layer.get_weights(), []
     return rebuild(model, replace)
+
+
+def hard_activations(model):
+    """tf_keras MobileNetV3's hard activations become one layer each (same function, float):
+
+      hard_sigmoid(x) = ReLU(6.)(x + 3.) * (1. / 6.)      -> ``layers.HardSigmoid``
+      hard_swish(x) = Multiply()([x, hard_sigmoid(x)])   -> ``layers.HardSwish``
+
+    i.e. a TFOpLambda ``tf.__operators__.add(x, 3.0)`` whose only user is a ReLU(6.0) whose only user is a
+    TFOpLambda ``tf.math.multiply(., 1/6)``; a hard swish when that product's only user is a Multiply of it
+    and the same x. Anything else is left as it is (``quantize``'s audit says what it refuses). A model
+    without the pattern is returned unchanged."""
+    if not getattr(model, "_is_graph_network", False) or not any(
+            getattr(layer, "symbol", None) == "__operators__.add" for layer in model.layers):
+        return model  # nothing to rewrite (and the audit explains subclassed models)
+    nodes, consumers = _model_nodes(model)
+
+    def only_user(layer):
+        users = consumers.get(layer.name, [])
+        return users[0] if len(users) == 1 else None
+
+    def tf_op(layer, symbol, constant, tol=0.0):
+        """The node of ``layer`` when it is the TFOpLambda tf.<symbol>(tensor, constant), else None."""
+        if type(layer).__name__ != "TFOpLambda" or getattr(layer, "symbol", None) != symbol:
+            return None
+        node = nodes[layer.name]
+        args = node.call_args
+        c = args[1] if len(args) > 1 else node.call_kwargs.get("y")
+        if not (args and hasattr(args[0], "_keras_history") and isinstance(c, (int, float))
+                and abs(float(c) - constant) <= tol):
+            return None
+        return node
+
+    plan = {}
+    for layer in model.layers:
+        node = tf_op(layer, "__operators__.add", 3.0)
+        if node is None:
+            continue
+        relu = only_user(layer)
+        if not (isinstance(relu, keras.layers.ReLU) and activation_name(relu) == "relu6"):
+            continue
+        mul = only_user(relu)
+        if mul is None or tf_op(mul, "math.multiply", 1.0 / 6.0, tol=1e-7) is None:
+            continue
+        x = node.call_args[0]
+        gate_user = only_user(mul)
+        if isinstance(gate_user, keras.layers.Multiply):
+            pair = tf.nest.flatten(nodes[gate_user.name].call_args[0])
+            if len(pair) == 2 and any(t is x for t in pair) and any(t is nodes[mul.name].outputs for t in pair):
+                plan[layer.name] = (HardSwish(name=gate_user.name), [], [relu.name, mul.name, gate_user.name], [x])
+                continue
+        plan[layer.name] = (HardSigmoid(name=relu.name), [], [relu.name, mul.name], [x])
+    if not plan:
+        return model
+    return rebuild(model, lambda layer: plan.get(layer.name))

@@ -135,8 +135,8 @@ def dense_rank3():
     return _model(inp, L.Flatten(name="flat")(L.Dense(2, name="dense3d")(inp)))
 
 
-def activation_tanh():
-    return _one(L.Activation("tanh", name="act_tanh"))
+def activation_elu():  # sigmoid, tanh, relu, relu6, softmax have int8 ops
+    return _one(L.Activation("elu", name="act_elu"))
 
 
 def relu_max3():
@@ -221,7 +221,7 @@ CASES = {
     "conv activation": (conv_tanh, "layer 'tanh_conv' (Conv2D)", "its own Activation layer"),
     "dense swish": (dense_swish, "layer 'probs' (Dense)", "its own Activation layer"),
     "dense rank 3": (dense_rank3, "layer 'dense3d' (Dense)", "Flatten or GlobalAveragePooling2D before it"),
-    "activation layer": (activation_tanh, "layer 'act_tanh' (Activation)", "use ReLU or ReLU6"),
+    "activation layer": (activation_elu, "layer 'act_elu' (Activation)", "use ReLU or ReLU6"),
     "relu max 3": (relu_max3, "layer 'relu3' (ReLU)", "use ReLU or ReLU6"),
     "softmax axis": (softmax_axis1, "layer 'sm1' (Softmax)", "Softmax(axis=-1)"),
     "depthwise without BN": (depthwise_alone, "layer 'dw_alone' (DepthwiseConv2D)",
@@ -318,7 +318,7 @@ def test_supported_model_passes_the_audit_and_quantizes():
 def test_quantize_config_for_has_no_messages_of_its_own():
     scheme = get_scheme("w8a8")
     assert quantize_config_for(L.LayerNormalization(), scheme) is None
-    assert quantize_config_for(L.Activation("tanh"), scheme) is None
+    assert quantize_config_for(L.Activation("elu"), scheme) is None
     assert quantize_config_for(L.Dense(2), scheme) is not None
 
 
