@@ -32,7 +32,7 @@ _RESHAPE = (keras.layers.Reshape, keras.layers.Flatten)
 TFLITE_OPS = {"conv2d": "CONV_2D", "depthwise_conv2d": "DEPTHWISE_CONV_2D", "add": "ADD", "mean_hw": "MEAN",
               "fully_connected": "FULLY_CONNECTED", "softmax": "SOFTMAX",
               "logistic": "LOGISTIC", "tanh": "TANH", "relu": "RELU", "relu6": "RELU6", "hard_swish": "HARD_SWISH",
-              "add_const": "ADD", "mul_const": "MUL"}
+              "add_const": "ADD", "mul_const": "MUL", "swish_mul": "MUL"}
 
 
 @dataclasses.dataclass
@@ -297,7 +297,7 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
         shape = tuple(inner.output_shape[1:])
         return IntOp("reshape", (srcs[0],), name, dict(shape=shape))
     raise ValueError(f"{where} has no int8 op in mobileqat.lowering yet (supported: folded Conv/Depthwise+BN, "
-                     "Dense, Add of two inputs, GlobalAveragePooling2D, softmax, sigmoid, tanh, ReLU, ReLU6, "
+                     "Dense, Add of two inputs, GlobalAveragePooling2D, softmax, sigmoid, tanh, swish, ReLU, ReLU6, "
                      "HardSwish, HardSigmoid, Dropout, Reshape/Flatten).")
 
 
@@ -321,7 +321,12 @@ def _lower_activation(wrapper, inner, srcs, tensors, double_scale):
     name = wrapper.name
     if isinstance(inner, (keras.layers.Activation, keras.layers.ReLU)):
         from mobileqat.transforms import activation_name
-        kind = {"sigmoid": "logistic", "tanh": "tanh", "relu": "relu", "relu6": "relu6"}.get(activation_name(inner))
+        activation = activation_name(inner)
+        if activation == "swish":  # x * sigmoid(x): LOGISTIC (range fixed by TFLite), MUL
+            mid = f"{name}/sigmoid"
+            tensors[mid], double_scale[mid] = QTensor(mid, np.float32(1 / 256), -128), 1 / 256
+            return [IntOp("logistic", (srcs[0],), mid), IntOp("swish_mul", (srcs[0], mid), name)]
+        kind = {"sigmoid": "logistic", "tanh": "tanh", "relu": "relu", "relu6": "relu6"}.get(activation)
         return IntOp(kind, (srcs[0],), name) if kind else None
     if isinstance(inner, HardSwish):
         return IntOp("hard_swish", (srcs[0],), name)

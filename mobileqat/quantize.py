@@ -30,7 +30,8 @@ _ACTIVATION_LAYERS = (L.Activation, L.ReLU, L.Softmax)
 _FUSABLE = ("linear", "relu", "relu6")
 # TFLite fixes these int8 output ranges: softmax/sigmoid scale 1/256, zero point -128; tanh 1/128, 0
 _FIXED_OUTPUT = {"softmax": (0.0, 255.0 / 256.0), "sigmoid": (0.0, 255.0 / 256.0), "tanh": (-1.0, 127.0 / 128.0)}
-_ACTIVATIONS = set(_FUSABLE) | set(_FIXED_OUTPUT)  # what an Activation/ReLU/Softmax layer may apply
+_OWN_RANGE = _FUSABLE + ("swish",)  # activation layers whose output gets its own (moving-average) range
+_ACTIVATIONS = set(_OWN_RANGE) | set(_FIXED_OUTPUT)  # what an Activation/ReLU/Softmax layer may apply
 SUPPORTED = ("Conv2D; Conv2D or DepthwiseConv2D + BatchNormalization [+ ReLU/ReLU6] (folded into one layer); Dense; "
              "Activation/ReLU/Softmax (" + ", ".join(sorted(_ACTIVATIONS)) + "); "
              + ", ".join(c.__name__ for c in _REQUANTIZE + _PASS_THROUGH))
@@ -52,7 +53,7 @@ def quantize_config_for(layer, scheme):
         name = transforms.activation_name(layer)
         if name in _FIXED_OUTPUT:
             return QuantizeConfig(output_quantizer=FixedRangeQuantizer(*_FIXED_OUTPUT[name]))
-        return QuantizeConfig(output_quantizer=aq()) if name in _FUSABLE else None
+        return QuantizeConfig(output_quantizer=aq()) if name in _OWN_RANGE else None
     if isinstance(layer, HardSigmoid):  # output in [0, 1]; relu6(x + 3) on [0, 6] inside
         return HardSigmoidQuantizeConfig(output_quantizer=FixedRangeQuantizer(0.0, 1.0))
     if isinstance(layer, _REQUANTIZE):

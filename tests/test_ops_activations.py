@@ -1,6 +1,6 @@
 """Activation ops (mobileqat.ops.activations) against the LiteRT interpreter, bit for bit, on both
-runtimes: LOGISTIC, TANH, RELU and RELU6 on their own, ReLU/ReLU6 fused into an ADD, HARD_SWISH, and
-MobileNetV3's hard sigmoid (ADD of 3 with a fused RELU6, MUL by 1/6).
+runtimes: LOGISTIC, TANH, RELU and RELU6 on their own, ReLU/ReLU6 fused into an ADD, HARD_SWISH,
+MobileNetV3's hard sigmoid (ADD of 3 with a fused RELU6, MUL by 1/6) and swish (LOGISTIC, MUL).
 
 One small QAT model (fitted briefly, so its ranges are real) is converted once. Most activations read
 the model input directly, so feeding every int8 code checks them on their whole domain; rewriting the
@@ -22,12 +22,13 @@ from mobileqat.runtime import TFLiteModel
 
 L = keras.layers
 RUNTIMES = ("reference", "xnnpack")
-ACTIVATION_KINDS = ("logistic", "tanh", "relu", "relu6", "hard_swish", "add_const", "mul_const")
+ACTIVATION_KINDS = ("logistic", "tanh", "relu", "relu6", "hard_swish", "add_const", "mul_const", "swish_mul")
 
 
 def activation_net():
     """Activations on the input itself (all codes reach them), ReLU fused into an ADD (a1), a standalone
-    ReLU after an ADD with two users (a2), a conv, and a ReLU6 fused into the last ADD."""
+    ReLU after an ADD with two users (a2), a conv and its swish, and a ReLU6 fused into the last ADD.
+    (Swish does not read the input: the converter would merge its LOGISTIC with the sigmoid's.)"""
     inp = keras.Input((8, 8, 3))
     r6 = L.ReLU(6.0, name="r6")(inp)
     s = L.Activation("sigmoid", name="sig")(inp)
@@ -35,9 +36,10 @@ def activation_net():
     h = HardSwish(name="hswish")(inp)
     g = HardSigmoid(name="hsig")(inp)
     c = L.BatchNormalization(name="c_bn")(L.Conv2D(3, 1, use_bias=False, name="c")(r6))
+    w = L.Activation("swish", name="swish")(c)
     a1 = L.ReLU(name="a1_relu")(L.Add(name="a1")([s, t]))
     a2 = L.Add(name="a2")([h, g])
-    a3 = L.Add(name="a3")([a2, c])
+    a3 = L.Add(name="a3")([a2, w])
     a4 = L.Add(name="a4")([a1, L.ReLU(name="a2_relu")(a2)])
     return keras.Model(inp, L.ReLU(6.0, name="out_relu6")(L.Add(name="a5")([a4, a3])), name="activation_net")
 
@@ -162,10 +164,11 @@ def _relu6_tie_scale(twin):
 
 TANH_TIE = 0.2264491766691208  # tanhf(TANH_TIE) == 57/256 exactly: code zp+1 is a tie (x 128 = 28.5)
 SIGMOID_DIFFER = (0.08690798282623291, 108)  # LUTPopulate's and XNNPACK's sigmoid tables differ here
+ADD3_DIFFER = (0.05735296383500099, 6)  # the reference and XNNPACK ADD of relu6(x + 3) differ here (3 codes)
 
 
 def _cases(twin):
-    return {"relu6 ties": (_relu6_tie_scale(twin), 3), "tanh tie": (TANH_TIE, 0), "sigmoid tables differ": SIGMOID_DIFFER,
+    return {"relu6 ties": (_relu6_tie_scale(twin), 3), "tanh tie": (TANH_TIE, 0), "sigmoid tables differ": SIGMOID_DIFFER, "hard sigmoid ADDs differ": ADD3_DIFFER,
             "hard sigmoid: every ADD/MUL code": (6.0 / 255.0, -1), "small scale": (0.0037, -77),
             "large scale": (0.9, 40)}
 
@@ -201,20 +204,23 @@ def test_the_cases_hit_ties_and_clamps(exported):
     assert hs.max() == 127  # saturates at the large input scale
 
 
-@pytest.mark.parametrize("case", ["tanh tie", "sigmoid tables differ"])
-def test_twin_tells_the_runtimes_apart(exported, case):
-    """LOGISTIC/TANH tables: LUTPopulate (float32 sigmoid with expf, roundf: ties away from zero) vs
-    XNNPACK's (double exp, nearbyint: ties to even). Each runtime's arithmetic fails on the other runtime."""
+@pytest.mark.parametrize("case, tensor", [("tanh tie", "quant_tanh"), ("sigmoid tables differ", "quant_sig"),
+                                          ("trained", "quant_swish"), ("hard sigmoid ADDs differ", "quant_hsig/relu6")])
+def test_twin_tells_the_runtimes_apart(exported, case, tensor):
+    """Where the arithmetic differs, each runtime's arithmetic fails on the other runtime somewhere.
+    LOGISTIC/TANH tables: LUTPopulate (float32 sigmoid with expf, roundf: ties away from zero) vs XNNPACK's
+    (double exp, nearbyint: ties to even); swish's MUL: fixed-point multiplier vs float32 scale; the hard
+    sigmoid's ADD: the reference ADD's 20-bit rescaling vs XNNPACK's integer multipliers."""
     qat, path, folder, _ = exported
-    scale, zero_point = _cases(lowering.lower(qat))[case]
-    twin = with_input(lowering.lower(qat), scale, zero_point)
-    file = rewritten(path, folder / "apart.tflite", input_quantization=(scale, zero_point))
-    kind = "tanh" if case.startswith("tanh") else "logistic"
+    twin = lowering.lower(qat)
+    if case != "trained":
+        scale, zero_point = _cases(twin)[case]
+        twin = with_input(twin, scale, zero_point)
+        path = rewritten(path, folder / "apart.tflite", input_quantization=(scale, zero_point))
+    kind = next(op.kind for op in twin.ops if op.output == tensor)
     codes = all_codes()
-    ref = compare_ops(twin, file, "reference", codes, folder, kinds=(kind,))
-    xnn = compare_ops(twin, file, "xnnpack", codes, folder, kinds=(kind,))
-    (twin_ref, file_ref), = ref.values()
-    (twin_xnn, file_xnn), = xnn.values()
+    twin_ref, file_ref = compare_ops(twin, path, "reference", codes, folder, kinds=(kind,))[tensor]
+    twin_xnn, file_xnn = compare_ops(twin, path, "xnnpack", codes, folder, kinds=(kind,))[tensor]
     assert np.any(twin_ref != file_xnn) and np.any(twin_xnn != file_ref)
 
 
@@ -223,8 +229,21 @@ def test_relu_hard_swish_and_the_hard_sigmoid_share_one_arithmetic():
     same builtin code on x86, so one kernel serves both. The hard sigmoid's ADD/MUL are delegated."""
     for kind in ("relu", "relu6", "hard_swish"):
         assert act.KERNELS[kind]["reference"] is act.KERNELS[kind]["xnnpack"]
-    for kind in ("logistic", "tanh", "add_const", "mul_const"):
+    for kind in ("logistic", "tanh", "add_const", "mul_const", "swish_mul"):
         assert act.KERNELS[kind]["reference"] is not act.KERNELS[kind]["xnnpack"]
+
+
+def test_the_hard_sigmoid_mul_maps_every_code_to_itself():
+    """Its scales are fixed (6/255 in, (1/6)/255 for the constant 1/6, 1/255 out): both arithmetics give
+    the identity on all 256 codes, so the runtimes cannot differ there (the interpreters agree: the
+    scale sweep above feeds it every code)."""
+    codes = np.arange(-128, 128)
+    const = lowering._const_operand(1.0 / 6.0)
+    assert (const["const"], const["const_zero_point"]) == (127, -128)
+    for runtime in RUNTIMES:
+        out = act.KERNELS["mul_const"][runtime]([codes], [(np.float32(6 / 255), -128)], (np.float32(1 / 255), -128),
+                                                **const)
+        np.testing.assert_array_equal(out, codes)
 
 
 def test_hard_swish_refuses_a_scale_the_interpreter_refuses():

@@ -135,7 +135,7 @@ def dense_rank3():
     return _model(inp, L.Flatten(name="flat")(L.Dense(2, name="dense3d")(inp)))
 
 
-def activation_elu():  # sigmoid, tanh, relu, relu6, softmax have int8 ops
+def activation_elu():  # sigmoid, tanh, swish, relu, relu6, softmax have int8 ops
     return _one(L.Activation("elu", name="act_elu"))
 
 
@@ -289,13 +289,13 @@ def test_every_problem_is_listed_in_one_error():
     x = L.Conv2D(4, 3, dilation_rate=2, name="dilated")(x)
     x = L.Lambda(lambda t: t + 1.0, name="lam")(x)
     x = L.BatchNormalization(name="lonely_bn")(x)
-    x = L.Activation("swish", name="swish")(x)
+    x = L.Activation("elu", name="elu")(x)
     x = L.Dense(3, activation="tanh", name="dense3d")(x)
     model = _model(inp, L.Flatten(name="flat")(x))
     problems = audit(model)
     assert [(p.name, p.cls) for p in problems] == [
         ("grouped", "Conv2D"), ("dilated", "Conv2D"), ("lam", "Lambda"), ("lonely_bn", "BatchNormalization"),
-        ("swish", "Activation"), ("dense3d", "Dense"), ("dense3d", "Dense")]
+        ("elu", "Activation"), ("dense3d", "Dense"), ("dense3d", "Dense")]
     msg = str(pytest.raises(ValueError, quantize, model).value)
     assert "(7 problems" in msg and all(str(p) in msg for p in problems)
     assert "'bn_g'" not in msg  # its convolution's line says why it is not folded

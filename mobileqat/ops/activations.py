@@ -24,10 +24,14 @@ HARD_SWISH (int8): not delegated (XNNPACK takes float HARD_SWISH only); both run
   shift to the output scale.
 ADD with a constant (hard_sigmoid's relu6(x + 3), fused RELU6): the elementwise ADD arithmetic of
   ``mobileqat.integer.add`` / ``integer_xnnpack.add`` with the constant broadcast.
-MUL with a constant (hard_sigmoid's * 1/6): reference_integer_ops::Mul: m = QuantizeMultiplier(fl(fl(s1 *
-  s2) / so)); out = clamp(zo + MultiplyByQuantizedMultiplier((q1 - z1) * (q2 - z2), m)).
-  xnnpack (qs8 vmulc, fp32 requantization): scale = fl(fl(s1 * s2) / so);
-  out = clamp(lrintf(fl(float((q1 - z1) * (q2 - z2)) * scale)) + zo).
+swish (x * sigmoid(x)): the converter writes LOGISTIC (its fixed output range) and MUL(x, sigmoid), int8.
+MUL (hard_sigmoid's * 1/6 with a constant; swish's x * sigmoid), delegated in both cases:
+  reference_integer_ops::Mul: m = QuantizeMultiplier(fl(fl(s1 * s2) / so));
+      out = clamp(zo + MultiplyByQuantizedMultiplier((q1 - z1) * (q2 - z2), m))
+  xnnpack (qs8 vmul/vmulc, fp32 requantization): scale = fl(fl(s1 * s2) / so);
+      out = clamp(cvtps(fl(float((q1 - z1) * (q2 - z2)) * scale)) + zo)   (ties to even)
+On aarch64 XNNPACK's MUL requantizes with "rndnu" and the builtin HARD_SWISH has a NEON path: neither is
+reproduced or measured here (x86-64 only).
 """
 import ctypes
 import ctypes.util
@@ -237,26 +241,42 @@ def add_const_xnnpack(xs, ins, out, activation=None, **params):
                                act_range=act)
 
 
-def mul_const_reference(xs, ins, out, **params):
+def mul_reference(x1, s1, z1, x2, s2, z2, so, zo):
     """reference_integer_ops::Mul (mul.cc Prepare: the multiplier s1 * s2 / so in float32)."""
-    (si, zi), (so, zo) = ins[0], out
-    c, sc, zc = _const(params)
-    m, shift = quantize_multiplier(float(F32(F32(F32(si) * sc) / F32(so))))
-    prod = (np.asarray(xs[0], np.int64) - int(zi)) * (c - zc)
+    m, shift = quantize_multiplier(float(F32(F32(F32(s1) * F32(s2)) / F32(so))))
+    prod = (np.asarray(x1, np.int64) - int(z1)) * (np.asarray(x2, np.int64) - int(z2))
     return np.clip(multiply_by_quantized_multiplier(prod, m, shift) + int(zo), -128, 127).astype(np.int8)
 
 
-def mul_const_xnnpack(xs, ins, out, **params):
-    """XNNPACK qs8 vmulc with fp32 requantization."""
-    (si, zi), (so, zo) = ins[0], out
-    c, sc, zc = _const(params)
-    scale = F32(F32(F32(si) * sc) / F32(so))
+def mul_xnnpack(x1, s1, z1, x2, s2, z2, so, zo):
+    """XNNPACK qs8 vmul / vmulc, fp32 requantization (xnn_init_qs8_mul_minmax_scalar_params, the AVX
+    mul16 kernels): fl(float((x1 - z1) * (x2 - z2)) * fl(fl(s1 * s2) / so)), cvtps (ties to even), + zo."""
+    scale = F32(F32(F32(s1) * F32(s2)) / F32(so))
     if not F32(2.0 ** -16) <= scale < F32(256.0):
         raise ValueError(f"MUL product/output scale ratio {scale:.6g} is outside XNNPACK's [2^-16, 2^8): the delegate "
                          "leaves this MUL to the builtin kernel, which mobileqat does not reproduce")
-    prod = ((np.asarray(xs[0], np.int64) - int(zi)) * (c - zc)).astype(np.float32)
+    prod = ((np.asarray(x1, np.int64) - int(z1)) * (np.asarray(x2, np.int64) - int(z2))).astype(np.float32)
     y = np.rint((prod * scale).astype(np.float32)).astype(np.int64) + int(zo)
     return np.clip(y, -128, 127).astype(np.int8)
+
+
+def _mul_const(mul):
+    def kernel(xs, ins, out, **params):
+        (si, zi), (so, zo) = ins[0], out
+        c, sc, zc = _const(params)
+        return mul(xs[0], si, zi, c, sc, zc, so, zo)
+    return kernel
+
+
+def _mul_two(mul):
+    def kernel(xs, ins, out, **params):
+        (s1, z1), (s2, z2) = ins
+        return mul(xs[0], s1, z1, xs[1], s2, z2, *out)
+    return kernel
+
+
+mul_const_reference, mul_const_xnnpack = _mul_const(mul_reference), _mul_const(mul_xnnpack)
+swish_mul_reference, swish_mul_xnnpack = _mul_two(mul_reference), _mul_two(mul_xnnpack)
 
 
 def _same(fn):
@@ -271,4 +291,5 @@ KERNELS = {
     "hard_swish": _same(hard_swish),
     "add_const": {"reference": add_const_reference, "xnnpack": add_const_xnnpack},
     "mul_const": {"reference": mul_const_reference, "xnnpack": mul_const_xnnpack},
+    "swish_mul": {"reference": swish_mul_reference, "xnnpack": swish_mul_xnnpack},
 }
