@@ -45,9 +45,10 @@ class QTensor:
 
 @dataclasses.dataclass
 class IntOp:
-    """One int8 op: kind ("conv2d", "depthwise_conv2d", "add", "mean_hw", "fully_connected",
-    "softmax", "reshape", "identity"), input tensor names, output tensor name and the op's constant
-    parameters (int8 weights as TFLite stores them, int32 bias, float32 filter scales, ...)."""
+    """One int8 op: kind ("conv2d", "depthwise_conv2d", "add", "mean_hw", "fully_connected", "softmax",
+    "reshape", "identity", or a kind of ``mobileqat.ops.KERNELS``), input tensor names, output tensor
+    name and the op's constant parameters (int8 weights as TFLite stores them, int32 bias, float32
+    filter scales, ...)."""
     kind: str
     inputs: tuple
     output: str
@@ -304,7 +305,9 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
 # --- activations (mobileqat.ops.activations) ---------------------------------------------------------
 
 _RELU_KINDS = {"relu": "RELU", "relu6": "RELU6"}
-_FUSES_ACTIVATION = ("add",)  # ops the converter fuses a following ReLU/ReLU6 into (measured)
+# ops the converter fuses a following ReLU/ReLU6 into, when it is the only user (measured: ADD, MUL,
+# FULLY_CONNECTED; CONV_2D/DEPTHWISE_CONV_2D as fold_batchnorm relies on)
+_FUSES_ACTIVATION = ("add", "mul_const", "swish_mul", "fully_connected", "conv2d", "depthwise_conv2d")
 
 
 def _const_operand(value):

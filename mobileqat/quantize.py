@@ -1,8 +1,8 @@
 """quantize(model, scheme) -> a Keras QAT model that trains with model.fit.
 
 Steps: turn tf_keras MobileNetV3's hard-swish/hard-sigmoid patterns into one layer each
-(``transforms.hard_activations``); ``audit`` the float model against the refusal list below (``MODEL_RULES``, ``LAYER_RULES``) and
-refuse, in one ValueError, every layer mobileqat cannot quantize, with its class and the fix, before any
+(``transforms.hard_activations``); ``audit`` the float model against the refusal list below
+(``MODEL_RULES``, ``LAYER_RULES``) and refuse, in one ValueError, every layer mobileqat cannot quantize, with its class and the fix, before any
 layer is rebuilt or reaches tfmot; split softmax/sigmoid out of Conv/Dense layers
 (``transforms.split_activations``); fold BatchNorm into the convolutions (``transforms.fold_batchnorm``); give every layer a ``QuantizeConfig`` from the scheme; let tfmot wrap
 the layers (``quantize_annotate_layer`` + ``quantize_apply``).

@@ -30,6 +30,8 @@ MUL (hard_sigmoid's * 1/6 with a constant; swish's x * sigmoid), delegated in bo
       out = clamp(zo + MultiplyByQuantizedMultiplier((q1 - z1) * (q2 - z2), m))
   xnnpack (qs8 vmul/vmulc, fp32 requantization): scale = fl(fl(s1 * s2) / so);
       out = clamp(cvtps(fl(float((q1 - z1) * (q2 - z2)) * scale)) + zo)   (ties to even)
+  A following ReLU/ReLU6 is fused into the MUL (the ADD and the FULLY_CONNECTED too): a clamp as the
+  runtime computes its bounds (``integer.activation_range`` / ``integer_xnnpack.activation_range``).
 On aarch64 XNNPACK's MUL requantizes with "rndnu" and the builtin HARD_SWISH has a NEON path: neither is
 reproduced or measured here (x86-64 only).
 """
@@ -97,9 +99,11 @@ def lut_tflite(fn, input_scale, input_zero_point, output_scale, output_zero_poin
 
 
 def _xnn_sigmoid(v):
+    """reference/unary-elementwise.cc SigmoidOp<float>: exp in double."""
     out = np.empty(v.shape, np.float32)
     e = _c_call("exp", v.astype(np.float64), np.float64)
-    out[:] = (e / (1.0 + e)).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf / inf above ~709: replaced by 1 below
+        out[:] = (e / (1.0 + e)).astype(np.float32)
     out[v > 100] = 1.0
     out[v < -100] = 0.0
     return out
@@ -241,14 +245,15 @@ def add_const_xnnpack(xs, ins, out, activation=None, **params):
                                act_range=act)
 
 
-def mul_reference(x1, s1, z1, x2, s2, z2, so, zo):
+def mul_reference(x1, s1, z1, x2, s2, z2, so, zo, activation=None):
     """reference_integer_ops::Mul (mul.cc Prepare: the multiplier s1 * s2 / so in float32)."""
     m, shift = quantize_multiplier(float(F32(F32(F32(s1) * F32(s2)) / F32(so))))
     prod = (np.asarray(x1, np.int64) - int(z1)) * (np.asarray(x2, np.int64) - int(z2))
-    return np.clip(multiply_by_quantized_multiplier(prod, m, shift) + int(zo), -128, 127).astype(np.int8)
+    act = integer.activation_range(activation, so, zo)
+    return np.clip(multiply_by_quantized_multiplier(prod, m, shift) + int(zo), *act).astype(np.int8)
 
 
-def mul_xnnpack(x1, s1, z1, x2, s2, z2, so, zo):
+def mul_xnnpack(x1, s1, z1, x2, s2, z2, so, zo, activation=None):
     """XNNPACK qs8 vmul / vmulc, fp32 requantization (xnn_init_qs8_mul_minmax_scalar_params, the AVX
     mul16 kernels): fl(float((x1 - z1) * (x2 - z2)) * fl(fl(s1 * s2) / so)), cvtps (ties to even), + zo."""
     scale = F32(F32(F32(s1) * F32(s2)) / F32(so))
@@ -257,21 +262,22 @@ def mul_xnnpack(x1, s1, z1, x2, s2, z2, so, zo):
                          "leaves this MUL to the builtin kernel, which mobileqat does not reproduce")
     prod = ((np.asarray(x1, np.int64) - int(z1)) * (np.asarray(x2, np.int64) - int(z2))).astype(np.float32)
     y = np.rint((prod * scale).astype(np.float32)).astype(np.int64) + int(zo)
-    return np.clip(y, -128, 127).astype(np.int8)
+    act = integer_xnnpack.activation_range(activation, so, zo)
+    return np.clip(np.clip(y, -128, 127), *act).astype(np.int8)
 
 
 def _mul_const(mul):
-    def kernel(xs, ins, out, **params):
+    def kernel(xs, ins, out, activation=None, **params):
         (si, zi), (so, zo) = ins[0], out
         c, sc, zc = _const(params)
-        return mul(xs[0], si, zi, c, sc, zc, so, zo)
+        return mul(xs[0], si, zi, c, sc, zc, so, zo, activation)
     return kernel
 
 
 def _mul_two(mul):
-    def kernel(xs, ins, out, **params):
+    def kernel(xs, ins, out, activation=None, **params):
         (s1, z1), (s2, z2) = ins
-        return mul(xs[0], s1, z1, xs[1], s2, z2, *out)
+        return mul(xs[0], s1, z1, xs[1], s2, z2, *out, activation)
     return kernel
 
 
