@@ -18,7 +18,7 @@ offset that a rewrite expressed as a 1x1 depthwise FoldedConvBN (Rescaling, Norm
 The QuantizeConfigs say which tensors of a layer are fake-quantized (tfmot's contract).
 """
 from mobileqat._tf import keras, tf, tfmot
-from mobileqat.quantizers import ActivationQuantizer, WeightQuantizer
+from mobileqat.quantizers import ActivationQuantizer, FixedRangeQuantizer, WeightQuantizer
 
 _serializable = keras.utils.register_keras_serializable(package="mobileqat")
 _QuantizeConfig = tfmot.quantization.keras.QuantizeConfig
@@ -224,3 +224,47 @@ def default_weight_quantizer():
 
 def default_activation_quantizer():
     return ActivationQuantizer(8)
+
+
+
+@_serializable
+class HardSwish(keras.layers.Layer):
+    """hard_swish(x) = x * relu6(x + 3) / 6 in one layer (MobileNetV3's activation).
+
+    tf_keras' MobileNetV3 writes it as Multiply()([x, ReLU(6.)(x + 3.) * (1. / 6.)]), three layers and
+    two TensorFlow ops; ``transforms.hard_activations`` turns that pattern into this layer. With one
+    fake-quant at its output the converter writes it as one int8 HARD_SWISH op."""
+
+    def call(self, inputs):
+        return inputs * tf.nn.relu6(inputs + 3.0) * (1.0 / 6.0)
+
+
+@_serializable
+class HardSigmoid(keras.layers.Layer):
+    """hard_sigmoid(x) = relu6(x + 3) / 6 in one layer (MobileNetV3's squeeze-excite gate).
+
+    tf_keras' MobileNetV3 writes it as ReLU(6.)(x + 3.) * (1. / 6.); ``transforms.hard_activations``
+    turns that pattern into this layer. TFLite has no hard-sigmoid op: in a QAT model
+    (``HardSigmoidQuantizeConfig``) relu6(x + 3) is fake-quantized on its fixed range ``RELU6_RANGE``
+    and the converter writes two int8 ops, ADD(x, 3) with a fused RELU6 and MUL(., 1/6)."""
+
+    RELU6_RANGE = (0.0, 6.0)
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.relu6_quantizer = None  # set by HardSigmoidQuantizeConfig in a QAT model
+
+    def call(self, inputs, training=None):
+        y = tf.nn.relu6(inputs + 3.0)
+        if self.relu6_quantizer is not None:
+            y = self.relu6_quantizer(y, training, {})
+        return y * (1.0 / 6.0)
+
+
+@_serializable
+class HardSigmoidQuantizeConfig(QuantizeConfig):
+    """``QuantizeConfig`` of a ``HardSigmoid``: its output quantizer, and relu6(x + 3) fake-quantized on
+    [0, 6] inside the layer, so that the converter writes ADD + MUL in int8 (without it both stay float)."""
+
+    def set_quantize_activations(self, layer, quantize_activations):
+        layer.relu6_quantizer = FixedRangeQuantizer(*HardSigmoid.RELU6_RANGE)

@@ -18,7 +18,7 @@ import numpy as np
 
 from mobileqat import runtime as rt
 from mobileqat._tf import keras, tfmot
-from mobileqat.layers import FoldedConvBN
+from mobileqat.layers import FoldedConvBN, HardSigmoid, HardSwish
 from mobileqat.ops import KERNELS
 from mobileqat.quantizers import ActivationQuantizer, FixedRangeQuantizer
 
@@ -43,6 +43,9 @@ _ARITHMETIC_MERGES = {keras.layers.Add: "add", keras.layers.Subtract: "sub", ker
 # ops whose output scale the converter may set to a join's scale (FoldTrivalRequantizeOp: the producer is
 # neither a same-scale nor a fixed-range op and the join is its only user); other producers get a requantize
 _FREE_SCALE = {"conv2d", "depthwise_conv2d", "fully_connected", "add", "sub", "mul", "mean_hw"}
+# activations (mobileqat.ops.activations)
+TFLITE_OPS.update(logistic="LOGISTIC", tanh="TANH", relu="RELU", relu6="RELU6", hard_swish="HARD_SWISH",
+                  add_const="ADD", mul_const="MUL", swish_mul="MUL")
 
 
 @dataclasses.dataclass
@@ -252,10 +255,13 @@ def lower(qat_model):
                              "returned by mobileqat.quantize.")
         inner = layer.layer
         add_tensor(layer.name, _output_range(layer), like=srcs[0])
-        op = _lower_layer(layer, inner, srcs, tensors, double_scale)
-        if op.kind in _JOINS.values():
-            ops.extend(_join_inputs(op, ops, tensors, double_scale, inbound))
-        ops.append(op)
+        new = _lower_layer(layer, inner, srcs, tensors, double_scale)
+        for op in new if isinstance(new, list) else [new]:
+            if _fuse_activation(ops, op, inbound):
+                continue
+            if op.kind in _JOINS.values():
+                ops.extend(_join_inputs(op, ops, tensors, double_scale, inbound))
+            ops.append(op)
         output_name = layer.name
     if input_name is None:
         raise ValueError("the model has no QuantizeLayer at its input; lower a model returned by mobileqat.quantize.")
@@ -325,6 +331,9 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
         return pooling
     if isinstance(inner, (keras.layers.Activation, keras.layers.Softmax)) and _is_softmax(inner):
         return IntOp("softmax", (srcs[0],), name)
+    lowered = _lower_activation(wrapper, inner, srcs, tensors, double_scale)
+    if lowered is not None:
+        return lowered
     if isinstance(inner, _IDENTITY):
         return IntOp("identity", (srcs[0],), name)
     if isinstance(inner, _RESHAPE):
@@ -333,7 +342,8 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
     raise ValueError(f"{where} has no int8 op in mobileqat.lowering yet (supported: folded Conv/Depthwise+BN, "
                      "Dense, Conv2DTranspose, Add/Subtract/Multiply/Maximum/Minimum of two inputs, Concatenate, "
                      "UpSampling2D, Resizing, Max/AveragePooling2D, Global{Average,Max}Pooling2D, ZeroPadding2D, "
-                     "Cropping2D, softmax, Dropout, Reshape/Flatten).")
+                     "Cropping2D, softmax, sigmoid, tanh, swish, ReLU, ReLU6, HardSwish, HardSigmoid, Dropout, "
+                     "Reshape/Flatten).")
 
 
 def _lower_pooling(wrapper, inner, srcs, where):
@@ -410,6 +420,62 @@ def _join_inputs(op, ops, tensors, double_scale, inbound):
         inputs.append(name)
     op.inputs = tuple(inputs)
     return extra
+
+
+# --- activations (mobileqat.ops.activations) ---------------------------------------------------------
+
+_RELU_KINDS = {"relu": "RELU", "relu6": "RELU6"}
+# ops the converter fuses a following ReLU/ReLU6 into, when it is the only user (measured: ADD, MUL,
+# FULLY_CONNECTED; CONV_2D/DEPTHWISE_CONV_2D as fold_batchnorm relies on)
+_FUSES_ACTIVATION = ("add", "mul", "mul_const", "swish_mul", "fully_connected", "conv2d", "depthwise_conv2d")
+
+
+def _const_operand(value):
+    """A float constant the converter quantizes on its own per-tensor range [min(0, v), max(0, v)]:
+    (int8 code, float32 scale, zero point)."""
+    value = float(np.float32(value))
+    scale, zp = quantization_params(min(0.0, value), max(0.0, value))
+    code = int(np.clip(rt.quantize(value, np.float32(scale), zp, np.int8), -128, 127))
+    return dict(const=code, const_scale=np.float32(scale), const_zero_point=zp)
+
+
+def _lower_activation(wrapper, inner, srcs, tensors, double_scale):
+    """IntOp(s) of an activation layer, or None when ``inner`` is not one."""
+    name = wrapper.name
+    if isinstance(inner, (keras.layers.Activation, keras.layers.ReLU)):
+        from mobileqat.transforms import activation_name
+        activation = activation_name(inner)
+        if activation == "swish":  # x * sigmoid(x): LOGISTIC (range fixed by TFLite), MUL
+            mid = f"{name}/sigmoid"
+            tensors[mid], double_scale[mid] = QTensor(mid, np.float32(1 / 256), -128), 1 / 256
+            return [IntOp("logistic", (srcs[0],), mid), IntOp("swish_mul", (srcs[0], mid), name)]
+        kind = {"sigmoid": "logistic", "tanh": "tanh", "relu": "relu", "relu6": "relu6"}.get(activation)
+        return IntOp(kind, (srcs[0],), name) if kind else None
+    if isinstance(inner, HardSwish):
+        return IntOp("hard_swish", (srcs[0],), name)
+    if isinstance(inner, HardSigmoid):  # ADD(x, 3) + RELU6 on [0, 6], then MUL(., 1/6)
+        mid = f"{name}/relu6"
+        scale, zp = quantization_params(*HardSigmoid.RELU6_RANGE)
+        tensors[mid], double_scale[mid] = QTensor(mid, np.float32(scale), zp), scale
+        return [IntOp("add_const", (srcs[0],), mid, dict(_const_operand(3.0), activation="RELU6")),
+                IntOp("mul_const", (mid,), name, _const_operand(1.0 / 6.0))]
+    return None
+
+
+def _fuse_activation(ops, op, inbound):
+    """A RELU/RELU6 after an op that takes a fused activation, and the only user of its output, becomes
+    that op's fused activation: the converter writes one op with the activation's output range (the
+    producer's own range is not in the file). Returns True when ``op`` was fused into ``ops``."""
+    if op.kind not in _RELU_KINDS:
+        return False
+    src = op.inputs[0]
+    users = [layer for layer, parents in inbound.items() if src in parents]
+    for i, prev in enumerate(ops):
+        if prev.output == src and prev.kind in _FUSES_ACTIVATION and prev.params.get("activation") is None \
+                and len(users) == 1:
+            ops[i] = IntOp(prev.kind, prev.inputs, op.output, dict(prev.params, activation=_RELU_KINDS[op.kind]))
+            return True
+    return False
 
 
 def _is_softmax(layer):

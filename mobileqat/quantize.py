@@ -1,7 +1,7 @@
 """quantize(model, scheme) -> a Keras QAT model that trains with model.fit.
 
 Steps: apply the rewrites of ``REWRITES`` (plain model -> model functions of ``mobileqat.transforms``:
-flatten nested models, TF ops to layers, split activations, n-input merges into pairs, separable and grouped convolutions,
+flatten nested models, MobileNetV3's hard-swish/-sigmoid patterns to one layer each, TF ops to layers, split activations, n-input merges into pairs, separable and grouped convolutions,
 preprocessing and standalone BatchNorm to foldable pairs); ``audit`` the result against the refusal list
 below (``MODEL_RULES``, ``LAYER_RULES``) and refuse, in one ValueError, every layer mobileqat cannot
 quantize, with its class and the fix, before any layer reaches tfmot; fold BatchNorm into the
@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from mobileqat import transforms
 from mobileqat._tf import keras, tf, tfmot
-from mobileqat.layers import FoldedConvBN, QuantizeConfig
+from mobileqat.layers import FoldedConvBN, HardSigmoid, HardSigmoidQuantizeConfig, HardSwish, QuantizeConfig
 from mobileqat.quantizers import FixedRangeQuantizer
 from mobileqat.schemes import get_scheme
 
@@ -29,13 +29,15 @@ _PASS_THROUGH = (L.MaxPooling2D, L.AveragePooling2D, L.Reshape, L.Flatten, L.Dro
                  L.UpSampling2D, L.Resizing)
 # Layers whose output gets its own (moving-average) range.
 _REQUANTIZE = (L.Add, L.Subtract, L.Multiply, L.Concatenate, L.Maximum, L.Minimum,
-               L.GlobalAveragePooling2D)
+               L.GlobalAveragePooling2D, HardSwish)
 _WEIGHTED = (L.Dense, L.Conv2D, L.Conv2DTranspose)  # exact types: their kernel is fake-quantized in place
 _FOLDED_ONLY = (L.DepthwiseConv2D, L.BatchNormalization)  # quantized only as a FoldedConvBN
 _ACTIVATION_LAYERS = (L.Activation, L.ReLU, L.Softmax)
 _FUSABLE = ("linear", "relu", "relu6")
-_FIXED_OUTPUT = {"softmax", "sigmoid"}  # TFLite int8 output: scale 1/256, zero point -128
-_ACTIVATIONS = set(_FUSABLE) | _FIXED_OUTPUT  # what an Activation/ReLU/Softmax layer may apply
+# TFLite fixes these int8 output ranges: softmax/sigmoid scale 1/256, zero point -128; tanh 1/128, 0
+_FIXED_OUTPUT = {"softmax": (0.0, 255.0 / 256.0), "sigmoid": (0.0, 255.0 / 256.0), "tanh": (-1.0, 127.0 / 128.0)}
+_OWN_RANGE = _FUSABLE + ("swish",)  # activation layers whose output gets its own (moving-average) range
+_ACTIVATIONS = set(_OWN_RANGE) | set(_FIXED_OUTPUT)  # what an Activation/ReLU/Softmax layer may apply
 SUPPORTED = ("Conv2D; Conv2DTranspose; Conv2D or DepthwiseConv2D + BatchNormalization [+ ReLU/ReLU6] "
              "(folded into one layer); Dense; "
              "Activation/ReLU/Softmax (" + ", ".join(sorted(_ACTIVATIONS)) + "); "
@@ -62,8 +64,10 @@ def quantize_config_for(layer, scheme):
     if isinstance(layer, _ACTIVATION_LAYERS):
         name = transforms.activation_name(layer)
         if name in _FIXED_OUTPUT:
-            return QuantizeConfig(output_quantizer=FixedRangeQuantizer(0.0, 255.0 / 256.0))
-        return QuantizeConfig(output_quantizer=aq()) if name in _FUSABLE else None
+            return QuantizeConfig(output_quantizer=FixedRangeQuantizer(*_FIXED_OUTPUT[name]))
+        return QuantizeConfig(output_quantizer=aq()) if name in _OWN_RANGE else None
+    if isinstance(layer, HardSigmoid):  # output in [0, 1]; relu6(x + 3) on [0, 6] inside
+        return HardSigmoidQuantizeConfig(output_quantizer=FixedRangeQuantizer(0.0, 1.0))
     if isinstance(layer, _REQUANTIZE):
         return QuantizeConfig(output_quantizer=aq())
     if isinstance(layer, _PASS_THROUGH):
@@ -73,7 +77,7 @@ def quantize_config_for(layer, scheme):
 
 def _has_integer_mapping(layer):
     """The layer types quantize_config_for maps, those quantized folded, and model inputs."""
-    return (type(layer) in _WEIGHTED or isinstance(layer, (L.InputLayer, FoldedConvBN) + _FOLDED_ONLY
+    return (type(layer) in _WEIGHTED or isinstance(layer, (L.InputLayer, FoldedConvBN, HardSigmoid) + _FOLDED_ONLY
                                                    + _ACTIVATION_LAYERS + _REQUANTIZE + _PASS_THROUGH))
 
 
@@ -348,10 +352,10 @@ def _run(check, fix, *args):
 # a plain function model -> model with the same float function (``mobileqat.transforms``).
 REWRITES = (
     transforms.flatten_nested,         # backbone nested in a head -> one flat graph
+    transforms.hard_activations,       # MobileNetV3's TFOpLambda hard-swish/-sigmoid -> HardSwish/HardSigmoid
     transforms.tf_ops_to_layers,       # x + y, x * y, tf.nn.relu on Keras tensors -> Add, Multiply, ReLU
     transforms.split_activations,      # Conv/Dense(activation=softmax|sigmoid|swish) -> layer + Activation
     transforms.split_merges,           # Add/Multiply/Maximum/Minimum of n > 2 inputs -> a chain of pairs
-    transforms.swish_to_sigmoid,       # swish -> sigmoid and Multiply (LOGISTIC, MUL)
     transforms.grouped_to_depthwise,   # Conv2D(groups == channels) -> DepthwiseConv2D
     transforms.dense_to_conv,          # Dense on (N, H, W, C) -> 1x1 Conv2D
     transforms.split_separable,        # SeparableConv2D -> DepthwiseConv2D + 1x1 Conv2D
@@ -490,6 +494,7 @@ def load_qat_model(path):
 def quantize_scope():
     """tfmot's quantize_scope with mobileqat's objects (they are also registered with Keras)."""
     from mobileqat import layers, quantizers
-    objs = {c.__name__: c for c in (layers.FoldedConvBN, layers.QuantizeConfig, quantizers.WeightQuantizer,
+    objs = {c.__name__: c for c in (layers.FoldedConvBN, layers.QuantizeConfig, layers.HardSwish, layers.HardSigmoid,
+                                    layers.HardSigmoidQuantizeConfig, quantizers.WeightQuantizer,
                                     quantizers.ActivationQuantizer, quantizers.FixedRangeQuantizer)}
     return _qk.quantize_scope(objs)

@@ -7,7 +7,7 @@ chain by one ``FoldedConvBN`` carrying the same weights and statistics, when eve
 import numpy as np
 
 from mobileqat._tf import keras, tf
-from mobileqat.layers import FoldedConvBN
+from mobileqat.layers import FoldedConvBN, HardSigmoid, HardSwish
 
 FOLDABLE_CONVS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)  # exact types: not Conv2DTranspose
 
@@ -171,8 +171,9 @@ def rebuild(model, replace, flatten=False):
     ``replace(layer)`` returns None (clone the layer with its weights), a function ``call(args, kwargs)
     -> output tensor(s)`` that builds the replacement from the node's call arguments (already mapped to
     the new graph), or (new_layer, weights: a list for set_weights or a function of the built layer,
-    [names of later layers whose output it takes over]). ``new_layer`` may be a tuple of layers, called
-    one after the other; ``weights`` go to the first. With ``flatten`` a nested model's layers are
+    [names of later layers whose output it takes over][, tensors of ``model`` to call it on instead of
+    the layer's own call arguments]). ``new_layer`` may be a tuple of layers, called one after the
+    other; ``weights`` go to the first. With ``flatten`` a nested model's layers are
     called in place of the nested model (renamed ``<nested>_<layer>`` where a name is taken).
     """
     _require_graph(model)
@@ -219,7 +220,9 @@ def _rebuild_graph(model, inputs, replace, flatten, names, prefix):
                     new_layer = type(layer).from_config(layer.get_config())
                     weights, absorbed = layer.get_weights(), []
                 else:
-                    new_layer, weights, absorbed = choice
+                    new_layer, weights, absorbed, *on = choice
+                    if on:  # call it on these tensors of ``model`` instead of the layer's own arguments
+                        args = (tuple(tensors[id(t)] for t in on[0]), {})
                 chain = new_layer if isinstance(new_layer, tuple) else (new_layer,)
                 for piece in chain:
                     _unique(piece, names, prefix)
@@ -259,7 +262,7 @@ def fold_batchnorm(model, weight_quantizer=None):
 
 
 # Activations with an int8 kernel of their own but none fused into CONV_2D / FULLY_CONNECTED.
-SPLIT_ACTIVATIONS = ("softmax", "sigmoid", "swish", "silu")
+SPLIT_ACTIVATIONS = ("softmax", "sigmoid", "tanh", "swish", "silu")
 _SPLIT_LAYERS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense,
                  keras.layers.Conv2DTranspose)  # exact types
 
@@ -350,21 +353,6 @@ def tf_ops_to_layers(model):
 def _named(layer, name):
     layer._name = name
     return layer
-
-
-def swish_to_sigmoid(model):
-    """Activation("swish") (x * sigmoid(x), EfficientNet) becomes Activation("sigmoid") and a Multiply
-    of its input and the sigmoid: the int8 graph has no SWISH op, it has LOGISTIC and MUL."""
-    def replace(layer):
-        if not (isinstance(layer, L.Activation) and function_name(layer.activation) in ("swish", "silu")):
-            return None
-
-        def call(args, kwargs, name=layer.name):
-            x = args[0]
-            gate = L.Activation("sigmoid", name=f"{name}_sigmoid")(x)
-            return L.Multiply(name=name)([x, gate])
-        return call
-    return _rewrite(model, replace)
 
 
 def grouped_to_depthwise(model):
@@ -546,3 +534,58 @@ def split_merges(model):
         names = [f"{layer.name}_{i}" for i in range(1, n - 1)] + [layer.name]
         return _MergeChain([type(layer).from_config(dict(config, name=name)) for name in names]), None, []
     return rebuild(model, replace)
+
+
+def hard_activations(model):
+    """tf_keras MobileNetV3's hard activations become one layer each (same function, float):
+
+      hard_sigmoid(x) = ReLU(6.)(x + 3.) * (1. / 6.)      -> ``layers.HardSigmoid``
+      hard_swish(x) = Multiply()([x, hard_sigmoid(x)])   -> ``layers.HardSwish``
+
+    i.e. a TFOpLambda ``tf.__operators__.add(x, 3.0)`` whose only user is a ReLU(6.0) whose only user is a
+    TFOpLambda ``tf.math.multiply(., 1/6)``; a hard swish when that product's only user is a Multiply of it
+    and the same x. Anything else is left as it is (``quantize``'s audit says what it refuses). A model
+    without the pattern is returned unchanged."""
+    if not getattr(model, "_is_graph_network", False) or not any(
+            getattr(layer, "symbol", None) == "__operators__.add" for layer in model.layers):
+        return model  # nothing to rewrite (and the audit explains subclassed models)
+    nodes, consumers = _model_nodes(model)
+
+    def only_user(layer):
+        users = consumers.get(layer.name, [])
+        return users[0] if len(users) == 1 else None
+
+    def tf_op(layer, symbol, constant, tol=0.0):
+        """The node of ``layer`` when it is the TFOpLambda tf.<symbol>(tensor, constant), else None."""
+        if type(layer).__name__ != "TFOpLambda" or getattr(layer, "symbol", None) != symbol:
+            return None
+        node = nodes[layer.name]
+        args = node.call_args
+        c = args[1] if len(args) > 1 else node.call_kwargs.get("y")
+        if not (args and hasattr(args[0], "_keras_history") and isinstance(c, (int, float))
+                and abs(float(c) - constant) <= tol):
+            return None
+        return node
+
+    plan = {}
+    for layer in model.layers:
+        node = tf_op(layer, "__operators__.add", 3.0)
+        if node is None:
+            continue
+        relu = only_user(layer)
+        if not (isinstance(relu, keras.layers.ReLU) and activation_name(relu) == "relu6"):
+            continue
+        mul = only_user(relu)
+        if mul is None or tf_op(mul, "math.multiply", 1.0 / 6.0, tol=1e-7) is None:
+            continue
+        x = node.call_args[0]
+        gate_user = only_user(mul)
+        if isinstance(gate_user, keras.layers.Multiply):
+            pair = tf.nest.flatten(nodes[gate_user.name].call_args[0])
+            if len(pair) == 2 and any(t is x for t in pair) and any(t is nodes[mul.name].outputs for t in pair):
+                plan[layer.name] = (HardSwish(name=gate_user.name), [], [relu.name, mul.name, gate_user.name], [x])
+                continue
+        plan[layer.name] = (HardSigmoid(name=relu.name), [], [relu.name, mul.name], [x])
+    if not plan:
+        return model
+    return rebuild(model, lambda layer: plan.get(layer.name))

@@ -122,7 +122,7 @@ def channels_first_pool():
 
 
 def conv_tanh():
-    return _one(L.Conv2D(2, 3, activation="tanh", name="tanh_conv"))
+    return _one(L.Conv2D(2, 3, activation="elu", name="elu_conv"))
 
 
 def dense_swish():  # split into Dense, sigmoid and Multiply (quantize.REWRITES)
@@ -135,8 +135,8 @@ def dense_rank3():
     return _model(inp, L.Flatten(name="flat")(L.Dense(2, name="dense3d")(inp)))
 
 
-def activation_tanh():
-    return _one(L.Activation("tanh", name="act_tanh"))
+def activation_elu():  # sigmoid, tanh, swish, relu, relu6, softmax have int8 ops
+    return _one(L.Activation("elu", name="act_elu"))
 
 
 def relu_max3():
@@ -216,9 +216,9 @@ CASES = {
     "dilated depthwise": (dilated_depthwise, "layer 'dilated_dw' (DepthwiseConv2D)", "use dilation_rate=1"),
     "channels_first conv": (channels_first_conv, "layer 'cf_conv' (Conv2D)", "data_format='channels_last'"),
     "channels_first pooling": (channels_first_pool, "layer 'cf_pool' (MaxPooling2D)", "data_format='channels_last'"),
-    "conv activation": (conv_tanh, "layer 'tanh_conv' (Conv2D)", "its own Activation layer"),
+    "conv activation": (conv_tanh, "layer 'elu_conv' (Conv2D)", "its own Activation layer"),
     "dense rank 3": (dense_rank3, "layer 'dense3d' (Dense)", "Flatten or GlobalAveragePooling2D before it"),
-    "activation layer": (activation_tanh, "layer 'act_tanh' (Activation)", "use ReLU or ReLU6"),
+    "activation layer": (activation_elu, "layer 'act_elu' (Activation)", "use ReLU or ReLU6"),
     "relu max 3": (relu_max3, "layer 'relu3' (ReLU)", "use ReLU or ReLU6"),
     "softmax axis": (softmax_axis1, "layer 'sm1' (Softmax)", "Softmax(axis=-1)"),
     "BN after Dense": (batchnorm_after_dense, "layer 'bn_dense' (BatchNormalization)",
@@ -293,12 +293,12 @@ def test_every_problem_is_listed_in_one_error():
     x = L.Conv2D(4, 3, dilation_rate=2, name="dilated")(x)
     x = L.Lambda(lambda t: t + 1.0, name="lam")(x)
     x = L.BatchNormalization(name="lonely_bn")(x)  # rewritten (standalone_batchnorm): no problem
-    x = L.Activation("swish", name="swish")(x)  # rewritten (swish_to_sigmoid): no problem
-    x = L.Dense(3, activation="tanh", name="dense3d")(x)
+    x = L.Activation("elu", name="elu")(x)
+    x = L.Dense(3, activation="tanh", name="dense3d")(x)  # rewritten: 1x1 Conv2D, then its own tanh
     model = _model(inp, L.Flatten(name="flat")(x))
     problems = audit(model)
     assert [(p.name, p.cls) for p in problems] == [
-        ("grouped", "Conv2D"), ("dilated", "Conv2D"), ("lam", "Lambda"), ("dense3d", "Dense")]
+        ("grouped", "Conv2D"), ("dilated", "Conv2D"), ("lam", "Lambda"), ("elu", "Activation")]
     msg = str(pytest.raises(ValueError, quantize, model).value)
     assert "(4 problems" in msg and all(str(p) in msg for p in problems)
     assert "'bn_g'" not in msg  # its convolution's line says why it is not folded
@@ -321,7 +321,7 @@ def test_supported_model_passes_the_audit_and_quantizes():
 def test_quantize_config_for_has_no_messages_of_its_own():
     scheme = get_scheme("w8a8")
     assert quantize_config_for(L.LayerNormalization(), scheme) is None
-    assert quantize_config_for(L.Activation("tanh"), scheme) is None
+    assert quantize_config_for(L.Activation("elu"), scheme) is None
     assert quantize_config_for(L.Dense(2), scheme) is not None
 
 
