@@ -358,6 +358,7 @@ REWRITES = (
     transforms.split_merges,           # Add/Multiply/Maximum/Minimum of n > 2 inputs -> a chain of pairs
     transforms.grouped_to_depthwise,   # Conv2D(groups == channels) -> DepthwiseConv2D
     transforms.dense_to_conv,          # Dense on (N, H, W, C) -> 1x1 Conv2D
+    transforms.fuse_relu,              # Conv2D/Dense -> ReLU(6) layer: the activation fused, as in the file
     transforms.split_separable,        # SeparableConv2D -> DepthwiseConv2D + 1x1 Conv2D
     transforms.preprocessing_to_conv,  # Rescaling, Normalization -> fixed 1x1 depthwise scale and offset
     transforms.standalone_batchnorm,   # BN after Add/Concat/pool, depthwise without BN -> foldable pairs

@@ -384,6 +384,23 @@ def dense_to_conv(model):
     return _rewrite(model, replace)
 
 
+def fuse_relu(model):
+    """A ReLU/ReLU6 layer that is the only user of a plain Conv2D or Dense (no activation) becomes that
+    layer's activation, as the converter fuses it (tf_keras MobileNetV3's squeeze-excite 1x1 convs).
+    tfmot's layout transform would otherwise give the pair a no-op config and drop the weight's fake quant."""
+    _, consumers = _model_nodes(model)
+
+    def replace(layer):
+        if type(layer) not in (L.Conv2D, L.Dense) or function_name(layer.activation) != "linear":
+            return None
+        users = consumers.get(layer.name, [])
+        name = _relu6_like(users[0]) if len(users) == 1 else None
+        if name is None:
+            return None
+        return type(layer).from_config(dict(layer.get_config(), activation=name)), layer.get_weights(), [users[0].name]
+    return _rewrite(model, replace)
+
+
 def split_separable(model):
     """SeparableConv2D becomes DepthwiseConv2D (``<name>_dw``, no bias) followed by the 1x1 Conv2D
     (``<name>``, with the bias and activation) it computes, with the same weights (Xception, NASNet)."""

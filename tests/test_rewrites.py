@@ -80,7 +80,15 @@ def standalone_bn():
     return keras.Model(inp, L.GlobalAveragePooling2D()(x))
 
 
+def relu_layers():
+    inp = keras.Input((8, 8, 3))
+    x = L.ReLU(6.0, name="se_relu")(L.Conv2D(4, 1, name="se_reduce")(inp))
+    x = L.ReLU(name="fc_relu")(L.Dense(5, name="fc")(L.GlobalAveragePooling2D()(x)))
+    return keras.Model(inp, L.Dense(2, name="logits")(x))
+
+
 @pytest.mark.parametrize("build,shape,rewrite,gone", [
+    (relu_layers, (8, 8, 3), transforms.fuse_relu, "ReLU"),
     (nested, (8, 8, 3), transforms.flatten_nested, "Sequential"),
     (tf_ops, (8, 8, 3), transforms.tf_ops_to_layers, "TFOpLambda"),
     (separable, (9, 9, 3), transforms.split_separable, "SeparableConv2D"),
@@ -107,6 +115,13 @@ def test_rewrites_leave_a_model_they_do_not_apply_to_alone():
     model = nested().layers[2]  # the Sequential backbone: nothing to rewrite
     for rewrite in REWRITES[1:]:
         assert rewrite(model) is model
+
+
+def test_relu_after_conv_and_dense_keeps_the_weights_fake_quantized():
+    qat = quantize(relu_layers())
+    for name in ("quant_se_reduce", "quant_fc"):
+        layer = qat.get_layer(name)
+        assert layer._weight_vars and layer.layer.get_config()["activation"] in ("relu", "relu6"), name
 
 
 def test_flatten_renames_a_clashing_layer_and_keeps_each_weight():
