@@ -112,6 +112,20 @@ def first_difference(integer_model, path):
     tensors; QUANTIZE (int8 -> int8 requantize) and RESHAPE in the file, and the twin's
     "requantize", "reshape" and "identity", pass their input through. "op i" counts the file's ops
     (int8 outputs, QUANTIZE/RESHAPE and shape arithmetic left out)."""
+    return _match(integer_model, path)[1]
+
+
+def file_tensors(integer_model, path):
+    """{twin tensor name: index of the file's tensor that holds it} for every op of ``integer_model``
+    with a TFLite op (see ``first_difference``); raises ValueError with the first difference."""
+    mapped, why = _match(integer_model, path)
+    if why:
+        raise ValueError(f"{path} does not hold the integer model's graph: {why}")
+    return mapped
+
+
+def _match(integer_model, path):
+    """(twin tensor name -> file tensor index as far as matched, the first difference or None)."""
     from mobileqat.lowering import TFLITE_OPS
     it, tensors, ops = _file_graph(path)
     graph_in = int(it.get_input_details()[0]["index"])
@@ -137,7 +151,7 @@ def first_difference(integer_model, path):
     if file_ops and integer_model.input is not None:
         why = _quantization_difference(tensors[graph_in], integer_model.input)
         if why:
-            return f"input tensor '{_short(tensors[graph_in]['name'])}': {why}"
+            return {}, f"input tensor '{_short(tensors[graph_in]['name'])}': {why}"
     mapped = {integer_model.input.name: graph_in}
     matched = set()
     counts = f"(file: {len(file_ops)} ops, model: {len(twin_ops)})"
@@ -147,21 +161,21 @@ def first_difference(integer_model, path):
         if not candidates:
             rest = [i for i in range(len(file_ops)) if i not in matched]
             if not rest:
-                return (f"op {len(file_ops)}: the model has {lop.kind} (layer '{lop.output}') where the other "
-                        f"has none {counts}")
-            return (f"op {rest[0]}: the file has {file_ops[rest[0]]['op_name']} where the model has "
-                    f"{TFLITE_OPS[lop.kind]} (layer '{lop.output}')")
+                return mapped, (f"op {len(file_ops)}: the model has {lop.kind} (layer '{lop.output}') "
+                                f"where the other has none {counts}")
+            return mapped, (f"op {rest[0]}: the file has {file_ops[rest[0]]['op_name']} where the model has "
+                            f"{TFLITE_OPS[lop.kind]} (layer '{lop.output}')")
         whys = [_op_difference(it, tensors, file_ops[i], lop, integer_model, TFLITE_OPS) for i in candidates]
         best = next((i for i, why in zip(candidates, whys) if why is None), None)
         if best is None:
             same = [w for i, w in zip(candidates, whys) if file_ops[i]["op_name"] == TFLITE_OPS[lop.kind]]
-            return same[0] if same else f"op {candidates[0]}: {whys[0]}"
+            return mapped, (same[0] if same else f"op {candidates[0]}: {whys[0]}")
         matched.add(best)
         mapped[lop.output] = file_ops[best]["out"]
     rest = [i for i in range(len(file_ops)) if i not in matched]
     if rest:
-        return f"op {rest[0]}: the file has {file_ops[rest[0]]['op_name']} where the other has none {counts}"
-    return None
+        return mapped, f"op {rest[0]}: the file has {file_ops[rest[0]]['op_name']} where the other has none {counts}"
+    return mapped, None
 
 
 def _op_difference(it, tensors, fop, lop, integer_model, tflite_ops):

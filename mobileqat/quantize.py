@@ -1,12 +1,14 @@
 """quantize(model, scheme) -> a Keras QAT model that trains with model.fit.
 
-Steps: apply the rewrites of ``REWRITES`` (plain model -> model functions of ``mobileqat.transforms``:
-flatten nested models, MobileNetV3's hard-swish/-sigmoid patterns to one layer each, TF ops to layers, split activations, n-input merges into pairs, separable and grouped convolutions,
-preprocessing and standalone BatchNorm to foldable pairs); ``audit`` the result against the refusal list
-below (``MODEL_RULES``, ``LAYER_RULES``) and refuse, in one ValueError, every layer mobileqat cannot
-quantize, with its class and the fix, before any layer reaches tfmot; fold BatchNorm into the
-convolutions (``transforms.fold_batchnorm``); give every layer a ``QuantizeConfig`` from the scheme; let
-tfmot wrap the layers (``quantize_annotate_layer`` + ``quantize_apply``).
+Steps: apply the rewrites of ``REWRITES`` in order (plain model -> model functions of
+``mobileqat.transforms``: flatten nested models, MobileNetV3's hard-swish/-sigmoid patterns to one layer
+each, TF ops to layers, split activations and n-input merges, grouped and separable convolutions, ReLU
+layers into the conv before them, preprocessing and standalone BatchNorm to foldable pairs); ``audit``
+the result against the refusal list below (``MODEL_RULES``, ``LAYER_RULES``) and refuse, in one
+ValueError, every layer mobileqat cannot quantize, with its class and the fix, before any layer
+reaches tfmot (or keep named layers float: ``keep_float``); fold BatchNorm into the convolutions
+(``transforms.fold_batchnorm``); give every layer a ``QuantizeConfig`` from the scheme; let tfmot wrap
+the layers (``quantize_annotate_layer`` + ``quantize_apply``).
 """
 from typing import NamedTuple
 

@@ -517,19 +517,6 @@ def standalone_batchnorm(model):
 SPLIT_MERGES = (keras.layers.Add, keras.layers.Multiply, keras.layers.Maximum, keras.layers.Minimum)
 
 
-class _MergeChain:
-    """Calls two-input merge layers left to right: [a, b, c] -> second([first([a, b]), c])."""
-
-    def __init__(self, layers):
-        self.layers = layers
-
-    def __call__(self, inputs, **kwargs):
-        out = inputs[0]
-        for layer, x in zip(self.layers, inputs[1:]):
-            out = layer([out, x], **kwargs)
-        return out
-
-
 def split_merges(model):
     """Add / Multiply / Maximum / Minimum layers of n > 2 inputs become a chain of n - 1 two-input layers of
     the same class named ``<layer>_1``, ..., ``<layer>_<n-2>`` and, last, ``<layer>`` (same function: Keras
@@ -549,7 +536,15 @@ def split_merges(model):
         n = len(tf.nest.flatten(layer.input))
         config = layer.get_config()
         names = [f"{layer.name}_{i}" for i in range(1, n - 1)] + [layer.name]
-        return _MergeChain([type(layer).from_config(dict(config, name=name)) for name in names]), None, []
+        pairs = [type(layer).from_config(dict(config, name=name)) for name in names]
+
+        def call(args, kwargs):  # [a, b, c] -> second([first([a, b]), c])
+            inputs = tf.nest.flatten(args[0])
+            out = inputs[0]
+            for pair, x in zip(pairs, inputs[1:]):
+                out = pair([out, x])
+            return out
+        return call
     return rebuild(model, replace)
 
 

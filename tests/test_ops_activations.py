@@ -97,13 +97,8 @@ def with_input(twin, scale, zero_point):
 
 def op_tensors(twin, path):
     """{twin op: index of the file tensor it computes}, matched by data flow as provenance does."""
-    it = TFLiteModel(path, "reference").interpreter
-    ops = it._get_ops_details()
-    file_ops = [op for op in ops if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE", "RESHAPE")]
-    ordered = provenance._in_twin_order(file_ops, ops, twin, it)
-    assert ordered is not None
-    twin_ops = [op for op in twin.ops if op.kind in lowering.TFLITE_OPS]
-    return [(op, int(f["outputs"][0])) for op, f in zip(twin_ops, ordered)]
+    mapped = provenance.file_tensors(twin, path)
+    return [(op, int(mapped[op.output])) for op in twin.ops if op.kind in lowering.TFLITE_OPS]
 
 
 def interpreter_values(path, runtime, codes, indices, folder):

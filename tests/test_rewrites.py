@@ -195,7 +195,7 @@ def test_keep_float_keeps_a_refused_layer_float_with_a_warning(tmp_path):
         quantize(model)
     with pytest.raises(ValueError, match="keep_float names no layer.*'nope'"):
         quantize(model, keep_float=["nope"])
-    with pytest.warns(UserWarning, match="keeping 1 layer.*'ln' \\(LayerNormalization\\)"):
+    with pytest.warns(UserWarning, match="(?s)keeping 1 layer.*'ln' \\(LayerNormalization\\)"):
         qat = quantize(model, keep_float=["ln"])
     x = np.random.default_rng(2).uniform(-1, 1, (32, 8, 8, 3)).astype(np.float32)
     qat.compile("adam", "mse")
