@@ -5,7 +5,7 @@ import pytest
 
 from mobileqat import export, lowering, provenance, transforms
 from mobileqat._tf import keras
-from mobileqat.quantize import REWRITES, audit, quantize
+from mobileqat.quantize import REWRITES, audit, load_qat_model, quantize
 from mobileqat.runtime import TFLiteModel
 
 L = keras.layers
@@ -179,6 +179,11 @@ def test_a_model_using_every_rewrite_exports_and_lowers_at_zero_lsb(tmp_path):
         m = TFLiteModel(path, runtime)
         codes = m.quantize_input(x)
         np.testing.assert_array_equal(twin.run(codes, runtime), m.invoke_raw(codes))
+    # saved and loaded without custom_objects, the QAT model re-exports the same bytes
+    export.save_keras_model(qat, tmp_path / "byo.h5")
+    loaded = load_qat_model(tmp_path / "byo.h5")
+    export.export_tflite(loaded, tmp_path / "again.tflite")
+    assert (tmp_path / "again.tflite").read_bytes() == path.read_bytes()
 
 
 def layer_norm_net():
