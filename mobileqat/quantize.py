@@ -379,18 +379,23 @@ def audit(model):
     can quantize it. The layer rules see the model after ``REWRITES`` (layers keep their names; a layer a
     rewrite adds is named after the one it came from). The model is not changed and none of its layers is
     called (rules build throwaway copies of layers from their configs)."""
+    return _audit(model)[0]
+
+
+def _audit(model):
+    """(problems, the rewritten model or None when the model-level rules stop before the rewrites)."""
     problems = []
     for check, fix, final in MODEL_RULES:
         found = _run(check, fix, model)
         if found:
             problems.append(Problem("model", model.name, type(model).__name__, *found))
             if final:
-                return problems
+                return problems, None
     try:
         model = rewrite(model)
     except ValueError:  # e.g. a shared layer: the layer rules on the model as given say which
         pass
-    return problems + _audit_layers(model)
+    return problems + _audit_layers(model), model
 
 
 def _audit_layers(model):
@@ -415,20 +420,21 @@ def _refusal(model, problems):
                       f"Layers mobileqat quantizes: {SUPPORTED}.")
 
 
-def _kept_float(model, problems, keep_float):
+def _kept_float(rewritten, problems, keep_float):
     """Split the audit's problems into (still refused, kept float) by ``keep_float`` (True, or layer names).
     Model-level problems and layers that cannot be rebuilt are never kept."""
     if not keep_float:
         return problems, []
     names = None if keep_float is True else set([keep_float] if isinstance(keep_float, str) else keep_float)
     if names is not None:
-        known = {layer.name for layer in rewrite(model).layers}
+        known = {layer.name for layer in rewritten.layers}
         unknown = sorted(names - known)
         if unknown:
-            raise ValueError(f"keep_float names no layer of model '{model.name}': {unknown}; pass names from "
+            raise ValueError(f"keep_float names no layer of model '{rewritten.name}': {unknown}; pass names from "
                              "model.layers (or keep_float=True for every layer the audit refuses).")
+    never = ("rebuild from its config", "a shared layer")  # float or not, these stop the rebuild
     keep = [p for p in problems if p.where == "layer" and (names is None or p.name in names)
-            and "rebuild from its config" not in p.why and p.cls != "InputLayer"]
+            and not any(n in p.why for n in never) and p.cls != "InputLayer"]
     return [p for p in problems if p not in keep], keep
 
 
@@ -449,7 +455,10 @@ def quantize(model, scheme="w8a8", keep_float=()):
     if not isinstance(model, keras.Model):
         raise TypeError(f"quantize() takes a tf_keras Model, got {type(model).__name__}. If it is a Keras 3 "
                         "model, build it with tf_keras (import mobileqat before tensorflow).")
-    problems, kept = _kept_float(model, audit(model), keep_float)
+    problems, rewritten = _audit(model)
+    if rewritten is None:
+        raise _refusal(model, problems)
+    problems, kept = _kept_float(rewritten, problems, keep_float)
     if problems:
         raise _refusal(model, problems)
     if kept:
@@ -459,7 +468,7 @@ def quantize(model, scheme="w8a8", keep_float=()):
                       f"keep_float asks; their weights and computation are not fake-quantized:\n{lines}",
                       stacklevel=2)
     kept_names = {p.name for p in kept}
-    folded = transforms.fold_batchnorm(rewrite(model), weight_quantizer=scheme.weight_quantizer())
+    folded = transforms.fold_batchnorm(rewritten, weight_quantizer=scheme.weight_quantizer())
     configs = {}
     for layer in folded.layers:
         if isinstance(layer, L.InputLayer):
