@@ -632,14 +632,15 @@ def _pixel_stats(fn, pixels, mean, std, channels):
         if len(a) == 1:
             a = np.repeat(a, channels)
         if len(a) != channels or not np.all(np.isfinite(a)):
-            raise ValueError(f"{fn}: {what}={list(np.atleast_1d(v))!r}; give {channels} finite value(s), one per "
+            raise ValueError(f"{fn}: {what}={a.tolist()!r}; give {channels} finite value(s), one per "
                              f"channel (or one for all).")
         out.append(a.astype(np.float32))
+    given = {k: np.atleast_1d(np.asarray(v, np.float64)).tolist() for k, v in (("mean", mean), ("std", std))}
     if np.any(out[1] <= 0):
-        raise ValueError(f"{fn}: std={out[1].tolist()} has a value <= 0; every std must be > 0.")
+        raise ValueError(f"{fn}: std={given['std']} has a value <= 0; every std must be > 0.")
     if np.all(out[1] <= 1.0) and np.all(np.abs(out[0]) <= 1.0):
-        raise ValueError(f"{fn}: mean={out[0].tolist()}, std={out[1].tolist()} look like 0..1 units; mean and std "
-                         "are in 0..255 pixel units ((x - mean) / std, x in 0..255): multiply them by 255 "
+        raise ValueError(f"{fn}: mean={given['mean']}, std={given['std']} look like 0..1 units; mean and std are in "
+                         "0..255 pixel units ((x - mean) / std, x in 0..255): multiply them by 255 "
                          "(e.g. std 0.229 -> 58.395).")
     return out[0], out[1]
 

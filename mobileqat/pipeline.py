@@ -319,13 +319,18 @@ def load_model_file(path):
         raise ValueError(f"model file {shown} does not exist; pass the trained float model: {MODEL_FILE_FIX}.")
     if not os.path.isdir(shown) and not shown.lower().endswith((".keras", ".h5", ".hdf5")):
         raise ValueError(f"model file {shown}: expected a .keras or .h5 file; {MODEL_FILE_FIX}.")
+    keras3 = _keras3_version(shown)
+    if keras3:
+        raise ValueError(f"model file {shown} was saved by Keras {keras3}, which tf_keras (Keras 2) cannot read; fix: "
+                         f"{MODEL_FILE_FIX}, e.g. rebuild the model with tf_keras and copy the weights "
+                         "(new.set_weights(old.get_weights())).")
     try:
         model = keras.models.load_model(shown, compile=False)
     except Exception as e:  # noqa: BLE001 - any reason the file does not load means "cannot use it"
-        why = " ".join(str(e).split())
+        why = " ".join(str(e).split()).split(" Full object config:")[0]
         why = why if len(why) <= 300 else why[:297] + "..."
         raise ValueError(f"model file {shown} cannot be loaded by tf_keras ({type(e).__name__}: {why}); fix: "
-                         f"{MODEL_FILE_FIX}; custom layers or a Keras 3 file cannot be read here.") from e
+                         f"{MODEL_FILE_FIX}; a model with custom layers cannot be read by name here.") from e
     if not isinstance(model, keras.Model):
         raise ValueError(f"model file {shown} holds a {type(model).__name__}, not a Keras model; {MODEL_FILE_FIX}.")
     if len(getattr(model, "inputs", None) or []) == 1 and len(getattr(model, "outputs", None) or []) == 1:
@@ -344,6 +349,18 @@ def load_model_file(path):
     except (ValueError, TypeError) as e:
         raise ValueError(f"model file {shown}: {e}") from e
     return model, qat
+
+
+def _keras3_version(path):
+    """The Keras version in a .keras file's metadata.json when it is 3 or later, else None."""
+    import json
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            version = str(json.loads(z.read("metadata.json")).get("keras_version", ""))
+    except Exception:  # noqa: BLE001 - not a readable .keras zip: let load_model say why
+        return None
+    return version if version[:1].isdigit() and int(version.split(".")[0]) >= 3 else None
 
 
 def check_model_fits(model, dataset, path):
