@@ -784,7 +784,9 @@ class ImageFolderStream:
         resized back bilinearly), "brightness" (+-10 % of full scale, clipped) -- seeded per element and per
         epoch, applied to 0..255 pixels before the scaling. cache: a file name prefix; the decoded uint8
         images are written there during the first epoch and read back afterwards (then the shuffle is a
-        buffer of ``shuffle_buffer`` decoded images after the cache). Then scaled, batched, prefetched.
+        buffer of ``shuffle_buffer`` decoded images after the cache; a run killed while writing it leaves
+        ``<prefix>_*.lockfile``, which must be deleted before the next). Then batched, scaled (one op per
+        batch), prefetched.
         """
         from mobileqat._tf import tf
         files, y = self._split_of(split)
@@ -820,8 +822,9 @@ class ImageFolderStream:
             rand = tf.data.Dataset.random(seed=_derived_seed(seed, 61), rerandomize_each_iteration=True)
             ds = tf.data.Dataset.zip((ds, rand)).map(
                 lambda xy, r: (_augment_tf(tf, xy[0], r, aug, (h, w, c)), xy[1]), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(int(batch_size), drop_remainder=drop_remainder)  # uint8 (float after augmentation)
         ds = ds.map(lambda img, label: (self._scale_tf(tf, img), label), num_parallel_calls=tf.data.AUTOTUNE)
-        return ds.batch(int(batch_size), drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+        return ds.prefetch(tf.data.AUTOTUNE)
 
     def _scale_tf(self, tf, img):
         x = tf.cast(img, tf.float32)

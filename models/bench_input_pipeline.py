@@ -13,9 +13,10 @@ of each size, then runs every case in a fresh Python process, one at a time, and
 - ``in_memory``: ``mobileqat.data.load_image_folder`` (every image held as float32), only up to
   --in-memory-max images, since its memory grows with the folder (600 KB per 224x224x3 image).
 
-Per case: the set-up time (listing; for ``stream`` it includes decoding every file once, to skip the
-unreadable ones exactly as load_image_folder does), the epoch's images/s (training split, 80 %), and the
-peak resident memory of the process (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, TensorFlow included).
+Per case (median of --repeat fresh processes by epoch images/s; peak memory: the largest of them): the
+set-up time (listing; for ``stream`` it includes decoding every file once, to skip the unreadable ones
+exactly as load_image_folder does), the epoch's images/s (training split, 80 %), and the peak resident
+memory of the process (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, TensorFlow included).
 The table is printed as markdown; the raw numbers go to WORKDIR/bench.json.
 """
 import argparse
@@ -81,6 +82,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--cases", nargs="+", default=["stream", "keras", "in_memory"])
     parser.add_argument("--in-memory-max", type=int, default=500, help="largest folder for the in_memory case")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per case (median images/s, max RSS)")
     parser.add_argument("--workdir", default="/tmp/mobileqat_bench")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -99,21 +101,26 @@ def main(argv=None):
         for case in args.cases:
             if case == "in_memory" and n > args.in_memory_max:
                 continue
-            r = subprocess.run([sys.executable, os.path.abspath(__file__), "--case", case, "--folder", folder,
-                                "--image-size", str(args.image_size), "--batch-size", str(args.batch_size)],
-                               capture_output=True, text=True, env=env)
-            if r.returncode != 0:
-                sys.exit(f"case {case} on {folder} failed:\n{r.stderr[-3000:]}")
-            row = {"folder_images": n, **json.loads(r.stdout.strip().splitlines()[-1])}
+            runs = []
+            for _ in range(max(1, args.repeat)):  # one fresh process per run
+                r = subprocess.run([sys.executable, os.path.abspath(__file__), "--case", case, "--folder", folder,
+                                    "--image-size", str(args.image_size), "--batch-size", str(args.batch_size)],
+                                   capture_output=True, text=True, env=env)
+                if r.returncode != 0:
+                    sys.exit(f"case {case} on {folder} failed:\n{r.stderr[-3000:]}")
+                runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            med = sorted(runs, key=lambda x: x["epoch_images_per_s"])[len(runs) // 2]
+            row = {"folder_images": n, **med, "peak_rss_mb": max(x["peak_rss_mb"] for x in runs),
+                   "epoch_images_per_s_all": [round(x["epoch_images_per_s"]) for x in runs]}
             rows.append(row)
             print(f"{case:>9} {n:>6} images: set-up {row['setup_s']:.1f} s, epoch {row['epoch_images_per_s']:.0f} "
-                  f"images/s, peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
+                  f"images/s (runs: {row['epoch_images_per_s_all']}), peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
     os.makedirs(args.workdir, exist_ok=True)
     with open(os.path.join(args.workdir, "bench.json"), "w") as f:
         json.dump({"args": vars(args), "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(), "rows": rows}, f,
                   indent=2)
-    print(f"\n{args.image_size}x{args.image_size} {args.format.upper()}, batch {args.batch_size}, "
-          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end\n")
+    print(f"\n{args.image_size}x{args.image_size} {args.format.upper()}, batch {args.batch_size}, median of "
+          f"{args.repeat} runs, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end\n")
     print("| pipeline | folder | set-up (s) | epoch images/s | set-up + epoch images/s | peak RSS (MB) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
