@@ -116,3 +116,42 @@ def test_bad_model_files_exit_2_with_one_line_naming_the_file(user, tmp_path, ca
         assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
         assert (str(path) in lines[0] or not words[0].startswith("model")) and all(w in err for w in words), err
         assert not out.exists()  # refused before any work
+
+
+def test_chunked_validation_merges_to_the_whole_set_numbers(rng):
+    """The harness runs on test chunks of a streamed folder; merging chunk results gives the whole set's."""
+    from mobileqat.harness import compare_codes
+    from mobileqat.pipeline import merge_validations
+    a, b = rng.integers(-128, 128, (50, 4)), rng.integers(-128, 128, (50, 4))
+    b[::3] = a[::3]
+    y = rng.integers(0, 4, 50)
+    cuts = [(0, 7), (7, 30), (30, 50)]
+
+    def result(lo, hi):
+        acc = float(np.mean(b[lo:hi].argmax(-1) == y[lo:hi]))
+        return {"tflite_bytes": 123, "provenance": {"check": "fingerprint"}, "sim_accuracy": acc,
+                "integer_accuracy": {"reference": acc},
+                "runtimes": {"reference": {"accuracy": acc, "simulation": "integer",
+                                           **compare_codes(a[lo:hi], b[lo:hi])},
+                             "xnnpack": {"error": "SIGABRT"} if lo == 7 else {"accuracy": acc}}}
+    merged = merge_validations([result(lo, hi) for lo, hi in cuts], [hi - lo for lo, hi in cuts])
+    whole = result(0, 50)
+    ref = merged["runtimes"]["reference"]
+    for k, v in whole["runtimes"]["reference"].items():
+        assert ref[k] == (pytest.approx(v) if isinstance(v, float) else v), k
+    assert merged["sim_accuracy"] == pytest.approx(whole["sim_accuracy"])
+    assert merged["runtimes"]["xnnpack"] == {"error": "SIGABRT"}  # failed on one chunk: failed
+    assert merged["tflite_bytes"] == 123 and merged["provenance"] == {"check": "fingerprint"}
+
+
+def test_cache_folder_keeps_only_this_datas_complete_cache(tmp_path):
+    from mobileqat.pipeline import _cache_prefix
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    keep = ["train-0123456789abcdef.index", "train-0123456789abcdef.data-00000-of-00001"]
+    gone = ["train-0123456789abcdef_0.lockfile", "train-0123456789abcdef_0.data-00000-of-00001.tempstate42",
+            "train-fedcba9876543210.index"]  # a killed run's lock and partial write; another data set's cache
+    for name in keep + gone:
+        (cache / name).write_bytes(b"x")
+    assert _cache_prefix(str(tmp_path), "0123456789abcdef" + "0" * 16) == str(cache / "train-0123456789abcdef")
+    assert sorted(os.listdir(cache)) == sorted(keep)
