@@ -770,7 +770,8 @@ class ImageFolderStream:
             h.update(f"\n{split} {len(files)}\n".encode())
             for path, label in zip(files, y):
                 size, mtime = self.stats.get(path) or _stat(path)
-                h.update(os.fsencode(os.path.relpath(path, self.folder)) + f"\0{int(label)}\0{size}\0{mtime}\n".encode())
+                rel = os.fsencode(os.path.relpath(path, self.folder))
+                h.update(rel + f"\0{int(label)}\0{size}\0{mtime}\n".encode())
         return h.hexdigest()
 
     def dataset(self, split="train", batch_size=64, shuffle=None, augment=None, seed=0, cache=None,

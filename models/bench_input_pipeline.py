@@ -48,8 +48,9 @@ def run_case(case, folder, image_size, batch_size):
         ds = stream.dataset("train", batch_size=batch_size, shuffle=True, seed=0)
         n = len(stream.train_files)
     elif case == "keras":
-        ds = keras.utils.image_dataset_from_directory(folder, image_size=(image_size, image_size), batch_size=batch_size,
-                                                      shuffle=True, seed=0, validation_split=0.2, subset="training")
+        ds = keras.utils.image_dataset_from_directory(folder, image_size=(image_size, image_size),
+                                                      batch_size=batch_size, shuffle=True, seed=0,
+                                                      validation_split=0.2, subset="training")
         ds = ds.map(lambda x, y: (x / 127.5 - 1.0, y), num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
         n = None
     elif case == "in_memory":
