@@ -51,12 +51,29 @@ def _add_run_options(p, defaults):
     p.add_argument("--quiet", action="store_true")
 
 
-def _config(args):
+def _config(args, **extra):
     from mobileqat.pipeline import RunConfig
-    return RunConfig(model=args.model, alpha=args.alpha, epochs=args.epochs, qat_epochs=args.qat_epochs,
-                     batch_size=args.batch_size, learning_rate=args.learning_rate,
-                     qat_learning_rate=args.qat_learning_rate, io_type=args.io_type, threads=args.threads,
-                     bench_runs=args.bench_runs, seed=args.seed, verbose=0 if args.quiet else 1)
+    d = RunConfig()
+
+    def given(name):
+        value = getattr(args, name)
+        return getattr(d, name) if value is None else value
+    fields = dict(model=given("model"), alpha=given("alpha"), epochs=given("epochs"), qat_epochs=args.qat_epochs,
+                  batch_size=args.batch_size, learning_rate=given("learning_rate"),
+                  qat_learning_rate=args.qat_learning_rate, io_type=args.io_type, threads=args.threads,
+                  bench_runs=args.bench_runs, seed=args.seed, verbose=0 if args.quiet else 1)
+    return RunConfig(**{**fields, **extra})
+
+
+def _add_pixel_options(p):
+    from mobileqat.data import PIXELS
+    p.add_argument("--pixels", choices=PIXELS, default="-1..1",
+                   help="the pixel scaling the model expects, x in 0..255: -1..1 (x/127.5 - 1, the built-in models), "
+                        "0..1 (x/255), 0..255 (x), mean_std ((x - mean) / std with --mean/--std)")
+    p.add_argument("--mean", type=number(float), nargs="+", metavar="M",
+                   help="per-channel mean in 0..255 units for --pixels mean_std (one value, or one per channel)")
+    p.add_argument("--std", type=number(float), nargs="+", metavar="S",
+                   help="per-channel std in 0..255 units for --pixels mean_std (ImageNet: 58.395 57.12 57.375)")
 
 
 def _finish(report, out):
@@ -82,19 +99,50 @@ def cmd_demo(args):
 
 
 def cmd_run(args):
-    from mobileqat.data import load_image_folder
-    from mobileqat.pipeline import run_pipeline
-    ds = load_image_folder(args.data, image_size=args.input_size, channels=args.channels, seed=args.seed)
+    from mobileqat.data import image_folder_stream
+    from mobileqat.pipeline import check_model_fits, load_model_file, run_pipeline
+    pixels = dict(pixels=args.pixels, mean=args.mean, std=args.std)
+    extra = dict(augment=None if args.augment is None else (tuple(args.augment) or True), cache=args.cache)
+    if extra["augment"] is True:
+        from mobileqat.data import AUGMENTATIONS
+        extra["augment"] = AUGMENTATIONS
+    float_model = qat_model = None
+    if args.model_file:
+        fixed = [flag for flag, value in (("--model", args.model), ("--alpha", args.alpha), ("--epochs", args.epochs),
+                                          ("--learning-rate", args.learning_rate), ("--input-size", args.input_size),
+                                          ("--channels", args.channels)) if value is not None]
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)} with --model-file {args.model_file}: the model file fixes the "
+                             "architecture and the input size and channels, and no float training runs (only QAT: "
+                             "--qat-epochs, --qat-learning-rate); drop " + ("it." if len(fixed) == 1 else "them."))
+        float_model, qat_model = load_model_file(args.model_file)
+        h, w, c = (int(d) for d in float_model.inputs[0].shape[1:])
+        ds = image_folder_stream(args.data, image_size=(h, w), channels=c, seed=args.seed, **pixels)
+        check_model_fits(float_model, ds, args.model_file)
+        cfg = _config(args, model=None, alpha=None, epochs=None, learning_rate=None,  # not used: no float training
+                      model_file=os.path.abspath(args.model_file), **extra)
+    else:
+        ds = image_folder_stream(args.data, image_size=args.input_size or 32, channels=args.channels or 3,
+                                 seed=args.seed, **pixels)
+        cfg = _config(args, **extra)
     if ds.skipped:
         print(f"skipped {len(ds.skipped)} unreadable files, e.g. {ds.skipped[0][0]}: {ds.skipped[0][1]}",
               file=sys.stderr)
-    return _finish(run_pipeline(ds, args.out, _config(args)), args.out)
+    return _finish(run_pipeline(ds, args.out, cfg, float_model=float_model, qat_model=qat_model), args.out)
 
 
 def _eval_data(args):
-    from mobileqat.data import load_image_folder, synthetic_shapes
+    from types import SimpleNamespace
+
+    from mobileqat.data import image_folder_stream, synthetic_shapes
     if args.data:
-        return load_image_folder(args.data, image_size=args.input_size, channels=args.channels, seed=args.seed)
+        stream = image_folder_stream(args.data, image_size=args.input_size, channels=args.channels, seed=args.seed,
+                                     pixels=args.pixels, mean=args.mean, std=args.std)
+        x_test, y_test = stream.arrays("test")  # the test split only: the training images are never held
+        return SimpleNamespace(x_test=x_test, y_test=y_test)
+    if args.pixels != "-1..1" or args.mean or args.std:
+        raise ValueError("--pixels/--mean/--std apply to --data (an image folder); the synthetic test split is "
+                         "scaled to -1..1, as the built-in models expect. Pass --data, or drop them.")
     return synthetic_shapes(n_train=0, n_test=args.test, image_size=args.input_size, seed=args.seed)
 
 
@@ -184,12 +232,26 @@ def build_parser():
     p.add_argument("--difficulty", type=number(float, 0.0, 100.0), default=1.3, help="clutter/noise/size spread of the shapes")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("run", help="whole pipeline on a folder of images, one sub-folder per class")
+    p = sub.add_parser("run", help="whole pipeline on a folder of images, one sub-folder per class; with "
+                                   "--model-file: QAT fine-tune of your trained float model")
     _add_run_options(p, d)
-    p.add_argument("--data", required=True, help="image folder: DATA/<class>/<image>")
-    p.add_argument("--input-size", type=SIZE, default=32)
-    p.add_argument("--channels", type=int, default=3, choices=[1, 3])
-    p.set_defaults(func=cmd_run)
+    p.add_argument("--data", required=True, help="image folder: DATA/<class>/<image> (read on demand, never "
+                                                 "held in memory whole)")
+    p.add_argument("--model-file", help="your trained float model (.keras or .h5, saved with tf_keras): no float "
+                                        "training; it is quantized, QAT-fine-tuned, exported and compared with its "
+                                        "PTQ file; input size and channels come from the model")
+    p.add_argument("--input-size", type=SIZE, default=None, help="image side in pixels (default 32; from the "
+                                                                 "model with --model-file)")
+    p.add_argument("--channels", type=int, default=None, choices=[1, 3], help="default 3; from the model with "
+                                                                              "--model-file")
+    _add_pixel_options(p)
+    from mobileqat.data import AUGMENTATIONS
+    p.add_argument("--augment", nargs="*", choices=AUGMENTATIONS, default=None,
+                   help="augment the training images (never the test split): all of flip, crop, brightness, or "
+                        "the ones named")
+    p.add_argument("--cache", action="store_true", help="cache the decoded training images in OUT/cache after "
+                                                         "the first epoch (removed when the run ends)")
+    p.set_defaults(func=cmd_run, model=None, alpha=None, epochs=None, learning_rate=None)
 
     p = sub.add_parser("validate", help="run a .tflite on reference kernels and XNNPACK, compare with Keras")
     p.add_argument("tflite")
@@ -199,6 +261,7 @@ def build_parser():
     p.add_argument("--channels", type=int, default=3, choices=[1, 3])
     p.add_argument("--test", type=COUNT, default=1000)
     p.add_argument("--seed", type=SEED, default=0)
+    _add_pixel_options(p)
     p.add_argument("--runtimes", nargs="+", default=["reference", "xnnpack"], choices=RUNTIMES)
     p.add_argument("--threads", type=THREADS, default=1)
     p.add_argument("--min-agreement", type=FRACTION, default=None,
@@ -219,6 +282,7 @@ def build_parser():
     p.add_argument("--test", type=COUNT, default=1000)
     p.add_argument("--samples", type=COUNT, default=64, help="images to run through both")
     p.add_argument("--seed", type=SEED, default=0)
+    _add_pixel_options(p)
     p.add_argument("--out", help="folder for fidelity_per_layer.json (and .png with matplotlib)")
     p.set_defaults(func=cmd_debug)
 

@@ -1,9 +1,15 @@
-"""Datasets: the built-in synthetic shapes, image folders, calibration subsets, tf.data pipelines.
+"""Datasets: the built-in synthetic shapes, image folders (in memory or streamed), calibration subsets,
+tf.data pipelines.
 
-Every image array here is (N, H, W, C) float32 in [-1, 1] (``normalize``: x / 127.5 - 1) and every
-label array is (N,) int64 class ids. TensorFlow is imported only by ``as_tf_dataset``.
+Every in-memory image array here is (N, H, W, C) float32 in [-1, 1] (``normalize``: x / 127.5 - 1) and every
+label array is (N,) int64 class ids. ``image_folder_stream`` keeps only file names and reads images on
+demand, scaled as the model expects (``PIXELS``). TensorFlow is imported only by the tf.data functions.
 """
+import collections
 import dataclasses
+import hashlib
+import itertools
+import json
 import math
 import os
 import stat
@@ -362,6 +368,7 @@ def _to_rgb_or_l(im, channels, top=None):
 
 def _shrink(im, image_size):
     """A big image box-reduced by integer factors so each side stays >= 2 * image_size (or as is).
+    ``image_size``: the larger side of the target (so either orientation keeps >= 2x in both sides).
 
     Palette, bilevel and colour-keyed images are converted first (averaging palette indices or a
     colour key is meaningless); 16-bit images, which ``Image.reduce`` lacks, are BOX-resized."""
@@ -403,12 +410,22 @@ def _orientation(im):
         return None
 
 
+def _hw(image_size):
+    """image_size (int, or (height, width)) -> (height, width) ints."""
+    if isinstance(image_size, (tuple, list)):
+        h, w = image_size
+        return int(h), int(w)
+    return int(image_size), int(image_size)
+
+
 def _read_image(path, image_size, channels):
-    """One file -> (image_size, image_size, channels) uint8; raises whatever Pillow raises.
+    """One file -> (H, W, channels) uint8, image_size = H = W (int) or (H, W); raises whatever Pillow raises.
 
     Only regular files are opened (a FIFO would block forever, a device never end). An image over
     ``Image.MAX_IMAGE_PIXELS`` is refused before decoding: Pillow only warns (DecompressionBombWarning)
     between that limit and twice it, and that warning is raised here as an error."""
+    h, w = _hw(image_size)
+    side = max(h, w)  # JPEG draft and big-image reduction keep >= 2x the larger side, whatever the EXIF rotation
     st = os.stat(path)  # follows symlinks: a dangling or looping link raises OSError here
     if not stat.S_ISREG(st.st_mode):
         raise ValueError("not a regular file (a FIFO, device or socket named like an image); "
@@ -418,16 +435,131 @@ def _read_image(path, image_size, channels):
         im = Image.open(path)
     with im:
         if im.format == "JPEG":  # decode big JPEGs at a reduced scale (still >= 2x the target size)
-            im.draft(None, (2 * image_size, 2 * image_size))
+            im.draft(None, (2 * side, 2 * side))
         im.load()
         method = _orientation(im)
-        small = _shrink(im, image_size)
+        small = _shrink(im, side)
         # the 8-/16-bit/[0, 1] choice for 'I'/'F' follows the full-resolution maximum, not the averaged one
         top = _finite_max(im) if (small is not im and im.mode in ("I", "F")) else None
         im = small if method is None else small.transpose(method)
-        im = _to_rgb_or_l(im, channels, top).resize((image_size, image_size), Image.BILINEAR)
+        im = _to_rgb_or_l(im, channels, top).resize((w, h), Image.BILINEAR)
         a = np.asarray(im, np.uint8)
     return a[..., None] if channels == 1 else a
+
+
+def _ordered_map(fn, items, workers):
+    """Yield (item, fn(item), None) or (item, None, exception) in the order of ``items``. workers <= 1:
+    one after the other in this thread; otherwise a thread pool with at most 2 * workers calls in flight
+    (Pillow releases the GIL while it decodes and resizes), so results never pile up. Stopping the
+    iteration early waits for the calls in flight and starts no other."""
+    if workers <= 1:
+        for item in items:
+            try:
+                result = fn(item)
+            except Exception as e:  # noqa: BLE001 - the caller decides what a failure means
+                yield item, None, e
+            else:
+                yield item, result, None
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    items = iter(items)
+    with ThreadPoolExecutor(workers, thread_name_prefix="mobileqat-decode") as pool:
+        pending = collections.deque((item, pool.submit(fn, item)) for item in itertools.islice(items, 2 * workers))
+        try:
+            while pending:
+                item, future = pending.popleft()
+                error = future.exception()
+                yield item, (None if error is not None else future.result()), error
+                for nxt in itertools.islice(items, 1):
+                    pending.append((nxt, pool.submit(fn, nxt)))
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+def _default_workers():
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _check_folder_args(fn, path, image_size, channels, test_fraction, max_per_class):
+    """The checks load_image_folder and image_folder_stream share. Returns (folder, fix, class_names)."""
+    folder = os.path.abspath(os.path.expanduser(os.fsdecode(path)))  # bytes paths too
+    fix = _FOLDER_FIX.format(path=_shown(folder))
+    if not os.path.exists(folder):
+        raise FileNotFoundError(f"image folder {folder!r} does not exist; pass an existing folder and {fix}.")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder!r} is a file, not a folder; pass the folder that holds the class "
+                         f"sub-folders ({fix}).")
+    if min(_hw(image_size)) < 8:
+        raise ValueError(f"{fn}({folder!r}): image_size={image_size!r} is too small; use image_size >= 8.")
+    if channels not in (1, 3):
+        raise ValueError(f"{fn}({folder!r}): channels={channels!r}; use 3 (RGB) or 1 (grayscale).")
+    if not 0.0 <= float(test_fraction) < 1.0:
+        raise ValueError(f"{fn}({folder!r}): test_fraction={test_fraction!r}; use a value in [0, 1).")
+    if max_per_class is not None and int(max_per_class) < 1:
+        raise ValueError(f"{fn}({folder!r}): max_per_class={max_per_class!r}; use None or >= 1.")
+    try:
+        with os.scandir(folder) as entries:
+            class_names = sorted(e.name for e in entries if _is_class_dir(e))
+    except OSError as e:
+        raise ValueError(f"image folder {folder!r} cannot be listed ({type(e).__name__}: {_shown(e)}); "
+                         f"check its permissions and {fix}.") from e
+    if len(class_names) < 2:
+        raise ValueError(f"image folder {folder!r} has {len(class_names)} class sub-folder(s) "
+                         f"{class_names}; at least 2 are needed: {fix}.")
+    return folder, fix, class_names
+
+
+def _pick_images(fn, folder, class_names, seed, max_per_class, read, workers):
+    """Per class, the readable files in a seeded order (at most max_per_class), each with ``read(path)``.
+
+    Returns ([[(path, read result), ...] per class], skipped [(path, reason)], sorted). Raises the
+    "no readable image" ValueError at the first class without one (after warning about the skips)."""
+    skipped, per_class = [], []
+    for ci, name in enumerate(class_names):
+        class_dir = os.path.join(folder, name)
+        files = _class_files(class_dir)
+        order = np.random.RandomState(_derived_seed(seed, 10, ci)).permutation(len(files))
+        picked, bad = [], 0
+        results = _ordered_map(read, (files[j] for j in order), workers)
+        try:
+            for path, result, error in results:
+                if error is not None:  # any decoder failure means "unreadable"
+                    skipped.append((path, f"{type(error).__name__}: {_shown(error)}"))
+                    bad += 1
+                else:
+                    picked.append((path, result))
+                if max_per_class is not None and len(picked) >= int(max_per_class):
+                    break
+        finally:
+            results.close()
+        if not picked:
+            if skipped:
+                _warn_skipped(fn, folder, skipped)
+            raise ValueError(f"class folder {class_dir!r} has no readable image ({len(files)} file(s) with an "
+                             f"image extension, {bad} unreadable); add {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}"
+                             " images to it or remove the folder.")
+        per_class.append(picked)
+    if skipped:
+        skipped.sort()
+        _warn_skipped(fn, folder, skipped)
+    return per_class, skipped
+
+
+def _split(counts, test_fraction, seed):
+    """The seeded stratified split of load_image_folder: per class, round(n * test_fraction) test items
+    (at least 1 and at most n - 1 when n >= 2), then both splits shuffled. ``counts``: items per class.
+    Returns (train, test): int64 arrays of (class, index within the class) rows, in the final order."""
+    tr, te = [], []
+    for ci, n in enumerate(counts):
+        n_test = 0 if (n < 2 or test_fraction == 0) else min(max(int(round(n * test_fraction)), 1), n - 1)
+        perm = np.random.RandomState(_derived_seed(seed, 20, ci)).permutation(n)
+        te.extend((ci, int(j)) for j in perm[:n_test])
+        tr.extend((ci, int(j)) for j in perm[n_test:])
+    rs = np.random.RandomState(_derived_seed(seed, 30))
+    tr, te = np.array(tr, np.int64).reshape(-1, 2), np.array(te, np.int64).reshape(-1, 2)
+    p_tr, p_te = rs.permutation(len(tr)), rs.permutation(len(te))
+    return tr[p_tr], te[p_te]
 
 
 def load_image_folder(path, image_size=32, channels=3, test_fraction=0.2, seed=0, max_per_class=None):
@@ -448,80 +580,327 @@ def load_image_folder(path, image_size=32, channels=3, test_fraction=0.2, seed=0
     identical on every call for the same seed. max_per_class caps the images per class (a seeded,
     deterministic choice). Both splits are shuffled. Name: the folder's basename.
     """
-    folder = os.path.abspath(os.path.expanduser(os.fsdecode(path)))  # bytes paths too
-    fix = _FOLDER_FIX.format(path=_shown(folder))
-    if not os.path.exists(folder):
-        raise FileNotFoundError(f"image folder {folder!r} does not exist; pass an existing folder and {fix}.")
-    if not os.path.isdir(folder):
-        raise ValueError(f"{folder!r} is a file, not a folder; pass the folder that holds the class "
-                         f"sub-folders ({fix}).")
-    if int(image_size) < 8:
-        raise ValueError(f"load_image_folder({folder!r}): image_size={image_size!r} is too small; "
-                         "use image_size >= 8.")
-    if channels not in (1, 3):
-        raise ValueError(f"load_image_folder({folder!r}): channels={channels!r}; use 3 (RGB) or 1 (grayscale).")
-    if not 0.0 <= float(test_fraction) < 1.0:
-        raise ValueError(f"load_image_folder({folder!r}): test_fraction={test_fraction!r}; use a value in [0, 1).")
-    if max_per_class is not None and int(max_per_class) < 1:
-        raise ValueError(f"load_image_folder({folder!r}): max_per_class={max_per_class!r}; use None or >= 1.")
+    folder, _, class_names = _check_folder_args("load_image_folder", path, image_size, channels, test_fraction,
+                                                max_per_class)
     size = int(image_size)
+    per_class, skipped = _pick_images("load_image_folder", folder, class_names, seed, max_per_class,
+                                      lambda p: _read_image(p, size, channels), workers=1)
+    tr, te = _split([len(c) for c in per_class], test_fraction, seed)
+    empty = np.zeros((0, size, size, channels), np.uint8)
 
-    try:
-        with os.scandir(folder) as entries:
-            class_names = sorted(e.name for e in entries if _is_class_dir(e))
-    except OSError as e:
-        raise ValueError(f"image folder {folder!r} cannot be listed ({type(e).__name__}: {_shown(e)}); "
-                         f"check its permissions and {fix}.") from e
-    if len(class_names) < 2:
-        raise ValueError(f"image folder {folder!r} has {len(class_names)} class sub-folder(s) "
-                         f"{class_names}; at least 2 are needed: {fix}.")
+    def gather(rows):
+        return np.stack([per_class[ci][j][1] for ci, j in rows]) if len(rows) else empty
 
-    skipped, per_class = [], []
-    for ci, name in enumerate(class_names):
-        class_dir = os.path.join(folder, name)
-        files = _class_files(class_dir)
-        order = np.random.RandomState(_derived_seed(seed, 10, ci)).permutation(len(files))
-        images, bad = [], 0
-        for j in order:
-            if max_per_class is not None and len(images) >= int(max_per_class):
-                break
-            try:
-                images.append(_read_image(files[j], size, channels))
-            except Exception as e:  # noqa: BLE001 - any decoder failure means "unreadable"
-                skipped.append((files[j], f"{type(e).__name__}: {_shown(e)}"))
-                bad += 1
-        if not images:
-            if skipped:
-                _warn_skipped(folder, skipped)
-            raise ValueError(f"class folder {class_dir!r} has no readable image ({len(files)} file(s) with an "
-                             f"image extension, {bad} unreadable); add {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}"
-                             " images to it or remove the folder.")
-        per_class.append(np.stack(images))
-    if skipped:
-        skipped.sort()
-        _warn_skipped(folder, skipped)
-
-    xs_tr, ys_tr, xs_te, ys_te = [], [], [], []
-    for ci, imgs in enumerate(per_class):
-        n = len(imgs)
-        n_test = 0 if (n < 2 or test_fraction == 0) else min(max(int(round(n * test_fraction)), 1), n - 1)
-        perm = np.random.RandomState(_derived_seed(seed, 20, ci)).permutation(n)
-        xs_te.append(imgs[perm[:n_test]])
-        xs_tr.append(imgs[perm[n_test:]])
-        ys_te.append(np.full(n_test, ci, np.int64))
-        ys_tr.append(np.full(n - n_test, ci, np.int64))
-    rs = np.random.RandomState(_derived_seed(seed, 30))
-    x_tr, y_tr = np.concatenate(xs_tr), np.concatenate(ys_tr)
-    x_te, y_te = np.concatenate(xs_te), np.concatenate(ys_te)
-    p_tr, p_te = rs.permutation(len(y_tr)), rs.permutation(len(y_te))
-    return Dataset(os.path.basename(folder.rstrip(os.sep)) or folder, normalize(x_tr[p_tr]), y_tr[p_tr],
-                   normalize(x_te[p_te]), y_te[p_te], class_names, skipped)
+    return Dataset(_folder_name(folder), normalize(gather(tr)), tr[:, 0].copy(),
+                   normalize(gather(te)), te[:, 0].copy(), class_names, skipped)
 
 
-def _warn_skipped(folder, skipped):
+def _folder_name(folder):
+    return os.path.basename(folder.rstrip(os.sep)) or folder
+
+
+def _warn_skipped(fn, folder, skipped):
     path, reason = skipped[0]
-    warnings.warn(f"load_image_folder({folder!r}): skipped {len(skipped)} unreadable file(s), first: "
-                  f"{_shown(path)} ({_shown(reason)}); delete or re-save them to silence this.", stacklevel=3)
+    warnings.warn(f"{fn}({folder!r}): skipped {len(skipped)} unreadable file(s), first: "
+                  f"{_shown(path)} ({_shown(reason)}); delete or re-save them to silence this.", stacklevel=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders, streamed
+# ----------------------------------------------------------------------------------------------
+
+PIXELS = ("-1..1", "0..1", "0..255", "mean_std")
+AUGMENTATIONS = ("flip", "crop", "brightness")
+
+
+def _pixel_stats(fn, pixels, mean, std, channels):
+    """Check the pixel scaling; returns (mean, std) as float32 arrays of ``channels`` values, or Nones."""
+    if pixels not in PIXELS:
+        raise ValueError(f"{fn}: pixels={pixels!r}; use one of {', '.join(PIXELS)} (the scaling the model "
+                         "expects: x/127.5 - 1, x/255, x, or (x - mean) / std per channel, x in 0..255).")
+    if pixels != "mean_std":
+        if mean is not None or std is not None:
+            raise ValueError(f"{fn}: mean/std are given but pixels={pixels!r}; pass pixels='mean_std' with them, "
+                             "or drop them.")
+        return None, None
+    if mean is None or std is None:
+        raise ValueError(f"{fn}: pixels='mean_std' needs mean and std, one value per channel in 0..255 pixel "
+                         "units (ImageNet: mean 123.675 116.28 103.53, std 58.395 57.12 57.375).")
+    out = []
+    for what, v in (("mean", mean), ("std", std)):
+        a = np.atleast_1d(np.asarray(v, np.float64)).ravel()
+        if len(a) == 1:
+            a = np.repeat(a, channels)
+        if len(a) != channels or not np.all(np.isfinite(a)):
+            raise ValueError(f"{fn}: {what}={a.tolist()!r}; give {channels} finite value(s), one per "
+                             f"channel (or one for all).")
+        out.append(a.astype(np.float32))
+    given = {k: np.atleast_1d(np.asarray(v, np.float64)).tolist() for k, v in (("mean", mean), ("std", std))}
+    if np.any(out[1] <= 0):
+        raise ValueError(f"{fn}: std={given['std']} has a value <= 0; every std must be > 0.")
+    if np.all(out[1] <= 1.0) and np.all(np.abs(out[0]) <= 1.0):
+        raise ValueError(f"{fn}: mean={given['mean']}, std={given['std']} look like 0..1 units; mean and std are in "
+                         "0..255 pixel units ((x - mean) / std, x in 0..255): multiply them by 255 "
+                         "(e.g. std 0.229 -> 58.395).")
+    return out[0], out[1]
+
+
+def scale_pixels(x, pixels="-1..1", mean=None, std=None):
+    """uint8 (or 0..255 float) pixels -> float32 as the model expects: "-1..1" x/127.5 - 1 (``normalize``),
+    "0..1" x/255, "0..255" x, "mean_std" (x - mean) / std (mean, std per channel, 0..255 units). The tf.data
+    pipeline computes the very same float32 operations, so both give identical bits."""
+    x = np.asarray(x, np.float32)
+    if pixels == "-1..1":
+        return x / np.float32(127.5) - np.float32(1.0)
+    if pixels == "0..1":
+        return x / np.float32(255.0)
+    if pixels == "0..255":
+        return x
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def _augmentations(augment):
+    """augment: None/False (none), True (all), or names from AUGMENTATIONS -> tuple of names."""
+    if augment is None or augment is False:
+        return ()
+    if augment is True:
+        return AUGMENTATIONS
+    names = (augment,) if isinstance(augment, str) else tuple(augment)
+    bad = [a for a in names if a not in AUGMENTATIONS]
+    if bad:
+        raise ValueError(f"augment={augment!r}: unknown {bad}; use True or names from {AUGMENTATIONS}.")
+    return tuple(a for a in AUGMENTATIONS if a in names)
+
+
+@dataclasses.dataclass
+class ImageFolderStream:
+    """An image folder listed, checked and split, its pixels read on demand (``image_folder_stream``).
+
+    ``train_files``/``test_files`` are in the order ``load_image_folder`` puts ``x_train``/``x_test`` with
+    the same arguments; labels ``y_train``/``y_test`` (N,) int64. Pixels come out as float32 scaled as
+    ``pixels`` says (see ``scale_pixels``): numpy arrays from ``arrays``/``chunks``/``calibration``, a
+    tf.data pipeline from ``dataset``. Memory holds the file list, never the images."""
+    name: str
+    folder: str
+    class_names: list
+    train_files: list
+    y_train: np.ndarray
+    test_files: list
+    y_test: np.ndarray
+    image_size: tuple  # (H, W)
+    channels: int
+    pixels: str = "-1..1"
+    mean: object = None  # float32 (C,) for pixels="mean_std"
+    std: object = None
+    skipped: list = dataclasses.field(default_factory=list)
+    workers: int = dataclasses.field(default_factory=_default_workers)
+    stats: dict = dataclasses.field(default_factory=dict, repr=False)  # path -> (size, mtime_ns) when listed
+
+    @property
+    def input_shape(self):
+        """(H, W, C) of one image."""
+        return (int(self.image_size[0]), int(self.image_size[1]), int(self.channels))
+
+    @property
+    def classes(self):
+        return len(self.class_names)
+
+    def summary(self):
+        """JSON-friendly: name, train/test counts, input_shape, classes, pixels, skipped (count), streamed."""
+        return {"name": str(self.name), "train": len(self.train_files), "test": len(self.test_files),
+                "input_shape": list(self.input_shape), "classes": int(self.classes), "pixels": self.pixels,
+                **({"mean": self.mean.tolist(), "std": self.std.tolist()} if self.pixels == "mean_std" else {}),
+                "skipped": len(self.skipped), "streamed": True}
+
+    def _split_of(self, split):
+        if split == "train":
+            return self.train_files, self.y_train
+        if split == "test":
+            return self.test_files, self.y_test
+        raise ValueError(f"split={split!r}; use 'train' or 'test'.")
+
+    def read(self, path):
+        """One file -> (H, W, C) uint8, by the hardened Pillow reader of load_image_folder."""
+        try:
+            return _read_image(path, self.image_size, self.channels)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"image {_shown(path)} could be read when the folder {_shown(self.folder)} was listed "
+                             f"and cannot now ({type(e).__name__}: {_shown(e)}); restore it, or list the folder "
+                             "again (a new run) to skip it.") from e
+
+    def scale(self, x):
+        """uint8 pixels -> float32 scaled as ``pixels`` says."""
+        return scale_pixels(x, self.pixels, self.mean, self.std)
+
+    def _decode(self, files):
+        h, w, c = self.input_shape
+        out = np.empty((len(files), h, w, c), np.uint8)
+        for i, (_, img, error) in enumerate(_ordered_map(self.read, files, self.workers)):
+            if error is not None:
+                raise error
+            out[i] = img
+        return out
+
+    def arrays(self, split="test", start=0, stop=None):
+        """Images [start:stop] of a split, decoded now (no augmentation): (x float32 (N, H, W, C), y (N,))."""
+        files, y = self._split_of(split)
+        return self.scale(self._decode(files[start:stop])), np.asarray(y[start:stop], np.int64)
+
+    def chunks(self, split="test", max_images=512):
+        """Yield (x, y) numpy chunks of at most ``max_images`` covering the split in order."""
+        n = len(self._split_of(split)[0])
+        for start in range(0, n, max(1, int(max_images))):
+            yield self.arrays(split, start, start + int(max_images))
+
+    def calibration(self, n=256, seed=0):
+        """The images ``calibration_subset`` takes from load_image_folder's x_train (same files, same order)."""
+        idx = calibration_indices(self.y_train, n, seed, self.name)
+        return self.scale(self._decode([self.train_files[i] for i in idx]))
+
+    def fingerprint(self):
+        """blake2b (hex) of the class names, the size/channels/pixel scaling and, per split, every file's path
+        (relative to the folder), label, size and modification time as listed."""
+        h = hashlib.blake2b(digest_size=16)
+        head = {"classes": [_shown(c) for c in self.class_names], "input_shape": list(self.input_shape),
+                "pixels": self.pixels, "mean": None if self.mean is None else self.mean.tolist(),
+                "std": None if self.std is None else self.std.tolist()}
+        h.update(json.dumps(head, sort_keys=True).encode())
+        for split in ("train", "test"):
+            files, y = self._split_of(split)
+            h.update(f"\n{split} {len(files)}\n".encode())
+            for path, label in zip(files, y):
+                size, mtime = self.stats.get(path) or _stat(path)
+                rel = os.fsencode(os.path.relpath(path, self.folder))
+                h.update(rel + f"\0{int(label)}\0{size}\0{mtime}\n".encode())
+        return h.hexdigest()
+
+    def dataset(self, split="train", batch_size=64, shuffle=None, augment=None, seed=0, cache=None,
+                shuffle_buffer=1024, drop_remainder=False):
+        """A tf.data pipeline of (x float32 (B, H, W, C), y int64 (B,)) batches over one split.
+
+        Files are decoded in parallel (``num_parallel_calls=AUTOTUNE``; Pillow through ``tf.numpy_function``,
+        the same reader as load_image_folder), in order (deterministic). shuffle (default: True for "train"):
+        the file order, seeded, reshuffled every epoch. augment (training only): True or names from
+        ``AUGMENTATIONS`` -- "flip" (left-right, p 0.5), "crop" (a random window of 87.5-100 % of each side,
+        resized back bilinearly), "brightness" (+-10 % of full scale, clipped) -- seeded per element and per
+        epoch, applied to 0..255 pixels before the scaling. cache: a file name prefix; the decoded uint8
+        images are written there during the first epoch and read back afterwards (then the shuffle is a
+        buffer of ``shuffle_buffer`` decoded images after the cache; a run killed while writing it leaves
+        ``<prefix>_*.lockfile``, which must be deleted before the next). Then batched, scaled (one op per
+        batch), prefetched.
+        """
+        from mobileqat._tf import tf
+        files, y = self._split_of(split)
+        shuffle = (split == "train") if shuffle is None else bool(shuffle)
+        aug = _augmentations(augment)
+        if aug and split != "train":
+            raise ValueError(f"augment={augment!r} for split {split!r}: augmentation is for training only; "
+                             "evaluate on un-augmented images.")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size={batch_size!r}; use >= 1.")
+        h, w, c = self.input_shape
+        files = list(files)
+        n = len(files)
+
+        def load(i):
+            return self.read(files[int(i)])
+
+        def decode(i, label):
+            img = tf.numpy_function(load, [i], tf.uint8, stateful=False)
+            img.set_shape((h, w, c))
+            return img, label
+
+        ds = tf.data.Dataset.from_tensor_slices((np.arange(n, dtype=np.int64), np.asarray(y, np.int64)))
+        if shuffle and not cache:
+            ds = ds.shuffle(max(1, n), seed=_derived_seed(seed, 60), reshuffle_each_iteration=True)
+        ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+        if cache:
+            ds = ds.cache(os.fspath(cache))
+            if shuffle:
+                ds = ds.shuffle(max(1, min(n, int(shuffle_buffer))), seed=_derived_seed(seed, 60),
+                                reshuffle_each_iteration=True)
+        if aug:
+            rand = tf.data.Dataset.random(seed=_derived_seed(seed, 61), rerandomize_each_iteration=True)
+            ds = tf.data.Dataset.zip((ds, rand)).map(
+                lambda xy, r: (_augment_tf(tf, xy[0], r, aug, (h, w, c)), xy[1]), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(int(batch_size), drop_remainder=drop_remainder)  # uint8 (float after augmentation)
+        ds = ds.map(lambda img, label: (self._scale_tf(tf, img), label), num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    def _scale_tf(self, tf, img):
+        x = tf.cast(img, tf.float32)
+        if self.pixels == "-1..1":
+            return x / 127.5 - 1.0
+        if self.pixels == "0..1":
+            return x / 255.0
+        if self.pixels == "0..255":
+            return x
+        return (x - tf.constant(self.mean, tf.float32)) / tf.constant(self.std, tf.float32)
+
+
+def _augment_tf(tf, img, r, aug, shape):
+    """Seeded (stateless) augmentation of one uint8 image -> float32 in 0..255; ``r`` an int64 per element."""
+    h, w, c = shape
+    x = tf.cast(img, tf.float32)
+
+    def seed(k):
+        return tf.stack([r, tf.constant(k, tf.int64)])
+    if "flip" in aug:
+        x = tf.image.stateless_random_flip_left_right(x, seed(1))
+    if "crop" in aug:
+        u = tf.random.stateless_uniform([3], seed(2))
+        side = 0.875 + 0.125 * u[0]
+        y1, x1 = (1.0 - side) * u[1], (1.0 - side) * u[2]
+        box = tf.stack([y1, x1, y1 + side, x1 + side])[None]
+        x = tf.image.crop_and_resize(x[None], box, [0], (h, w))[0]
+    if "brightness" in aug:
+        x = tf.clip_by_value(tf.image.stateless_random_brightness(x, 0.1 * 255.0, seed(3)), 0.0, 255.0)
+    return x
+
+
+def _stat(path):
+    try:
+        st = os.stat(path)
+        return int(st.st_size), int(st.st_mtime_ns)
+    except OSError:
+        return -1, -1
+
+
+def image_folder_stream(path, image_size=32, channels=3, test_fraction=0.2, seed=0, max_per_class=None,
+                        pixels="-1..1", mean=None, std=None, workers=None):
+    """A folder with one sub-folder per class -> ImageFolderStream: file lists and labels, images read on
+    demand, so memory stays bounded whatever the folder size.
+
+    Same classes, files, skips, refusals and split as ``load_image_folder`` with the same arguments (its
+    docstring has the rules): every file is decoded once now, in ``workers`` threads (default: up to 8, one
+    per core), by the same hardened Pillow reader, and the decoded pixels are dropped; files it cannot read
+    go to ``skipped`` with one warning, exactly as there, so both give the same train/test files in the same
+    order, and ``calibration_subset`` the same calibration images. image_size: int (square) or (H, W).
+    pixels: the scaling the model expects, one of ``PIXELS`` (see ``scale_pixels``); mean/std for
+    "mean_std", per channel in 0..255 units. Pillow (via ``tf.numpy_function``) rather than
+    ``tf.io.decode_image``: TensorFlow's decoders read no TIFF, no 16-bit or float modes, apply no EXIF
+    rotation, drop alpha instead of compositing it, and allocate whatever size a header claims
+    (decompression bombs), so they would neither keep the hardened loader's guarantees nor give the same
+    pixels. Pillow releases the GIL while it decodes and resizes, so the parallel map runs in parallel.
+    """
+    fn = "image_folder_stream"
+    folder, _, class_names = _check_folder_args(fn, path, image_size, channels, test_fraction, max_per_class)
+    p_mean, p_std = _pixel_stats(fn, pixels, mean, std, channels)
+    hw = _hw(image_size)
+    workers = _default_workers() if workers is None else max(1, int(workers))
+    stats = {}
+
+    def check(p):
+        _read_image(p, hw, channels)  # decoded and dropped: readable, in the loader's sense
+        stats[p] = _stat(p)
+        return p
+
+    per_class, skipped = _pick_images(fn, folder, class_names, seed, max_per_class, check, workers)
+    tr, te = _split([len(c) for c in per_class], test_fraction, seed)
+    return ImageFolderStream(_folder_name(folder), folder, class_names,
+                             [per_class[ci][j][0] for ci, j in tr], tr[:, 0].copy(),
+                             [per_class[ci][j][0] for ci, j in te], te[:, 0].copy(),
+                             hw, int(channels), pixels, p_mean, p_std, skipped, workers, stats)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -531,10 +910,19 @@ def _warn_skipped(folder, skipped):
 def calibration_subset(dataset, n=256, seed=0):
     """n images (n, H, W, C) float32 from dataset.x_train, stratified: classes taken round-robin in a
     seeded random order within each class, so per-class counts differ by at most one where possible.
-    Deterministic for a given seed; returns all training images (reordered) when n >= len(x_train)."""
-    x, y = dataset.x_train, np.asarray(dataset.y_train)
-    if len(x) == 0:
-        raise ValueError(f"dataset {dataset.name!r} has no training images to calibrate on; build it with "
+    Deterministic for a given seed; returns all training images (reordered) when n >= len(x_train).
+    ``dataset``: a Dataset, or an ImageFolderStream (the same images its in-memory twin would give)."""
+    if isinstance(dataset, ImageFolderStream):
+        return dataset.calibration(n, seed)
+    idx = calibration_indices(dataset.y_train, n, seed, dataset.name)
+    return np.array(dataset.x_train[idx], np.float32)
+
+
+def calibration_indices(y_train, n=256, seed=0, name="dataset"):
+    """The indices into the training split that ``calibration_subset`` takes (see there)."""
+    y = np.asarray(y_train)
+    if len(y) == 0:
+        raise ValueError(f"dataset {name!r} has no training images to calibrate on; build it with "
                          "n_train > 0 (synthetic_shapes) or test_fraction < 1 (load_image_folder).")
     if int(n) < 1:
         raise ValueError(f"calibration_subset: n={n!r}; use n >= 1 (256 is typical).")
@@ -545,8 +933,7 @@ def calibration_subset(dataset, n=256, seed=0):
     for c in np.unique(labels):
         where = np.flatnonzero(labels == c)
         rank[where] = np.arange(len(where))
-    idx = perm[np.lexsort((labels, rank))][: int(n)]
-    return np.array(x[idx], np.float32)
+    return perm[np.lexsort((labels, rank))][: int(n)]
 
 
 def as_tf_dataset(x, y, batch_size=64, shuffle=False, seed=0):

@@ -20,6 +20,14 @@ _SIMULATION = {"integer": "the QAT model's integer-exact path (mobileqat.lowerin
                "float": "the float fake-quant Keras model (the model could not be lowered to integers)"}
 
 
+def _pixels(ds):
+    """", pixels scaled x/127.5 - 1" etc. for a streamed image folder (its summary says how), else ""."""
+    how = {"-1..1": "x/127.5 - 1", "0..1": "x/255", "0..255": "x (0..255)"}.get(ds.get("pixels"))
+    if ds.get("pixels") == "mean_std":
+        how = f"(x - {ds.get('mean')}) / {ds.get('std')}"
+    return f", pixels scaled {how}" if how else ""
+
+
 def _pct(v):
     return "—" if v is None else f"{100 * v:.2f} %"
 
@@ -36,9 +44,12 @@ def markdown(report):
     ds, model, variants = report["dataset"], report["model"], report["variants"]
     lines = [f"# mobileqat report: {model['name']} on {ds['name']}", "",
              f"Data: {ds['train']} train / {ds['test']} test images, input {ds['input_shape']}, "
-             f"{ds['classes']} classes. Model: {model['params']:,} parameters.", "",
-             "| variant | TFLite accuracy (XNNPACK) | Keras accuracy | size (bytes) | latency XNNPACK (ms) |",
-             "|---|---|---|---|---|"]
+             f"{ds['classes']} classes{_pixels(ds)}. Model: {model['params']:,} parameters.", ""]
+    if model.get("source") == "model_file":
+        lines += [f"Float model: your trained model `{model.get('file')}` (sha256 {str(model.get('sha256'))[:12]}…, "
+                  f"outputs {model.get('output')}), not trained here: the PTQ and QAT files start from it.", ""]
+    lines += ["| variant | TFLite accuracy (XNNPACK) | Keras accuracy | size (bytes) | latency XNNPACK (ms) |",
+              "|---|---|---|---|---|"]
     for name, v in variants.items():
         lines.append(f"| {name} | {_pct(v.get('accuracy'))} | {_pct(v.get('sim_accuracy', v.get('keras_accuracy')))} | "
                      f"{v.get('tflite_bytes', 0):,} | {_num(v.get('latency_ms', {}).get('xnnpack'))} |")
@@ -75,7 +86,8 @@ def markdown(report):
     if ratios:
         lines += ["", "## Ratios", ""] + [f"- {k}: {_num(v)}" for k, v in ratios.items()]
     t = report.get("timings", {})
-    lines += ["", f"Train step (median): float {_num(t.get('float_step_s'), '{:.4f}')} s, "
+    lines += ["", f"Train step (median): float {_num(t.get('float_step_s'), '{:.4f}')} s"
+              f"{' (not trained here)' if model.get('source') == 'model_file' else ''}, "
               f"QAT {_num(t.get('qat_step_s'), '{:.4f}')} s."]
     errors = report.get("errors")
     if errors:
