@@ -20,7 +20,7 @@ from mobileqat import runtime as rt
 from mobileqat._tf import keras, tfmot
 from mobileqat.layers import FoldedConvBN, HardSigmoid, HardSwish
 from mobileqat.ops import KERNELS
-from mobileqat.quantizers import ActivationQuantizer, FixedRangeQuantizer
+from mobileqat.quantizers import MIN_RANGE, ActivationQuantizer, FixedRangeQuantizer
 
 _qk = tfmot.quantization.keras
 _ARITHMETIC = {"reference": "mobileqat.integer", "xnnpack": "mobileqat.integer_xnnpack"}
@@ -164,6 +164,14 @@ def _require_8bit(quantizer, where):
     return quantizer
 
 
+def _weight_quantization(wrapper, where):
+    """(kernel, quantizer, its variables) of a wrapper whose kernel is fake-quantized in place."""
+    if len(wrapper._weight_vars) != 1:
+        raise ValueError(f"{where}: its kernel is not fake-quantized (tfmot's layout pass gave it a no-op "
+                         "config); quantize the float model again with mobileqat.quantize.")
+    return wrapper._weight_vars[0]
+
+
 def _output_range(wrapper):
     """(rmin, rmax) float32 of a wrapper's output quantizer, None when it keeps its input's scale."""
     quantizers = getattr(wrapper, "_output_quantizers", None) or []
@@ -175,7 +183,7 @@ def _output_range(wrapper):
     if isinstance(q, ActivationQuantizer):
         v = wrapper._output_quantizer_vars
         amin = np.float32(v["min_var"].numpy())
-        amax = np.float32(max(np.float32(v["max_var"].numpy()), np.float32(amin + np.float32(1e-6))))
+        amax = np.float32(max(np.float32(v["max_var"].numpy()), np.float32(amin + np.float32(MIN_RANGE))))
         return amin, amax
     raise ValueError(f"layer '{wrapper.name}': lowering does not know the output quantizer {type(q).__name__}.")
 
@@ -286,7 +294,7 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
             weights=q, filter_scales=scales, bias=bias, stride=tuple(inner.strides),
             padding=inner.padding.upper(), activation=_activation(inner)))
     if type(inner) is keras.layers.Conv2D:  # a convolution with no BatchNormalization to fold: its own bias
-        (kernel, quantizer, qvars), = wrapper._weight_vars
+        kernel, quantizer, qvars = _weight_quantization(wrapper, where)
         _require_8bit(quantizer, where)
         w = quantizer(kernel, False, qvars).numpy()
         q, scales, scales_d = _quantize_weights(w, qvars["max_var"].numpy(), per_channel=quantizer.per_channel)
@@ -298,7 +306,7 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
             bias=_quantize_bias(bias, double_scale[srcs[0]], scales_d), stride=tuple(inner.strides),
             padding=inner.padding.upper(), activation=_activation(inner)))
     if type(inner) is keras.layers.Dense:
-        (kernel, quantizer, qvars), = wrapper._weight_vars
+        kernel, quantizer, qvars = _weight_quantization(wrapper, where)
         _require_8bit(quantizer, where)
         w = quantizer(kernel, False, qvars).numpy()
         q, scales, scales_d = _quantize_weights(w, qvars["max_var"].numpy(), per_channel=quantizer.per_channel)
@@ -371,7 +379,7 @@ def _lower_pooling(wrapper, inner, srcs, where):
 
 def _lower_transpose_conv(wrapper, inner, srcs, double_scale, where):
     """Conv2DTranspose -> TRANSPOSE_CONV: per-tensor int8 weights, kernel (kh, kw, out, in) -> OHWI."""
-    (kernel, quantizer, qvars), = wrapper._weight_vars
+    kernel, quantizer, qvars = _weight_quantization(wrapper, where)
     _require_8bit(quantizer, where)
     if quantizer.per_channel:
         raise ValueError(f"{where}: per-channel weights; the converter writes Conv2DTranspose per-tensor only.")

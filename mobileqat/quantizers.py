@@ -97,6 +97,13 @@ class WeightQuantizer(_Base):
         return {"num_bits": self.num_bits, "per_channel": self.per_channel, "narrow_range": self.narrow_range}
 
 
+# The narrowest activation range written (scale ~ MIN_RANGE / 255). A dead ReLU branch (a squeeze-excite
+# reduce conv after a short fine-tune) measured ranges of 1.5e-6: XNNPACK then refused the next CONV_2D
+# (requantization scale input * filter / output above 256: "failed to prepare"). 1e-3 is far below any
+# range that carries signal and keeps every such ratio in XNNPACK's bounds.
+MIN_RANGE = 1e-3
+
+
 @_serializable
 class ActivationQuantizer(_Base):
     """Asymmetric activation quantizer with an EMA range started from the first batch.
@@ -134,7 +141,7 @@ class ActivationQuantizer(_Base):
                 return tf.identity(new_min), tf.identity(new_max)
 
         amin, amax = _smart_cond(training, update_range, lambda: (tf.identity(min_var), tf.identity(max_var)))
-        amax = tf.maximum(amax, amin + 1e-6)  # a degenerate scale cannot be prepared by TFLite
+        amax = tf.maximum(amax, amin + MIN_RANGE)  # a degenerate scale cannot be prepared by TFLite
         return fake_quant(inputs, amin, amax, self.num_bits)
 
     def get_config(self):

@@ -385,13 +385,13 @@ def dense_to_conv(model):
 
 
 def fuse_relu(model):
-    """A ReLU/ReLU6 layer that is the only user of a plain Conv2D or Dense (no activation) becomes that
-    layer's activation, as the converter fuses it (tf_keras MobileNetV3's squeeze-excite 1x1 convs).
+    """A ReLU/ReLU6 layer that is the only user of a plain Conv2D, Conv2DTranspose or Dense (no activation) becomes
+    that layer's activation, as the converter fuses it (tf_keras MobileNetV3's squeeze-excite 1x1 convs).
     tfmot's layout transform would otherwise give the pair a no-op config and drop the weight's fake quant."""
     _, consumers = _model_nodes(model)
 
     def replace(layer):
-        if type(layer) not in (L.Conv2D, L.Dense) or function_name(layer.activation) != "linear":
+        if type(layer) not in (L.Conv2D, L.Dense, L.Conv2DTranspose) or function_name(layer.activation) != "linear":
             return None
         users = consumers.get(layer.name, [])
         name = _relu6_like(users[0]) if len(users) == 1 else None
