@@ -353,6 +353,7 @@ def _run(check, fix, *args):
 # The rewrites quantize applies, in this order, before the layer rules and the BatchNorm folding: each is
 # a plain function model -> model with the same float function (``mobileqat.transforms``).
 REWRITES = (
+    transforms.unshare_layers,         # a layer called n times -> n copies with the same weights
     transforms.flatten_nested,         # backbone nested in a head -> one flat graph
     transforms.hard_activations,       # MobileNetV3's TFOpLambda hard-swish/-sigmoid -> HardSwish/HardSigmoid
     transforms.tf_ops_to_layers,       # x + y, x * y, tf.nn.relu on Keras tensors -> Add, Multiply, ReLU

@@ -310,6 +310,44 @@ def _rewrite(model, replace, flatten=False):
     return rebuild(model, replace, flatten=flatten)
 
 
+def unshare_layers(model):
+    """A layer called more than once (a shared layer) becomes one copy per call, each starting from the
+    shared weights: ``<layer>`` for the first call, ``<layer>_call2``, ... for the others. The float function
+    is the same; fine-tuning then trains each copy on its own (the int8 file holds one set of weights per
+    op in any case)."""
+    _require_graph(model)
+    nodes = layer_nodes(model)
+    if not any(len(nodes[layer.name]) > 1 for layer in model.layers if not isinstance(layer, L.InputLayer)):
+        return model
+    tensors, calls = {}, {}
+    new_inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t._keras_history.layer.name)
+                  for t in model.inputs]
+    for old, new in zip(model.inputs, new_inputs):
+        tensors[id(old)] = new
+    names = {layer.name for layer in model.layers}
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        for node in model._nodes_by_depth[depth]:
+            layer = node.layer
+            if isinstance(layer, L.InputLayer):
+                continue
+            calls[layer.name] = calls.get(layer.name, 0) + 1
+            clone = type(layer).from_config(layer.get_config())
+            if calls[layer.name] > 1:
+                name, k = f"{layer.name}_call{calls[layer.name]}", calls[layer.name]
+                while name in names:
+                    k += 1
+                    name = f"{layer.name}_call{k}"
+                clone._name = name
+                names.add(name)
+            args = tf.nest.map_structure(lambda x: tensors.get(id(x), x), (node.call_args, node.call_kwargs))
+            out = clone(*args[0], **args[1])
+            clone.set_weights(layer.get_weights())
+            for o, n in zip(tf.nest.flatten(node.outputs), tf.nest.flatten(out)):
+                tensors[id(o)] = n
+    outputs = tf.nest.map_structure(lambda t: tensors[id(t)], model.outputs)
+    return keras.Model(new_inputs, outputs, name=model.name)
+
+
 def flatten_nested(model):
     """A model nested in another (a backbone in a Sequential or functional head, a Sequential block)
     becomes its own layers, called in its place, recursively; names that clash get the nested model's

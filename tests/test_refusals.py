@@ -199,7 +199,6 @@ CASES = {
     "no layers": (input_only, "model 'm' (Functional)", "add the layers"),
     "two inputs": (two_inputs, "model 'm' (Functional)", "one image input"),
     "two outputs": (two_outputs, "model 'm' (Functional)", "one output"),
-    "shared layer": (shared_layer, "layer 'twice' (Conv2D)", "separate layer for each call"),
     "Conv1D": (_no_mapping(lambda: L.Conv1D(2, 3, name="c1d"), (8, 3)), "layer 'c1d' (Conv1D)", "replace it"),
     "Conv3D": (_no_mapping(lambda: L.Conv3D(2, 3, name="c3d"), (4, 4, 4, 3)), "layer 'c3d' (Conv3D)", "replace it"),
     "Conv2DTranspose no bias + ReLU": (_no_mapping(lambda: L.Conv2DTranspose(2, 3, use_bias=False, activation="relu",

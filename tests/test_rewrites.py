@@ -218,3 +218,14 @@ def test_keep_float_keeps_a_refused_layer_float_with_a_warning(tmp_path):
         assert np.abs(got - want).max() < 0.1 * np.abs(want).max() + 4 * scale  # float inside, int8 around
     with pytest.raises(ValueError, match="'quant_ln'"):
         lowering.lower(qat)
+
+
+def test_a_shared_layer_becomes_one_copy_per_call():
+    inp = keras.Input((8, 8, 3))
+    conv = L.Conv2D(3, 3, padding="same", name="twice")
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(conv(conv(inp)))))
+    unshared = transforms.unshare_layers(model)
+    _same_function(model, unshared, (8, 8, 3))
+    assert {"twice", "twice_call2"} <= {layer.name for layer in unshared.layers}
+    np.testing.assert_array_equal(unshared.get_layer("twice_call2").kernel, conv.kernel)
+    assert audit(model) == []
