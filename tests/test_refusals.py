@@ -229,13 +229,14 @@ CASES = {
 
 
 # Refused before quantize.REWRITES existed; each is now rewritten into layers mobileqat quantizes.
-NOW_ACCEPTED = {"nested model": nested_model, "separable": _no_mapping(lambda: L.SeparableConv2D(2, 3, name="sep"), (8, 8, 3)),
+NOW_ACCEPTED = {"nested model": nested_model,
+                "separable": _no_mapping(lambda: L.SeparableConv2D(2, 3, name="sep"), (8, 8, 3)),
                 "BN scale=False": bn_without_scale, "conv activation before BN": conv_relu_then_bn,
                 "conv feeds BN and more": conv_output_also_elsewhere, "dense swish": dense_swish,
-                "depthwise without BN": depthwise_alone, "standalone BN": batchnorm_alone}
+                "depthwise without BN": depthwise_alone, "standalone BN": batchnorm_alone, "shared layer": shared_layer}
 
 
-@pytest.mark.parametrize("case", sorted(set(NOW_ACCEPTED) - {"tf.nn.relu"}))
+@pytest.mark.parametrize("case", sorted(NOW_ACCEPTED))
 def test_models_the_rewrites_fix_quantize(case):
     model = NOW_ACCEPTED[case]()
     assert audit(model) == []
