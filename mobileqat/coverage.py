@@ -261,7 +261,8 @@ def _cover_job(name, tools):
 
 def run(out, models=MODELS, tools=TOOLS, again=False, timeout=3600, log=print):
     """Cover ``models`` with ``tools`` into ``out`` (one JSON per model, each model in a worker); a model's
-    tools already in its JSON are kept unless ``again``. Returns the rows in order."""
+    tools already in its JSON are skipped unless ``again`` (other tools' columns are kept). Returns the rows
+    in order."""
     from mobileqat import runtime
     from mobileqat.export import write_atomic
     unknown = [m for m in models if m not in MODELS]
@@ -272,10 +273,10 @@ def run(out, models=MODELS, tools=TOOLS, again=False, timeout=3600, log=print):
     for name in models:
         path = os.path.join(out, f"{name}.json")
         before = {}
-        if os.path.exists(path) and not again:
+        if os.path.exists(path):
             with open(path) as f:
                 before = json.load(f)
-        todo = tuple(t for t in tools if t not in before)
+        todo = tuple(t for t in tools if again or t not in before)
         if not todo:
             rows.append(before)
             log(f"{name}: done before ({path})")
