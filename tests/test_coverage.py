@@ -1,0 +1,25 @@
+"""mobileqat coverage: one user pattern end to end, kept results reused, the table."""
+import json
+
+from mobileqat import coverage
+
+
+def test_a_pattern_is_covered_once_and_tabled(tmp_path):
+    logs = []
+    (row,) = coverage.run(tmp_path, ["separable"], tools=("mobileqat",), log=logs.append)
+    mq = row["mobileqat"]
+    assert (mq["quantize"], mq["convert"], mq["lsb_reference"], mq["lsb_xnnpack"]) == ("ok", "ok", 0, 0), mq
+    assert 0 < mq["xnnpack"] <= 1 and mq["int8_bytes"] > 0
+    assert json.loads((tmp_path / "separable.json").read_text())["mobileqat"] == mq
+    # a rerun reuses the row without a worker; another tool is added beside it, not in its place
+    (again,) = coverage.run(tmp_path, ["separable"], tools=("mobileqat",), log=logs.append)
+    assert again == row and "done before" in logs[-1]
+    text = coverage.table([row])
+    assert "| separable | yes | yes |" in text and "0 / 0" in text
+    assert "mobileqat: 1 of 1 quantize, 1 convert to full int8, 1 with the integer twin at 0 LSB" in text
+
+
+def test_a_refused_pattern_says_why_in_the_notes(tmp_path):
+    (row,) = coverage.run(tmp_path, ["conv1d"], tools=("mobileqat",), log=lambda m: None)
+    assert row["mobileqat"]["quantize"].startswith("ValueError: layer 'conv1d' (Conv1D)")
+    assert "- conv1d, mobileqat quantize: ValueError: layer 'conv1d' (Conv1D)" in coverage.table([row])
