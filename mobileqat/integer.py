@@ -9,6 +9,7 @@ an integer-exact evaluation path.
 """
 import functools
 import math
+import weakref
 
 import numpy as np
 
@@ -76,29 +77,29 @@ def _same_padding(size, k, stride):
     return out, total // 2
 
 
-def _patches(x, kh, kw, stride, padding, pad_value):
-    """(N, H, W, C) -> (N, OH, OW, kh, kw, C) windows; padding 'SAME' or 'VALID'."""
-    n, h, w, c = x.shape
+def _padding(h, w, kh, kw, stride, padding):
+    """Output size and padding of a kh x kw window: (oh, ow, (top, bottom), (left, right))."""
     if padding == "SAME":
         oh, top = _same_padding(h, kh, stride[0])
         ow, left = _same_padding(w, kw, stride[1])
     else:
         oh, ow, top, left = (h - kh) // stride[0] + 1, (w - kw) // stride[1] + 1, 0, 0
-    ph = max((oh - 1) * stride[0] + kh - h - top, 0)
-    pw = max((ow - 1) * stride[1] + kw - w - left, 0)
-    xp = np.pad(x, ((0, 0), (top, ph), (left, pw), (0, 0)), constant_values=pad_value)
-    idx_h = (np.arange(oh) * stride[0])[:, None] + np.arange(kh)[None]
-    idx_w = (np.arange(ow) * stride[1])[:, None] + np.arange(kw)[None]
-    return xp[:, idx_h[:, None, :, None], idx_w[None, :, None, :], :]
+    bottom = max((oh - 1) * stride[0] + kh - h - top, 0)
+    right = max((ow - 1) * stride[1] + kw - w - left, 0)
+    return oh, ow, (top, bottom), (left, right)
 
 
-def _requantize(acc, input_scale, filter_scales, output_scale, output_zero_point, act_min, act_max):
-    mults = [quantize_multiplier(float(np.float64(input_scale) * np.float64(fs) / np.float64(output_scale)))
-             for fs in np.broadcast_to(filter_scales, (acc.shape[-1],))]
-    m = np.array([a for a, _ in mults], np.int64)
-    s = np.array([b for _, b in mults], np.int64)
-    out = multiply_by_quantized_multiplier(acc, m, s) + output_zero_point
-    return np.clip(out, act_min, act_max).astype(np.int8)
+def _patches(x, kh, kw, stride, padding, pad_value):
+    """(N, H, W, C) -> (N, OH, OW, kh, kw, C) windows (a read-only strided view of the padded input, no
+    copy); padding 'SAME' or 'VALID'."""
+    n, h, w, c = x.shape
+    oh, ow, pad_h, pad_w = _padding(h, w, kh, kw, stride, padding)
+    if oh <= 0 or ow <= 0:
+        return np.zeros((n, max(oh, 0), max(ow, 0), kh, kw, c), x.dtype)
+    xp = np.pad(x, ((0, 0), pad_h, pad_w, (0, 0)), constant_values=pad_value)
+    windows = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(1, 2))  # (N, ., ., C, kh, kw)
+    return windows[:, :(oh - 1) * stride[0] + 1:stride[0], :(ow - 1) * stride[1] + 1:stride[1]].transpose(
+        0, 1, 2, 4, 5, 3)
 
 
 def _exact_dot(a, b):
@@ -107,43 +108,312 @@ def _exact_dot(a, b):
     return np.matmul(np.asarray(a, np.float64), np.asarray(b, np.float64)).astype(np.int64)
 
 
+def _int_dot(a, b):
+    """a @ b of int64 matrices, exact: float64 BLAS when max|a| * max_j sum_k |b_kj| < 2^53 (every partial sum
+    of any order is then an exact float64 integer), else numpy's int64 product."""
+    if a.size and b.size and int(np.abs(a).max()) * int(np.abs(b).sum(axis=0).max()) >= 2 ** 53:
+        return a @ b
+    return _exact_dot(a, b)
+
+
+# --- CONV_2D and DEPTHWISE_CONV_2D at BLAS speed, the same integers ---------------------------------
+#
+# Accumulators. acc = bias + sum((x - zp) * w) = sum(x * w) + (bias - zp * sum(w)), where padded
+# positions hold zp (they contribute (zp - zp) * w = 0, as the kernels skip them). sum(x * w) is a BLAS
+# matrix product (im2col: one strided copy per filter tap, no 6-D index arrays) or, for depthwise, one
+# multiply-add per tap over the output block. In float32 it is exact when every partial sum is an
+# integer below 2^24: |x| <= 128 (int8 codes and zero points) and sum_k |w_kc| <= 2^17 for every output
+# channel c bound every partial sum of any summation order (BLAS blocking, FMA) by 128 * 2^17 = 2^24.
+# int8 x int8 always satisfies it for up to 1032 terms (127 * 1032 < 2^17), depthwise always; other ops
+# use float64 (exact below 2^53). The output is computed in blocks of about _BLOCK values so that the
+# temporaries stay in cache and memory stays bounded at any batch size.
+#
+# Requantization (reference kernels, MultiplyByQuantizedMultiplier with double rounding), per channel
+# with M = mantissa, left = max(shift, 0), r = max(-shift, 0):
+#     h = SaturatingRoundingDoublingHighMul(acc * 2^left, M) = floor((acc * M * 2^left + 2^30) / 2^31)
+#         (the two C++ branches, nudge 2^30 or 1 - 2^30 and division truncating toward zero, are this
+#         one floor; the saturating case needs M = INT32_MIN, impossible for M >= 0)
+#     y = RoundingDivideByPOT(h, r) = floor((h + 2^(r-1) - [h < 0]) / 2^r)   (r >= 1; y = h for r = 0)
+# With v = acc * M * 2^(left - 31 - r) (a real number) and floor(floor(a) / n) = floor(a / n):
+#     y = floor(v + 1/2 + copysign(2^-(r+1), v))     (the copysign term 0 when r = 0)
+# (for -2^-(r+1) <= v < 0 both signs give 0). In float64 every step is exact when the numerator
+# acc * M * 2^left stays below 2^51 and r <= 20 (all terms are multiples of 2^-(31+r)); each block checks
+# its max |acc| and falls back to the int64 definition (multiply_by_quantized_multiplier) when it does
+# not hold. XNNPACK's fp32 requantization is float32 already: fl32(acc) * scale_c, rounded to even.
+
+_BLOCK = 1 << 15
+_EXACT_F32 = 1 << 24
+
+
+class _Plans:
+    """Per-op constants (weights laid out for BLAS, folded zero points, per-channel multipliers) computed
+    once: keyed by the identity of the op's arrays and its scalars, re-checked by value on every call (an
+    array changed in place gets a new plan). Arguments that are not ndarrays are not cached."""
+
+    def __init__(self, size=1024):
+        self._plans, self._size = {}, size
+
+    def get(self, arrays, values, build):
+        if not all(a is None or isinstance(a, np.ndarray) for a in arrays):
+            return build()
+        key = tuple(id(a) for a in arrays) + tuple(values)
+        hit = self._plans.get(key)
+        if hit is not None:
+            refs, copies, plan = hit
+            if all((a is None and r is None) or (r is not None and r() is a and c.dtype == a.dtype
+                                                 and np.array_equal(c, a)) for a, r, c in zip(arrays, refs, copies)):
+                return plan
+        plan = build()
+        if len(self._plans) >= self._size:
+            self._plans.pop(next(iter(self._plans)))
+        self._plans[key] = ([None if a is None else weakref.ref(a) for a in arrays],
+                            [None if a is None else a.copy() for a in arrays], plan)
+        return plan
+
+
+_PLANS = _Plans()
+
+
+def _key(*values):
+    """Hashable, exact keys of scalars (float64 of the value given, so 0.1 and float32(0.1) differ)."""
+    return tuple(float(v) if isinstance(v, (float, np.floating)) else
+                 tuple(int(a) for a in v) if isinstance(v, (tuple, list)) else v for v in values)
+
+
+def _weights_plan(w, depthwise):
+    """BLAS layout of int8 weights: conv (Cout, kh, kw, Cin) -> (kh*kw*Cin, Cout); depthwise (1, kh, kw, C)
+    -> taps (kh, kw, C). Also sum(w) per output channel and max_c sum_k |w_kc| (the exactness bound)."""
+    def build():
+        wi = np.asarray(w, np.int64)
+        if depthwise:
+            taps = wi[0]
+            return dict(depthwise=True, kh=taps.shape[0], kw=taps.shape[1], cin=taps.shape[2], cout=taps.shape[2],
+                        taps32=taps.astype(np.float32), taps64=taps.astype(np.float64),
+                        wsum=taps.sum(axis=(0, 1)), abs_sum=int(np.abs(taps).sum(axis=(0, 1)).max(initial=0)))
+        cout, kh, kw, cin = wi.shape
+        mat = wi.reshape(cout, -1).T
+        return dict(depthwise=False, kh=kh, kw=kw, cin=cin, cout=cout,
+                    mat32=np.ascontiguousarray(mat, np.float32), mat64=np.ascontiguousarray(mat, np.float64),
+                    wsum=mat.sum(axis=0), abs_sum=int(np.abs(mat).sum(axis=0).max(initial=0)))
+    if depthwise and np.shape(w)[0] != 1:
+        raise ValueError(f"depthwise weights (1, kh, kw, C) with depth multiplier 1, got shape {np.shape(w)}")
+    return _PLANS.get((w,), _key("weights", depthwise), build)
+
+
+def _blocks(n, oh, row_size):
+    """(n0, n1, r0, r1) blocks of an (N, OH, ...) output of row_size values a row: whole images when one
+    fits in _BLOCK, else rows of one image (so every block is contiguous in the output)."""
+    if oh * row_size >= _BLOCK:
+        rows = max(1, _BLOCK // max(row_size, 1))
+        for i in range(n):
+            for r in range(0, oh, rows):
+                yield i, i + 1, r, min(r + rows, oh)
+    else:
+        images = max(1, _BLOCK // max(oh * row_size, 1))
+        for i in range(0, n, images):
+            yield i, min(i + images, n), 0, oh
+
+
+def _conv_sums(x, zero_point, wp, stride, padding, finish, out_dtype):
+    """Run sum(x * w) (padded with zero_point) block by block: finish(sums (P, C) float, out (P, C)) writes
+    each block of the (N, OH, OW, C) output of out_dtype. Returns the output."""
+    x = np.asarray(x)
+    if x.dtype != np.int8:
+        x = np.asarray(x, np.int64)
+    n, h, wd, cin = x.shape
+    if cin != wp["cin"]:
+        raise ValueError(f"input has {cin} channels, the weights {wp['cin']}")
+    kh, kw, cout, s0, s1 = wp["kh"], wp["kw"], wp["cout"], int(stride[0]), int(stride[1])
+    oh, ow, pad_h, pad_w = _padding(h, wd, kh, kw, (s0, s1), padding)
+    out = np.empty((n, max(oh, 0), max(ow, 0), cout), out_dtype)
+    if out.size == 0:
+        return out
+    x_max = 128 if x.dtype == np.int8 else int(np.abs(x).max(initial=0))
+    exact32 = max(x_max, abs(int(zero_point))) * wp["abs_sum"] <= _EXACT_F32
+    dtype = np.float32 if exact32 else np.float64
+    if not wp["depthwise"] and kh == kw == s0 == s1 == 1 and oh == h and ow == wd:  # 1x1: one matrix product
+        x2, o2, mat = x.reshape(-1, cin), out.reshape(-1, cout), wp["mat32" if exact32 else "mat64"]
+        rows = max(16, _BLOCK // cout)
+        for p in range(0, len(x2), rows):
+            finish(np.matmul(x2[p:p + rows].astype(dtype), mat), o2[p:p + rows])
+        return out
+    if x.dtype == np.int8 and not -128 <= int(zero_point) <= 127:
+        x = x.astype(np.int64)
+    pad_value = np.asarray(zero_point).astype(x.dtype)
+    xp = np.pad(x, ((0, 0), pad_h, pad_w, (0, 0)), constant_values=pad_value) if pad_h + pad_w != (0, 0, 0, 0) else x
+    for n0, n1, r0, r1 in _blocks(n, oh, ow * cout):
+        rows = r1 - r0
+        if wp["depthwise"]:
+            src = xp[n0:n1, r0 * s0:(r1 - 1) * s0 + kh].astype(dtype)
+            taps = wp["taps32" if exact32 else "taps64"]
+            acc, tmp = None, None
+            for i in range(kh):
+                for j in range(kw):
+                    tap = src[:, i:i + (rows - 1) * s0 + 1:s0, j:j + (ow - 1) * s1 + 1:s1]
+                    if acc is None:
+                        acc = np.multiply(tap, taps[i, j])
+                    else:
+                        tmp = np.multiply(tap, taps[i, j], out=tmp)
+                        acc += tmp
+            sums = acc.reshape(-1, cout)
+        else:
+            buf = np.empty((n1 - n0, rows, ow, kh * kw * cin), dtype)
+            for i in range(kh):
+                for j in range(kw):
+                    t = (i * kw + j) * cin
+                    buf[..., t:t + cin] = xp[n0:n1, r0 * s0 + i:(r1 - 1) * s0 + i + 1:s0, j:j + (ow - 1) * s1 + 1:s1]
+            sums = np.matmul(buf.reshape(-1, kh * kw * cin), wp["mat32" if exact32 else "mat64"])
+        finish(sums, out[n0:n1, r0:r1].reshape(-1, cout))
+    return out
+
+
+def _folded_bias(wp, bias, zero_point):
+    """bias - zp * sum(w) per output channel (int64): the accumulator is sum(x * w) plus this."""
+    return np.broadcast_to(np.asarray(bias, np.int64), (wp["cout"],)) - int(zero_point) * wp["wsum"]
+
+
+def _accumulators(x, input_zero_point, w, bias, stride, padding, depthwise):
+    wp = _weights_plan(w, depthwise)
+    folded = _folded_bias(wp, bias, input_zero_point)
+
+    def finish(sums, out):
+        np.add(sums.astype(np.int64), folded, out=out)
+    return _conv_sums(x, input_zero_point, wp, stride, padding, finish, np.int64)
+
+
 def conv_accumulators(x, input_zero_point, w, bias, stride=(1, 1), padding="SAME"):
     """int32 accumulators of int8 CONV_2D: bias + sum((x - zp) * w), (N,OH,OW,Cout) int64. Padded positions
     hold the zero point, i.e. contribute (zp - zp) * w = 0, as the kernels skip them."""
-    cout, kh, kw, _ = w.shape
-    p = _patches(np.asarray(x, np.int64), kh, kw, stride, padding, input_zero_point) - input_zero_point
-    return _exact_dot(p.reshape(p.shape[:3] + (-1,)), np.asarray(w).reshape(cout, -1).T) + np.asarray(bias, np.int64)
+    return _accumulators(x, input_zero_point, w, bias, stride, padding, depthwise=False)
 
 
 def depthwise_accumulators(x, input_zero_point, w, bias, stride=(1, 1), padding="SAME"):
     """int32 accumulators of int8 DEPTHWISE_CONV_2D, depth multiplier 1, w (1,kh,kw,C): (N,OH,OW,C) int64."""
-    _, kh, kw, c = w.shape
-    p = _patches(np.asarray(x, np.int64), kh, kw, stride, padding, input_zero_point) - input_zero_point
-    acc = np.einsum("nhwijc,ijc->nhwc", p.astype(np.float64), np.asarray(w[0], np.float64)).astype(np.int64)
-    return acc + np.asarray(bias, np.int64)  # float64 sums of int8 products are exact (|acc| < 2^53)
+    return _accumulators(x, input_zero_point, w, bias, stride, padding, depthwise=True)
+
+
+def _fixed_point_plan(input_scale, filter_scales, output_scale, channels, folded, output_zero_point, act_min, act_max):
+    """Per-channel constants of the reference requantization (see the comment above _BLOCK)."""
+    mults = [quantize_multiplier(float(np.float64(input_scale) * np.float64(fs) / np.float64(output_scale)))
+             for fs in np.broadcast_to(filter_scales, (channels,))]
+    m = np.array([a for a, _ in mults], np.int64).reshape(-1)
+    shift = np.array([b for _, b in mults], np.int64).reshape(-1)
+    folded = np.broadcast_to(np.asarray(folded, np.int64), (channels,))
+    plan = dict(multiplier=m, shift=shift, folded=folded, zero_point=int(output_zero_point),
+                lo=int(act_min), hi=int(act_max), fast=False)
+    left, right = np.maximum(shift, 0), np.maximum(-shift, 0)
+    if channels == 0 or left.max() > 20 or right.max() > 20:
+        return plan
+    mf = (m << left).astype(np.float64)  # M * 2^left < 2^51, exact
+    folded_bound = float((np.abs(folded).astype(np.float64) * mf).max())
+    if folded_bound > 2.0 ** 49:
+        return plan
+    scale = np.ldexp(mf, -(31 + right))  # v = acc * scale (exact)
+    fold_zero_point = (abs(int(output_zero_point)) + 1) * 2.0 ** (31 + int(right.max())) <= 2.0 ** 51
+    plan.update(fast=True, scale=scale, folded_scaled=folded.astype(np.float64) * scale,
+                half_ulp=np.where(right >= 1, np.ldexp(1.0, -(right + 1).astype(np.int32)), 0.0),
+                offset=0.5 + (int(output_zero_point) if fold_zero_point else 0), fold_zero_point=fold_zero_point,
+                folded_bound=folded_bound, max_multiplier=float(mf.max()))
+    return plan
+
+
+def _requantize_fixed_point(sums, plan, out):
+    """Reference requantization of one block: sums (P, C) exact integers (float or int), the accumulator
+    being sums + plan['folded']; writes int8 into out (P, C)."""
+    if sums.size == 0:
+        return
+    amax = float(max(sums.max(), -sums.min()))
+    if not plan["fast"] or amax * plan["max_multiplier"] + plan["folded_bound"] > 2.0 ** 51:
+        acc = np.asarray(sums).astype(np.int64) + plan["folded"]
+        y = multiply_by_quantized_multiplier(acc, plan["multiplier"], plan["shift"]) + plan["zero_point"]
+        out[...] = np.clip(y, plan["lo"], plan["hi"])
+        return
+    v = np.multiply(sums, plan["scale"], dtype=np.float64)
+    v += plan["folded_scaled"]
+    v += np.copysign(plan["half_ulp"], v)
+    v += plan["offset"]
+    np.floor(v, out=v)
+    if not plan["fold_zero_point"]:
+        v += plan["zero_point"]
+    np.clip(v, plan["lo"], plan["hi"], out=v)
+    np.copyto(out, v, casting="unsafe")
+
+
+def _requantize(acc, input_scale, filter_scales, output_scale, output_zero_point, act_min, act_max):
+    acc = np.asarray(acc)
+    channels = acc.shape[-1]
+    plan = _fixed_point_plan(input_scale, filter_scales, output_scale, channels, 0, output_zero_point,
+                             act_min, act_max)
+    out = np.empty(acc.shape, np.int8)
+    acc2, out2 = acc.reshape(-1, channels), out.reshape(-1, channels)
+    rows = max(16, _BLOCK // max(channels, 1))
+    for p in range(0, len(acc2), rows):
+        _requantize_fixed_point(acc2[p:p + rows], plan, out2[p:p + rows])
+    return out
+
+
+def _conv_op(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale, output_zero_point, stride,
+             padding, act_range, depthwise):
+    wp = _weights_plan(w, depthwise)
+
+    def build():
+        return _fixed_point_plan(input_scale, filter_scales, output_scale, wp["cout"],
+                                 _folded_bias(wp, bias, input_zero_point), output_zero_point, *act_range)
+    plan = _PLANS.get((w, bias, filter_scales), _key("fixed_point", input_scale, input_zero_point, output_scale,
+                                                     output_zero_point, tuple(act_range)), build)
+    return _conv_sums(x, input_zero_point, wp, stride, padding, lambda s, o: _requantize_fixed_point(s, plan, o),
+                      np.int8)
 
 
 def conv2d(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale, output_zero_point,
            stride=(1, 1), padding="SAME", act_range=(-128, 127)):
     """Reference int8 CONV_2D (per-channel). x (N,H,W,Cin) int8; w (Cout,kh,kw,Cin) int8 as TFLite
-    stores it; bias (Cout,) int32 at scale input_scale*filter_scale. Returns (N,OH,OW,Cout) int8."""
-    acc = conv_accumulators(x, input_zero_point, w, bias, stride, padding)
-    return _requantize(acc, input_scale, filter_scales, output_scale, output_zero_point, *act_range)
+    stores it; bias (Cout,) int32 at scale input_scale*filter_scale. Returns (N,OH,OW,Cout) int8.
+    The accumulators of ``conv_accumulators``, requantized as ``_requantize`` (both above: exact BLAS
+    sums, the fixed-point multiply in float64 where provably exact, else int64)."""
+    return _conv_op(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale, output_zero_point,
+                    stride, padding, act_range, depthwise=False)
 
 
 def depthwise_conv2d(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale,
                      output_zero_point, stride=(1, 1), padding="SAME", act_range=(-128, 127)):
     """Reference int8 DEPTHWISE_CONV_2D, depth multiplier 1. w (1,kh,kw,C) int8 as TFLite stores it."""
-    acc = depthwise_accumulators(x, input_zero_point, w, bias, stride, padding)
-    return _requantize(acc, input_scale, filter_scales, output_scale, output_zero_point, *act_range)
+    return _conv_op(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale, output_zero_point,
+                    stride, padding, act_range, depthwise=True)
 
 
-def add(x1, scale1, zero_point1, x2, scale2, zero_point2, output_scale, output_zero_point,
-        act_range=(-128, 127), left_shift=20):
-    """Reference int8 ADD with general rescaling (inputs of different scales), same shapes.
+# --- elementwise ops of two int8 tensors: one 256 x 256 table per op -------------------------------
 
-    Each input is shifted left by 20 bits and brought to the scale 2*max(s1, s2) with its own
-    fixed-point multiplier; the sum is brought to the output scale with a third (add.cc Prepare)."""
+_CODES = np.arange(256, dtype=np.uint8).view(np.int8)  # the int8 value of each byte
+
+
+def _binary_table(fn, params):
+    """fn(x1, x2) on every pair of int8 codes: table[(byte(x1) << 8) | byte(x2)] (65,536 int8)."""
+    return np.asarray(fn(np.repeat(_CODES, 256), np.tile(_CODES, 256), *params), np.int8)
+
+
+_TABLES = {}
+
+
+def _binary_by_table(fn, x1, x2, params):
+    """fn(x1, x2, *params) for int8 arrays of one shape by table lookup (the table built once per params
+    from fn itself, so the results are fn's); other inputs go to fn directly."""
+    if not (isinstance(x1, np.ndarray) and isinstance(x2, np.ndarray) and x1.dtype == x2.dtype == np.int8
+            and x1.shape == x2.shape and x1.size >= 4096):
+        return fn(x1, x2, *params)
+    key = (fn,) + _key(*params)
+    table = _TABLES.get(key)
+    if table is None:
+        table = _binary_table(fn, params)
+        if len(_TABLES) >= 1024:
+            _TABLES.pop(next(iter(_TABLES)))
+        _TABLES[key] = table
+    index = np.left_shift(x1.view(np.uint8), 8, dtype=np.uint16)
+    index |= x2.view(np.uint8)
+    return table[index]
+
+
+def _add(x1, x2, scale1, zero_point1, scale2, zero_point2, output_scale, output_zero_point, act_range, left_shift):
     twice_max = 2.0 * max(np.float64(np.float32(scale1)), np.float64(np.float32(scale2)))
     m1, s1 = quantize_multiplier(np.float64(np.float32(scale1)) / twice_max)
     m2, s2 = quantize_multiplier(np.float64(np.float32(scale2)) / twice_max)
@@ -152,6 +422,17 @@ def add(x1, scale1, zero_point1, x2, scale2, zero_point2, output_scale, output_z
     b = multiply_by_quantized_multiplier((np.asarray(x2, np.int64) - zero_point2) << left_shift, m2, s2)
     out = multiply_by_quantized_multiplier(a + b, mo, so) + output_zero_point
     return np.clip(out, *act_range).astype(np.int8)
+
+
+def add(x1, scale1, zero_point1, x2, scale2, zero_point2, output_scale, output_zero_point,
+        act_range=(-128, 127), left_shift=20):
+    """Reference int8 ADD with general rescaling (inputs of different scales), same shapes.
+
+    Each input is shifted left by 20 bits and brought to the scale 2*max(s1, s2) with its own
+    fixed-point multiplier; the sum is brought to the output scale with a third (add.cc Prepare).
+    int8 inputs are looked up in a table of all 65,536 input pairs computed this way."""
+    return _binary_by_table(_add, x1, x2, (scale1, zero_point1, scale2, zero_point2, output_scale, output_zero_point,
+                                           tuple(act_range), left_shift))
 
 
 def _multiply_by_quantized_multiplier_int64(x, multiplier, shift):
@@ -208,8 +489,8 @@ def fully_connected(x, input_scale, input_zero_point, w, filter_scale, bias, out
     if fs.size != 1:
         raise ValueError(f"fully_connected takes per-tensor weights (one filter scale), got {fs.size} scales")
     fs, si, so = fs[0], np.float32(input_scale), np.float32(output_scale)
-    w = np.asarray(w, np.int64)
-    acc = np.asarray(x, np.int64) @ w.T - input_zero_point * w.sum(axis=1)
+    w, x = np.asarray(w, np.int64), np.asarray(x, np.int64)
+    acc = _int_dot(x, w.T) - input_zero_point * w.sum(axis=1)
     if bias is not None:
         acc = acc + np.asarray(bias, np.int64)
     acc = _wrap32(acc)  # the int32 accumulator

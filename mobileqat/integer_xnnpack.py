@@ -30,7 +30,8 @@ optimized kernel (float exp lookup table), reproduced by ``softmax`` below.
 """
 import numpy as np
 
-from mobileqat.integer import _exact_dot, conv_accumulators, depthwise_accumulators, softmax_lut
+from mobileqat.integer import (_PLANS, _binary_by_table, _conv_sums, _exact_dot, _folded_bias, _key, _weights_plan,
+                               conv_accumulators, depthwise_accumulators, softmax_lut)
 
 F32 = np.float32
 
@@ -68,21 +69,59 @@ def requantize_fp32(acc, scales, output_zero_point, act_min=-128, act_max=127):
     return np.clip(out, act_min, act_max).astype(np.int8)
 
 
+def _fp32_plan(input_scale, filter_scales, output_scale, folded, output_zero_point, act_min, act_max):
+    """Per-channel constants of ``requantize_fp32`` for accumulators sum(x * w) + folded (int64 per channel).
+    float32 sums plus float32(folded) round to float32(acc) (both exact, one rounding of the exact sum, as
+    the int32 -> float32 conversion) when folded is a float32 integer and acc cannot wrap int32."""
+    folded = np.asarray(folded, np.int64)
+    folded32 = folded.astype(np.float32)
+    fast = bool(np.all(folded32.astype(np.int64) == folded)) and int(np.abs(folded).max(initial=0)) < 2 ** 30
+    return dict(scales=requantization_scales(input_scale, filter_scales, output_scale, len(folded)).astype(F32),
+                folded=folded, folded32=folded32, zero_point=int(output_zero_point), lo=int(act_min), hi=int(act_max),
+                fast=fast)
+
+
+def _requantize_fp32_block(sums, plan, out):
+    """``requantize_fp32`` of one block of accumulators sums (P, C) + plan['folded'], written into out (P, C)."""
+    if not (plan["fast"] and sums.dtype == np.float32):  # float32 sums are exact: _conv_sums checks it
+        acc = np.asarray(sums).astype(np.int64) + plan["folded"]
+        out[...] = requantize_fp32(acc, plan["scales"], plan["zero_point"], plan["lo"], plan["hi"])
+        return
+    y = sums + plan["folded32"]  # = float32(acc)
+    y *= plan["scales"]
+    np.rint(y, out=y)
+    y += F32(plan["zero_point"])  # inexact only far outside [-128, 127], where the clamp decides anyway
+    np.clip(y, plan["lo"], plan["hi"], out=y)
+    np.copyto(out, y, casting="unsafe")
+
+
+def _conv_op(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale, output_zero_point, stride,
+             padding, act_range, depthwise):
+    wp = _weights_plan(w, depthwise)
+
+    def build():
+        return _fp32_plan(input_scale, filter_scales, output_scale, _folded_bias(wp, bias, input_zero_point),
+                          output_zero_point, *act_range)
+    plan = _PLANS.get((w, bias, filter_scales), _key("fp32", input_scale, input_zero_point, output_scale,
+                                                     output_zero_point, tuple(act_range)), build)
+    return _conv_sums(x, input_zero_point, wp, stride, padding, lambda a, o: _requantize_fp32_block(a, plan, o),
+                      np.int8)
+
+
 def conv2d(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale, output_zero_point,
            stride=(1, 1), padding="SAME", act_range=(-128, 127)):
     """XNNPACK int8 CONV_2D (qs8 input, per-channel qc8w filter). x (N,H,W,Cin) int8; w
-    (Cout,kh,kw,Cin) int8; bias (Cout,) int32. Returns (N,OH,OW,Cout) int8."""
-    acc = conv_accumulators(x, input_zero_point, w, bias, stride, padding)
-    scales = requantization_scales(input_scale, filter_scales, output_scale, w.shape[0])
-    return requantize_fp32(acc, scales, output_zero_point, *act_range)
+    (Cout,kh,kw,Cin) int8; bias (Cout,) int32. Returns (N,OH,OW,Cout) int8. The accumulators of
+    ``conv_accumulators`` through ``requantize_fp32``, block by block (``mobileqat.integer._conv_sums``)."""
+    return _conv_op(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale, output_zero_point,
+                    stride, padding, act_range, depthwise=False)
 
 
 def depthwise_conv2d(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale,
                      output_zero_point, stride=(1, 1), padding="SAME", act_range=(-128, 127)):
     """XNNPACK int8 DEPTHWISE_CONV_2D, depth multiplier 1. w (1,kh,kw,C) int8."""
-    acc = depthwise_accumulators(x, input_zero_point, w, bias, stride, padding)
-    scales = requantization_scales(input_scale, filter_scales, output_scale, w.shape[-1])
-    return requantize_fp32(acc, scales, output_zero_point, *act_range)
+    return _conv_op(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale, output_zero_point,
+                    stride, padding, act_range, depthwise=True)
 
 
 def fully_connected(x, input_scale, input_zero_point, w, filter_scale, bias, output_scale,
@@ -113,14 +152,21 @@ def add_params(scale1, zero_point1, scale2, zero_point2, output_scale):
     return ma, mb, shift, bias
 
 
-def add(x1, scale1, zero_point1, x2, scale2, zero_point2, output_scale, output_zero_point,
-        act_range=(-128, 127)):
-    """XNNPACK int8 ADD (qs8 vadd), same shapes. A fused activation is a separate clamp."""
+def _add(x1, x2, scale1, zero_point1, scale2, zero_point2, output_scale, output_zero_point, act_range):
     ma, mb, shift, bias = add_params(scale1, zero_point1, scale2, zero_point2, output_scale)
     acc = bias + ma * np.asarray(x1, np.int64) + mb * np.asarray(x2, np.int64)
     acc = acc.astype(np.int32).astype(np.int64) >> shift  # int32 wrap, arithmetic shift
     out = np.clip(acc + int(output_zero_point), -128, 127)
     return np.clip(out, *act_range).astype(np.int8)
+
+
+def add(x1, scale1, zero_point1, x2, scale2, zero_point2, output_scale, output_zero_point,
+        act_range=(-128, 127)):
+    """XNNPACK int8 ADD (qs8 vadd), same shapes. A fused activation is a separate clamp. int8 inputs are
+    looked up in a table of all 65,536 input pairs computed this way."""
+    add_params(scale1, zero_point1, scale2, zero_point2, output_scale)  # refuses scales XNNPACK does not take
+    return _binary_by_table(_add, x1, x2, (scale1, zero_point1, scale2, zero_point2, output_scale,
+                                           output_zero_point, tuple(act_range)))
 
 
 def mean_params(count, input_scale, input_zero_point, output_scale, output_zero_point):

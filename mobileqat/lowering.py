@@ -87,16 +87,14 @@ class IntegerModel:
         """int8 input codes (N, H, W, C) -> int8 output codes, or every tensor by name with keep_all."""
         arith = _arithmetic(runtime)
         values = {self.input.name: np.asarray(codes, np.int8)}
-        for op in self.ops:
+        last_use = {name: i for i, op in enumerate(self.ops) for name in op.inputs}
+        for i, op in enumerate(self.ops):
             values[op.output] = self._eval(op, values, arith, runtime)
             if not keep_all:
                 for name in op.inputs:
-                    if name != self.input.name and all(name not in o.inputs for o in self._after(op)):
+                    if name != self.input.name and last_use[name] == i:  # no later op reads it
                         values.pop(name, None)
         return values if keep_all else values[self.output.name]
-
-    def _after(self, op):
-        return self.ops[self.ops.index(op) + 1:]
 
     def predict(self, x, runtime="reference", batch_size=64):
         """Float images (N, H, W, C) -> dequantized float outputs, as the deployed file computes them."""
