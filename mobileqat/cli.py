@@ -35,8 +35,12 @@ FRACTION = number(float, 0.0, 1.0)
 
 def _add_run_options(p, defaults):
     p.add_argument("--out", required=True, help="output folder (report.json, .tflite files, models)")
-    p.add_argument("--model", default=defaults.model, choices=["mobilenet_v1", "mobilenet_v2"])
-    p.add_argument("--alpha", type=number(float, 1e-3, 10.0), default=defaults.alpha, help="width multiplier")
+    from mobileqat.architectures import MODELS, takes_alpha
+    p.add_argument("--model", default=None, choices=list(MODELS),
+                   help=f"built-in architecture (default {defaults.model})")
+    p.add_argument("--alpha", type=number(float, 1e-3, 10.0), default=None,
+                   help=f"width multiplier of {', '.join(m for m in MODELS if takes_alpha(m))} "
+                        f"(default {defaults.alpha})")
     p.add_argument("--epochs", type=COUNT, default=defaults.epochs, help="float training epochs")
     p.add_argument("--qat-epochs", type=COUNT, default=defaults.qat_epochs, help="QAT fine-tuning epochs")
     p.add_argument("--batch-size", type=COUNT, default=defaults.batch_size)
@@ -58,6 +62,12 @@ def _config(args, **extra):
     def given(name):
         value = getattr(args, name)
         return getattr(d, name) if value is None else value
+    model = extra.get("model", given("model"))
+    if model is not None and args.alpha is not None:
+        from mobileqat.architectures import takes_alpha
+        if not takes_alpha(model):
+            raise ValueError(f"--alpha {args.alpha} with --model {model}: {model} has no width multiplier; drop "
+                             "--alpha (it applies to the MobileNets).")
     fields = dict(model=given("model"), alpha=given("alpha"), epochs=given("epochs"), qat_epochs=args.qat_epochs,
                   batch_size=args.batch_size, learning_rate=given("learning_rate"),
                   qat_learning_rate=args.qat_learning_rate, io_type=args.io_type, threads=args.threads,

@@ -66,8 +66,10 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig(), float_model=None, qat_model=
     number in it was measured by this call. Returns the report dict.
     """
     user, prebuilt_qat = float_model is not None, qat_model
-    if not user and cfg.model not in architectures.BUILDERS:
-        raise ValueError(f"unknown model {cfg.model!r}: use one of {sorted(architectures.BUILDERS)}.")
+    if not user and cfg.model not in architectures.MODELS:
+        raise ValueError(f"unknown model {cfg.model!r}: use one of {sorted(architectures.MODELS)}.")
+    # the width multiplier of the models that have one (MobileNets); None for the others (ResNet, EfficientNet-Lite)
+    alpha = cfg.alpha if not user and architectures.takes_alpha(cfg.model) else None
     if user and not cfg.model_file:
         raise ValueError("run_pipeline: float_model given without cfg.model_file; set RunConfig(model_file=path) "
                          "to the file the model was loaded from (it keys the run's stages).")
@@ -102,14 +104,13 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig(), float_model=None, qat_model=
         float_fit = {"history": None, "step_s": None}
         from_logits = model_info["output"] == "logits"
     else:
-        float_key = stage_key(data=data_key, model=cfg.model, alpha=cfg.alpha, epochs=cfg.epochs,
+        float_key = stage_key(data=data_key, model=cfg.model, alpha=alpha, epochs=cfg.epochs,
                               batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=cfg.seed,
                               **({"augment": augment} if augment else {}))
         float_model, float_fit = _trained(
             folder, "float", float_key, os.path.join(out_dir, "float_model.keras"),
             load=keras.models.load_model,
-            build=lambda: architectures.BUILDERS[cfg.model](input_shape=dataset.input_shape, classes=dataset.classes,
-                                                            alpha=cfg.alpha),
+            build=lambda: architectures.build(cfg.model, dataset.input_shape, dataset.classes, alpha=alpha),
             train=lambda m, ckpt: training.fit(m, *training_data(cfg.seed), cfg.epochs, cfg.batch_size,
                                                cfg.learning_rate, checkpoint_dir=ckpt, seed=cfg.seed,
                                                verbose=cfg.verbose),
@@ -191,7 +192,7 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig(), float_model=None, qat_model=
         model_entry = {"name": os.path.basename(cfg.model_file), "source": "model_file", **model_info,
                        "keras_name": float_model.name, "params": int(float_model.count_params())}
     else:
-        model_entry = {"name": cfg.model, "source": "built_in", "keras_name": float_model.name, "alpha": cfg.alpha,
+        model_entry = {"name": cfg.model, "source": "built_in", "keras_name": float_model.name, "alpha": alpha,
                        "params": int(float_model.count_params())}
     report = {
         "dataset": dataset.summary(),

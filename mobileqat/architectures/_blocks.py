@@ -92,3 +92,24 @@ def check_args(alpha, classes, dropout):
 def stem_stride(input_shape):
     """2 (ImageNet schedule, total stride 32) when min(H, W) >= 96, else 1 (total stride 16)."""
     return 2 if min(input_shape[:2]) >= 96 else 1
+
+
+def conv_bn_act(x, filters, kernel, strides, bn_momentum, conv_name, bn_name, act_name=None, depthwise=False,
+                max_value=6.0):
+    """Conv2D or DepthwiseConv2D (no bias, same padding) -> BN -> ReLU(``max_value``), with explicit names.
+
+    For builders named like keras.applications (``block2a_expand_conv``/``_bn``/``_activation``,
+    ``conv2_block1_1_conv``/``_bn``/``_relu``). ``act_name`` None: linear, stops after BN.
+    ``max_value`` 6.0: ReLU6; None: plain ReLU. ``filters`` is ignored for depthwise convs (multiplier 1).
+    """
+    if depthwise:
+        x = layers.DepthwiseConv2D(kernel, strides=strides, padding="same", use_bias=False, name=conv_name)(x)
+    else:
+        x = layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False, name=conv_name)(x)
+    x = layers.BatchNormalization(momentum=bn_momentum, epsilon=1e-3, name=bn_name)(x)
+    return layers.ReLU(max_value, name=act_name)(x) if act_name else x
+
+
+def check_classes_dropout(classes, dropout):
+    """Validate the class count and the dropout rate (builders without a width multiplier)."""
+    check_args(1.0, classes, dropout)
