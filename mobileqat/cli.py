@@ -103,9 +103,10 @@ def _finish(report, out):
 def cmd_demo(args):
     from mobileqat.data import synthetic_shapes
     from mobileqat.pipeline import run_pipeline
+    cfg = _config(args)  # flag errors before the images are drawn
     ds = synthetic_shapes(n_train=args.train, n_test=args.test, image_size=args.input_size, seed=args.seed,
                           difficulty=args.difficulty)
-    return _finish(run_pipeline(ds, args.out, _config(args)), args.out)
+    return _finish(run_pipeline(ds, args.out, cfg), args.out)
 
 
 def cmd_run(args):
