@@ -320,9 +320,10 @@ HEADER = ("model", "quantize", "convert", "XNNPACK ops", "twin LSB ref / XNNPACK
 def format_row(row):
     m, t = row.get("mobileqat", {}), row.get("tfmot", {})
     return " | ".join([
-        row["model"], _cell(m.get("quantize"), ""), _cell(m.get("convert"), ""), _cell(m.get("xnnpack"), "fraction"),
+        row["model"], _cell(m.get("quantize"), "") if "mobileqat" in row else "not run", _cell(m.get("convert"), ""), _cell(m.get("xnnpack"), "fraction"),
         _lsb(m) if m.get("convert") == "ok" else "-", _cell(m.get("int8_bytes"), "bytes"),
-        _cell(t.get("quantize"), ""), _cell(t.get("convert"), ""), _cell(t.get("xnnpack"), "fraction"),
+        _cell(t.get("quantize"), "") if "tfmot" in row else "not run", _cell(t.get("convert"), ""),
+        _cell(t.get("xnnpack"), "fraction"),
         _cell(t.get("int8_bytes"), "bytes")])
 
 
