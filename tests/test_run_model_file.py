@@ -98,12 +98,12 @@ def test_bad_model_files_exit_2_with_one_line_naming_the_file(user, tmp_path, ca
     junk.write_bytes(b"PK not a model")
     inp = keras.Input((16, 20, 3))
     refused = tmp_path / "refused.h5"
-    keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling2D()(L.SeparableConv2D(4, 3)(inp)))).save(refused)
+    keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling1D()(L.Conv1D(4, 3)(L.Reshape((16 * 20, 3))(inp))))).save(refused)
     five = tmp_path / "five.keras"
     keras.Model(inp, L.Dense(5)(L.GlobalAveragePooling2D()(L.Conv2D(4, 3)(inp)))).save(five)
     cases = [(junk, [], ["cannot be loaded", "model.save('model.keras')"]),
              (tmp_path / "missing.h5", [], ["does not exist", "model.save"]),
-             (refused, [], ["cannot quantize", "SeparableConv2D", "fix:"]),
+             (refused, [], ["cannot quantize", "Conv1D", "fix:"]),
              (five, [], ["5 output classes", "3 class sub-folders", "fix:"]),
              (user / "user.keras", ["--epochs", "2"], ["--epochs with --model-file", "drop it"]),
              (user / "user.keras", ["--pixels", "mean_std"], ["needs mean and std"])]
