@@ -30,7 +30,8 @@ optimized kernel (float exp lookup table), reproduced by ``softmax`` below.
 """
 import numpy as np
 
-from mobileqat.integer import (_PLANS, _binary_by_table, _conv_sums, _exact_dot, _folded_bias, _key, _weights_plan,
+from mobileqat.integer import (_PLANS, _binary_by_table, _conv_sums, _exact_dot, _folded_bias, _key, _scratch,
+                               _weights_plan,
                                conv_accumulators, depthwise_accumulators, softmax_lut)
 
 F32 = np.float32
@@ -87,7 +88,7 @@ def _requantize_fp32_block(sums, plan, out):
         acc = np.asarray(sums).astype(np.int64) + plan["folded"]
         out[...] = requantize_fp32(acc, plan["scales"], plan["zero_point"], plan["lo"], plan["hi"])
         return
-    y = sums + plan["folded32"]  # = float32(acc)
+    y = np.add(sums, plan["folded32"], out=_scratch("y32", sums.shape, np.float32))  # = float32(acc)
     y *= plan["scales"]
     np.rint(y, out=y)
     y += F32(plan["zero_point"])  # inexact only far outside [-128, 127], where the clamp decides anyway
@@ -102,8 +103,8 @@ def _conv_op(x, input_scale, input_zero_point, w, filter_scales, bias, output_sc
     def build():
         return _fp32_plan(input_scale, filter_scales, output_scale, _folded_bias(wp, bias, input_zero_point),
                           output_zero_point, *act_range)
-    plan = _PLANS.get((w, bias, filter_scales), _key("fp32", input_scale, input_zero_point, output_scale,
-                                                     output_zero_point, tuple(act_range)), build)
+    plan = _PLANS.get((bias, filter_scales), _key("fp32", wp["serial"], input_scale, input_zero_point, output_scale,
+                                                  output_zero_point, tuple(act_range)), build)
     return _conv_sums(x, input_zero_point, wp, stride, padding, lambda a, o: _requantize_fp32_block(a, plan, o),
                       np.int8)
 
