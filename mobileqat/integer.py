@@ -110,12 +110,24 @@ def _exact_dot(a, b):
     return np.matmul(np.asarray(a, np.float64), np.asarray(b, np.float64)).astype(np.int64)
 
 
-def _int_dot(a, b):
+def _int_dot(a, b, b64=None, b_abs_sum=None):
     """a @ b of int64 matrices, exact: float64 BLAS when max|a| * max_j sum_k |b_kj| < 2^53 (every partial sum
-    of any order is then an exact float64 integer), else numpy's int64 product."""
-    if a.size and b.size and int(np.abs(a).max()) * int(np.abs(b).sum(axis=0).max()) >= 2 ** 53:
+    of any order is then an exact float64 integer), else numpy's int64 product. b64, b_abs_sum: b in float64
+    and that column bound, when known."""
+    if b_abs_sum is None:
+        b_abs_sum = int(np.abs(b).sum(axis=0).max(initial=0)) if b.size else 0
+    if a.size and b.size and int(np.abs(a).max()) * b_abs_sum >= 2 ** 53:
         return a @ b
-    return _exact_dot(a, b)
+    return np.matmul(np.asarray(a, np.float64), b if b64 is None else b64).astype(np.int64)
+
+
+def _fc_weights(w):
+    """FULLY_CONNECTED weights (out, in): int64, transposed float64 (in, out), row sums, max row sum of |w|."""
+    def build():
+        wi = np.asarray(w, np.int64)
+        return dict(w=wi, wT=np.ascontiguousarray(wi.T, np.float64), wsum=wi.sum(axis=1),
+                    abs_sum=int(np.abs(wi).sum(axis=1).max(initial=0)) if wi.size else 0)
+    return _PLANS.get((w,), _key("fully_connected"), build)
 
 
 # --- CONV_2D and DEPTHWISE_CONV_2D at BLAS speed, the same integers ---------------------------------
@@ -140,15 +152,17 @@ def _int_dot(a, b):
 # With v = acc * M * 2^(left - 31 - r) (a real number) and floor(floor(a) / n) = floor(a / n):
 #     y = floor(v + 1/2 + copysign(2^-(r+1), v))     (the copysign term 0 when r = 0)
 # (for -2^-(r+1) <= v < 0 both signs give 0; with a clamp that keeps nothing below the zero point, as
-# ReLU and ReLU6 do, the sign is not needed: every v < 0 clamps to act_min either way). In float64 every step is exact when r <= 20 and
-# |acc * M * 2^left| <= 2^52 (all terms are multiples of 2^-(31+r) with numerators below 2^53; the
-# output zero point is added before the floor only when that keeps them below 2^53). acc itself is the
-# float32 sum of the exact sums and bias - zp * sum(w), exact while |acc| < 2^24. Each block checks its
-# max |acc| and falls back to the int64 definition (multiply_by_quantized_multiplier) when the bound
-# does not hold (MobileNetV2 accumulators times M stay below 2^48). XNNPACK's fp32 requantization is
-# float32 already: fl32(acc) * scale_c, rounded to even.
+# ReLU and ReLU6 do, the sign is not needed: every v < 0 clamps to act_min either way). In float64 every
+# step is exact when r <= 20 and |acc * M * 2^left| <= 2^52: all terms are multiples of 2^-(31+r) with
+# numerators below 2^53 (the output zero point joins before the floor only when that keeps them so). acc
+# itself is the float32 sum of the exact sums and bias - zp * sum(w), exact while |acc| < 2^24. Each block
+# checks its max |acc| and falls back to the int64 definition (multiply_by_quantized_multiplier) when the
+# bound does not hold (MobileNetV2's accumulators times M stay below 2^48). Per-channel constants are
+# tiled along the block's rows so that every elementwise step is one long inner loop. XNNPACK's fp32
+# requantization is float32 already: fl32(acc) * scale_c, rounded to even.
 
 _BLOCK = 1 << 17
+_DW_BLOCK = 1 << 18
 _EXACT_F32 = 1 << 24
 
 
@@ -200,8 +214,8 @@ def _weights_plan(w, depthwise):
         if depthwise:
             taps = wi[0]
             return dict(depthwise=True, kh=taps.shape[0], kw=taps.shape[1], cin=taps.shape[2], cout=taps.shape[2],
-                        taps=taps, wsum=taps.sum(axis=(0, 1)), abs_sum=int(np.abs(taps).sum(axis=(0, 1)).max(initial=0)),
-                        serial=next(_SERIAL))
+                        taps=taps, wsum=taps.sum(axis=(0, 1)), serial=next(_SERIAL),
+                        abs_sum=int(np.abs(taps).sum(axis=(0, 1)).max(initial=0)))
         cout, kh, kw, cin = wi.shape
         mat = wi.reshape(cout, -1).T
         return dict(depthwise=False, kh=kh, kw=kw, cin=cin, cout=cout, mat=mat, wsum=mat.sum(axis=0),
@@ -213,30 +227,31 @@ def _weights_plan(w, depthwise):
 
 def _as(wp, name, dtype, tile=1):
     """wp[name] in dtype, C-contiguous, repeated ``tile`` times along its last axis; cached in wp."""
-    key = (name, np.dtype(dtype).name, tile)
+    key = (name, dtype, tile)
     if key not in wp:
         a = np.ascontiguousarray(wp[name], dtype)
         wp[key] = np.tile(a, (1,) * (a.ndim - 1) + (tile,)) if tile != 1 else a
     return wp[key]
 
 
-def _blocks(n, oh, row_size):
-    """(n0, n1, r0, r1) blocks of an (N, OH, ...) output of row_size values a row: whole images when one
-    fits in _BLOCK, else rows of one image (so every block is contiguous in the output)."""
-    if oh * row_size >= _BLOCK:
-        rows = max(1, _BLOCK // max(row_size, 1))
+def _blocks(n, oh, row_size, size):
+    """(n0, n1, r0, r1) blocks of about ``size`` values of an (N, OH, ...) output of row_size values a row: whole
+    images when one fits, else rows of one image (so every block is contiguous in the output)."""
+    if oh * row_size >= size:
+        rows = max(1, size // max(row_size, 1))
         for i in range(n):
             for r in range(0, oh, rows):
                 yield i, i + 1, r, min(r + rows, oh)
     else:
-        images = max(1, _BLOCK // max(oh * row_size, 1))
+        images = max(1, size // max(oh * row_size, 1))
         for i in range(0, n, images):
             yield i, min(i + images, n), 0, oh
 
 
 def _conv_sums(x, zero_point, wp, stride, padding, finish, out_dtype):
-    """Run sum(x * w) (padded with zero_point) block by block: finish(sums (P, C) float, out (P, C)) writes
-    each block of the (N, OH, OW, C) output of out_dtype. Returns the output."""
+    """Run sum(x * w) (padded with zero_point) block by block: finish(sums (P, C) float, out (P, C), k) writes
+    each block of the (N, OH, OW, C) output of out_dtype; k divides P (rows can be taken k at a time, so that
+    per-channel constants tiled k times make long inner loops). Returns the output."""
     x = np.asarray(x)
     if x.dtype != np.int8:
         x = np.asarray(x, np.int64)
@@ -253,19 +268,21 @@ def _conv_sums(x, zero_point, wp, stride, padding, finish, out_dtype):
     dtype = np.float32 if exact32 else np.float64
     if not wp["depthwise"] and kh == kw == s0 == s1 == 1 and oh == h and ow == wd:  # 1x1: one matrix product
         x2, o2, mat = x.reshape(-1, cin), out.reshape(-1, cout), _as(wp, "mat", dtype)
-        rows = max(16, _BLOCK // cout)
+        k = max(1, 2048 // cout)
+        rows = max(16, _BLOCK // cout) // k * k or k
         for p in range(0, len(x2), rows):
             block = x2[p:p + rows]
             a = _scratch("in", block.shape, dtype)
             np.copyto(a, block, casting="unsafe")
-            finish(np.matmul(a, mat, out=_scratch("sums", (len(block), cout), dtype)), o2[p:p + rows])
+            finish(np.matmul(a, mat, out=_scratch("sums", (len(block), cout), dtype)), o2[p:p + rows],
+                   math.gcd(len(block), k))
         return out
     if x.dtype == np.int8 and not -128 <= int(zero_point) <= 127:
         x = x.astype(np.int64)
     pad_value = np.asarray(zero_point).astype(x.dtype)
     xp = np.pad(x, ((0, 0), pad_h, pad_w, (0, 0)), constant_values=pad_value) if pad_h + pad_w != (0, 0, 0, 0) else x
     xp = np.ascontiguousarray(xp)
-    for n0, n1, r0, r1 in _blocks(n, oh, ow * cout):
+    for n0, n1, r0, r1 in _blocks(n, oh, ow * cout, _DW_BLOCK if wp["depthwise"] else _BLOCK):
         nb, rows = n1 - n0, r1 - r0
         if wp["depthwise"]:
             # the input rows in float, split by column phase when strided (columns p, p + s1, ...), so that each
@@ -299,7 +316,7 @@ def _conv_sums(x, zero_point, wp, stride, padding, finish, out_dtype):
                 buf[..., i * kw * cin:(i + 1) * kw * cin] = window
             sums = np.matmul(buf.reshape(-1, kh * kw * cin), _as(wp, "mat", dtype),
                              out=_scratch("sums", (nb * rows * ow, cout), dtype))
-        finish(sums, out[n0:n1, r0:r1].reshape(-1, cout))
+        finish(sums, out[n0:n1, r0:r1].reshape(-1, cout), ow if ow * cout <= 1 << 16 else 1)
     return out
 
 
@@ -312,7 +329,7 @@ def _accumulators(x, input_zero_point, w, bias, stride, padding, depthwise):
     wp = _weights_plan(w, depthwise)
     folded = _folded_bias(wp, bias, input_zero_point)
 
-    def finish(sums, out):
+    def finish(sums, out, k):
         np.add(sums.astype(np.int64), folded, out=out)
     return _conv_sums(x, input_zero_point, wp, stride, padding, finish, np.int64)
 
@@ -362,7 +379,7 @@ _LOCAL = threading.local()
 
 def _scratch(name, shape, dtype):
     """A reusable temporary (a view of a flat buffer kept per name and thread): no page faults per block."""
-    size = int(np.prod(shape))
+    size = math.prod(shape)
     buf = getattr(_LOCAL, name, None)
     if buf is None or buf.size < size or buf.dtype != dtype:
         buf = np.empty(max(size, _BLOCK), dtype)
@@ -370,28 +387,48 @@ def _scratch(name, shape, dtype):
     return buf[:size].reshape(shape)
 
 
-def _requantize_fixed_point(sums, plan, out):
+def _widen(sums, out, plan, k):
+    """(P, C) blocks as (P / k, k * C) views, and plan's per-channel vector getter tiled k times."""
+    if k > 1 and len(sums) % k == 0 and sums.flags.c_contiguous and out.flags.c_contiguous:
+        shape = (len(sums) // k, k * sums.shape[1])
+        sums, out = sums.reshape(shape), out.reshape(shape)
+    else:
+        k = 1
+
+    def vector(name):
+        value = plan[name]
+        if k == 1 or np.ndim(value) == 0:
+            return value
+        key = (name, k)
+        if key not in plan:
+            plan[key] = np.tile(value, k)
+        return plan[key]
+    return sums, out, vector
+
+
+def _requantize_fixed_point(sums, plan, out, k=1):
     """Reference requantization of one block: sums (P, C) exact integers (float or int), the accumulator
-    being sums + plan['folded']; writes int8 into out (P, C)."""
+    being sums + plan['folded']; writes int8 into out (P, C). k: see _conv_sums."""
     if sums.size == 0:
         return
     if plan["fast"]:
-        if sums.dtype == np.float32 and plan["folded32_exact"]:
-            acc = np.add(sums, plan["folded32"], out=_scratch("acc32", sums.shape, np.float32))
+        wide, out_wide, vector = _widen(sums, out, plan, k)
+        if wide.dtype == np.float32 and plan["folded32_exact"]:
+            acc = np.add(wide, vector("folded32"), out=_scratch("acc32", wide.shape, np.float32))
             limit = plan["limit32"]  # below 2^24: float32 sums of float32 integers were exact
         else:
-            acc = np.add(sums, plan["folded"], dtype=np.float64)
+            acc = np.add(wide, vector("folded"), dtype=np.float64)
             limit = plan["limit64"]
         if max(float(acc.max()), -float(acc.min())) <= limit:  # |acc * M * 2^left| <= 2^52
-            v = np.multiply(acc, plan["scale"], out=_scratch("v", sums.shape, np.float64))
+            v = np.multiply(acc, vector("scale"), out=_scratch("v", wide.shape, np.float64))
             if plan["signed"]:
-                v += np.copysign(plan["half_ulp"], v, out=_scratch("t", sums.shape, np.float64))
-            v += plan["offset"]
+                v += np.copysign(vector("half_ulp"), v, out=_scratch("t", wide.shape, np.float64))
+            v += vector("offset")
             np.floor(v, out=v)
             if not plan["fold_zero_point"]:
                 v += plan["zero_point"]
             np.clip(v, plan["lo"], plan["hi"], out=v)
-            np.copyto(out, v, casting="unsafe")
+            np.copyto(out_wide, v, casting="unsafe")
             return
     acc = np.asarray(sums).astype(np.int64) + plan["folded"]  # the int64 definition
     y = multiply_by_quantized_multiplier(acc, plan["multiplier"], plan["shift"]) + plan["zero_point"]
@@ -420,8 +457,8 @@ def _conv_op(x, input_scale, input_zero_point, w, filter_scales, bias, output_sc
                                  _folded_bias(wp, bias, input_zero_point), output_zero_point, *act_range)
     plan = _PLANS.get((bias, filter_scales), _key("fixed_point", wp["serial"], input_scale, input_zero_point,
                                                   output_scale, output_zero_point, tuple(act_range)), build)
-    return _conv_sums(x, input_zero_point, wp, stride, padding, lambda s, o: _requantize_fixed_point(s, plan, o),
-                      np.int8)
+    return _conv_sums(x, input_zero_point, wp, stride, padding,
+                      lambda s, o, k: _requantize_fixed_point(s, plan, o, k), np.int8)
 
 
 def conv2d(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale, output_zero_point,
@@ -548,8 +585,8 @@ def fully_connected(x, input_scale, input_zero_point, w, filter_scale, bias, out
     if fs.size != 1:
         raise ValueError(f"fully_connected takes per-tensor weights (one filter scale), got {fs.size} scales")
     fs, si, so = fs[0], np.float32(input_scale), np.float32(output_scale)
-    w, x = np.asarray(w, np.int64), np.asarray(x, np.int64)
-    acc = _int_dot(x, w.T) - input_zero_point * w.sum(axis=1)
+    fc, x = _fc_weights(w), np.asarray(x, np.int64)
+    acc = _int_dot(x, fc["w"].T, fc["wT"], fc["abs_sum"]) - input_zero_point * fc["wsum"]
     if bias is not None:
         acc = acc + np.asarray(bias, np.int64)
     acc = _wrap32(acc)  # the int32 accumulator

@@ -6,7 +6,8 @@ Builds ``mobileqat.architectures.mobilenet_v2((224, 224, 3), 1000, alpha=1.0)`` 
 lowers it, and times, at each batch size: the twin with reference arithmetic, the twin with XNNPACK
 arithmetic, the interpreter on the reference kernels and the interpreter with XNNPACK (``--threads``
 threads for the interpreter and for numpy's BLAS, 1 by default). Prints a table of medians over
-``--repeats`` runs, taken round robin so that every path sees the same machine load (ms per image) and writes it as JSON.
+``--repeats`` runs, taken round robin so that every path sees the same machine load (ms per image, wall
+and CPU time), and writes it as JSON.
 
     python models/bench_twin.py --out bench_twin.json                 # MobileNetV2-224, alpha 1.0
     python models/bench_twin.py --small --out bench_twin_small.json   # MobileNetV2-96, alpha 0.35
@@ -85,7 +86,8 @@ def main(argv=None):
     import mobileqat
     from mobileqat.runtime import TFLiteModel
 
-    folder = args.cache or os.path.join("/tmp", f"bench_twin_{args.input_size}_{args.alpha}_{args.classes}_{int(args.softmax)}")
+    folder = args.cache or os.path.join(
+        "/tmp", f"bench_twin_{args.input_size}_{args.alpha}_{args.classes}_{int(args.softmax)}")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "model.tflite")
     if args.cache and os.path.exists(path) and os.path.exists(os.path.join(folder, "twin.pkl")):
@@ -129,7 +131,8 @@ def main(argv=None):
                 cpu[name].append(time.process_time() - c)
         row = {name: statistics.median(ts) / batch for name, ts in times.items() if name in args.paths}
         results["seconds_per_image"][str(batch)] = row
-        for key, table, fn in (("min_seconds_per_image", times, min), ("cpu_seconds_per_image", cpu, statistics.median)):
+        for key, table, fn in (("min_seconds_per_image", times, min),
+                               ("cpu_seconds_per_image", cpu, statistics.median)):
             results.setdefault(key, {})[str(batch)] = {name: fn(ts) / batch for name, ts in table.items()
                                                        if name in args.paths}
         for rt in ("reference", "xnnpack"):
