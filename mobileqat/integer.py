@@ -6,6 +6,11 @@ The pieces of lite/kernels/internal/common.{h,cc} (double-rounding build, the de
 and whole ops built on them (conv2d, depthwise_conv2d) that take int8 tensors and the quantization
 parameters read from a .tflite. Used to check single ops against the interpreter, and the basis of
 an integer-exact evaluation path.
+
+The convolutions run at BLAS speed with the integers of these definitions (float sums and a float64
+fixed-point multiply only where provably exact, per-op constants computed once: see the comment above
+``_BLOCK``), and int8 ADD is a lookup in a table of all input pairs made by the definition itself;
+tests/test_integer_fast.py keeps the straightforward implementations and compares them on random inputs.
 """
 import functools
 import itertools
