@@ -6,9 +6,16 @@ The pieces of lite/kernels/internal/common.{h,cc} (double-rounding build, the de
 and whole ops built on them (conv2d, depthwise_conv2d) that take int8 tensors and the quantization
 parameters read from a .tflite. Used to check single ops against the interpreter, and the basis of
 an integer-exact evaluation path.
+
+The convolutions run at BLAS speed with the integers of these definitions (float sums and a float64
+fixed-point multiply only where provably exact, per-op constants computed once: see the comment above
+``_BLOCK``), and int8 ADD is a lookup in a table of all input pairs made by the definition itself;
+tests/test_integer_fast.py keeps the straightforward implementations and compares them on random inputs.
 """
 import functools
+import itertools
 import math
+import threading
 import weakref
 
 import numpy as np
@@ -108,25 +115,38 @@ def _exact_dot(a, b):
     return np.matmul(np.asarray(a, np.float64), np.asarray(b, np.float64)).astype(np.int64)
 
 
-def _int_dot(a, b):
+def _int_dot(a, b, b64=None, b_abs_sum=None):
     """a @ b of int64 matrices, exact: float64 BLAS when max|a| * max_j sum_k |b_kj| < 2^53 (every partial sum
-    of any order is then an exact float64 integer), else numpy's int64 product."""
-    if a.size and b.size and int(np.abs(a).max()) * int(np.abs(b).sum(axis=0).max()) >= 2 ** 53:
+    of any order is then an exact float64 integer), else numpy's int64 product. b64, b_abs_sum: b in float64
+    and that column bound, when known."""
+    if b_abs_sum is None:
+        b_abs_sum = int(np.abs(b).sum(axis=0).max(initial=0)) if b.size else 0
+    if a.size and b.size and int(np.abs(a).max()) * b_abs_sum >= 2 ** 53:
         return a @ b
-    return _exact_dot(a, b)
+    return np.matmul(np.asarray(a, np.float64), b if b64 is None else b64).astype(np.int64)
+
+
+def _fc_weights(w):
+    """FULLY_CONNECTED weights (out, in): int64, transposed float64 (in, out), row sums, max row sum of |w|."""
+    def build():
+        wi = np.asarray(w, np.int64)
+        return dict(w=wi, wT=np.ascontiguousarray(wi.T, np.float64), wsum=wi.sum(axis=1),
+                    abs_sum=int(np.abs(wi).sum(axis=1).max(initial=0)) if wi.size else 0)
+    return _PLANS.get((w,), _key("fully_connected"), build)
 
 
 # --- CONV_2D and DEPTHWISE_CONV_2D at BLAS speed, the same integers ---------------------------------
 #
 # Accumulators. acc = bias + sum((x - zp) * w) = sum(x * w) + (bias - zp * sum(w)), where padded
 # positions hold zp (they contribute (zp - zp) * w = 0, as the kernels skip them). sum(x * w) is a BLAS
-# matrix product (im2col: one strided copy per filter tap, no 6-D index arrays) or, for depthwise, one
-# multiply-add per tap over the output block. In float32 it is exact when every partial sum is an
-# integer below 2^24: |x| <= 128 (int8 codes and zero points) and sum_k |w_kc| <= 2^17 for every output
-# channel c bound every partial sum of any summation order (BLAS blocking, FMA) by 128 * 2^17 = 2^24.
-# int8 x int8 always satisfies it for up to 1032 terms (127 * 1032 < 2^17), depthwise always; other ops
-# use float64 (exact below 2^53). The output is computed in blocks of about _BLOCK values so that the
-# temporaries stay in cache and memory stays bounded at any batch size.
+# matrix product (1x1: the input itself; else im2col with one strided copy per kernel row, no 6-D index
+# arrays) or, for depthwise, one multiply and one add per tap over an output block, with the weights
+# tiled along OW so that each is one long inner loop. In float32 it is exact when every partial sum is
+# an integer below 2^24: |x| <= 128 (int8 codes and zero points) and sum_k |w_kc| <= 2^17 for every
+# output channel c bound every partial sum of any summation order (BLAS blocking, FMA) by 2^24. int8
+# weights always satisfy it up to 1032 terms (127 * 1032 < 2^17) and in depthwise; otherwise float64
+# (exact below 2^53). The output is made in blocks of about _BLOCK values, so that temporaries stay in
+# cache and memory stays bounded at any batch size.
 #
 # Requantization (reference kernels, MultiplyByQuantizedMultiplier with double rounding), per channel
 # with M = mantissa, left = max(shift, 0), r = max(-shift, 0):
@@ -136,21 +156,28 @@ def _int_dot(a, b):
 #     y = RoundingDivideByPOT(h, r) = floor((h + 2^(r-1) - [h < 0]) / 2^r)   (r >= 1; y = h for r = 0)
 # With v = acc * M * 2^(left - 31 - r) (a real number) and floor(floor(a) / n) = floor(a / n):
 #     y = floor(v + 1/2 + copysign(2^-(r+1), v))     (the copysign term 0 when r = 0)
-# (for -2^-(r+1) <= v < 0 both signs give 0). In float64 every step is exact when the numerator
-# acc * M * 2^left stays below 2^51 and r <= 20 (all terms are multiples of 2^-(31+r)); each block checks
-# its max |acc| and falls back to the int64 definition (multiply_by_quantized_multiplier) when it does
-# not hold. XNNPACK's fp32 requantization is float32 already: fl32(acc) * scale_c, rounded to even.
+# (for -2^-(r+1) <= v < 0 both signs give 0; with a clamp that keeps nothing below the zero point, as
+# ReLU and ReLU6 do, the sign is not needed: every v < 0 clamps to act_min either way). In float64 every
+# step is exact when r <= 20 and |acc * M * 2^left| <= 2^52: all terms are multiples of 2^-(31+r) with
+# numerators below 2^53 (the output zero point joins before the floor only when that keeps them so). acc
+# itself is the float32 sum of the exact sums and bias - zp * sum(w), exact while |acc| < 2^24. Each block
+# checks its max |acc| and falls back to the int64 definition (multiply_by_quantized_multiplier) when the
+# bound does not hold (MobileNetV2's accumulators times M stay below 2^48). Per-channel constants are
+# tiled along the block's rows so that every elementwise step is one long inner loop. XNNPACK's fp32
+# requantization is float32 already: fl32(acc) * scale_c, rounded to even.
 
-_BLOCK = 1 << 15
+_BLOCK = 1 << 17
+_DW_BLOCK = 1 << 18
 _EXACT_F32 = 1 << 24
 
 
 class _Plans:
     """Per-op constants (weights laid out for BLAS, folded zero points, per-channel multipliers) computed
     once: keyed by the identity of the op's arrays and its scalars, re-checked by value on every call (an
-    array changed in place gets a new plan). Arguments that are not ndarrays are not cached."""
+    array changed in place gets a new plan). Arguments that are not ndarrays are not cached; entries whose
+    arrays are gone are dropped."""
 
-    def __init__(self, size=1024):
+    def __init__(self, size=4096):
         self._plans, self._size = {}, size
 
     def get(self, arrays, values, build):
@@ -165,13 +192,16 @@ class _Plans:
                 return plan
         plan = build()
         if len(self._plans) >= self._size:
-            self._plans.pop(next(iter(self._plans)))
+            self._plans = {k: v for k, v in self._plans.items() if all(r is None or r() is not None for r in v[0])}
+            while len(self._plans) >= self._size:
+                self._plans.pop(next(iter(self._plans)))
         self._plans[key] = ([None if a is None else weakref.ref(a) for a in arrays],
                             [None if a is None else a.copy() for a in arrays], plan)
         return plan
 
 
 _PLANS = _Plans()
+_SERIAL = itertools.count()
 
 
 def _key(*values):
@@ -181,42 +211,52 @@ def _key(*values):
 
 
 def _weights_plan(w, depthwise):
-    """BLAS layout of int8 weights: conv (Cout, kh, kw, Cin) -> (kh*kw*Cin, Cout); depthwise (1, kh, kw, C)
-    -> taps (kh, kw, C). Also sum(w) per output channel and max_c sum_k |w_kc| (the exactness bound)."""
+    """BLAS layout of int8 weights: conv (Cout, kh, kw, Cin) -> "mat" (kh*kw*Cin, Cout); depthwise (1, kh, kw, C)
+    -> "taps" (kh, kw, C); float32 (float64 made when needed). Also sum(w) per output channel, max_c sum_k |w_kc|
+    (the exactness bound) and a serial number (plans derived from this one key on it)."""
     def build():
         wi = np.asarray(w, np.int64)
         if depthwise:
             taps = wi[0]
             return dict(depthwise=True, kh=taps.shape[0], kw=taps.shape[1], cin=taps.shape[2], cout=taps.shape[2],
-                        taps32=taps.astype(np.float32), taps64=taps.astype(np.float64),
-                        wsum=taps.sum(axis=(0, 1)), abs_sum=int(np.abs(taps).sum(axis=(0, 1)).max(initial=0)))
+                        taps=taps, wsum=taps.sum(axis=(0, 1)), serial=next(_SERIAL),
+                        abs_sum=int(np.abs(taps).sum(axis=(0, 1)).max(initial=0)))
         cout, kh, kw, cin = wi.shape
         mat = wi.reshape(cout, -1).T
-        return dict(depthwise=False, kh=kh, kw=kw, cin=cin, cout=cout,
-                    mat32=np.ascontiguousarray(mat, np.float32), mat64=np.ascontiguousarray(mat, np.float64),
-                    wsum=mat.sum(axis=0), abs_sum=int(np.abs(mat).sum(axis=0).max(initial=0)))
+        return dict(depthwise=False, kh=kh, kw=kw, cin=cin, cout=cout, mat=mat, wsum=mat.sum(axis=0),
+                    abs_sum=int(np.abs(mat).sum(axis=0).max(initial=0)), serial=next(_SERIAL))
     if depthwise and np.shape(w)[0] != 1:
         raise ValueError(f"depthwise weights (1, kh, kw, C) with depth multiplier 1, got shape {np.shape(w)}")
     return _PLANS.get((w,), _key("weights", depthwise), build)
 
 
-def _blocks(n, oh, row_size):
-    """(n0, n1, r0, r1) blocks of an (N, OH, ...) output of row_size values a row: whole images when one
-    fits in _BLOCK, else rows of one image (so every block is contiguous in the output)."""
-    if oh * row_size >= _BLOCK:
-        rows = max(1, _BLOCK // max(row_size, 1))
+def _as(wp, name, dtype, tile=1):
+    """wp[name] in dtype, C-contiguous, repeated ``tile`` times along its last axis; cached in wp."""
+    key = (name, dtype, tile)
+    if key not in wp:
+        a = np.ascontiguousarray(wp[name], dtype)
+        wp[key] = np.tile(a, (1,) * (a.ndim - 1) + (tile,)) if tile != 1 else a
+    return wp[key]
+
+
+def _blocks(n, oh, row_size, size):
+    """(n0, n1, r0, r1) blocks of about ``size`` values of an (N, OH, ...) output of row_size values a row: whole
+    images when one fits, else rows of one image (so every block is contiguous in the output)."""
+    if oh * row_size >= size:
+        rows = max(1, size // max(row_size, 1))
         for i in range(n):
             for r in range(0, oh, rows):
                 yield i, i + 1, r, min(r + rows, oh)
     else:
-        images = max(1, _BLOCK // max(oh * row_size, 1))
+        images = max(1, size // max(oh * row_size, 1))
         for i in range(0, n, images):
             yield i, min(i + images, n), 0, oh
 
 
 def _conv_sums(x, zero_point, wp, stride, padding, finish, out_dtype):
-    """Run sum(x * w) (padded with zero_point) block by block: finish(sums (P, C) float, out (P, C)) writes
-    each block of the (N, OH, OW, C) output of out_dtype. Returns the output."""
+    """Run sum(x * w) (padded with zero_point) block by block: finish(sums (P, C) float, out (P, C), k) writes
+    each block of the (N, OH, OW, C) output of out_dtype; k divides P (rows can be taken k at a time, so that
+    per-channel constants tiled k times make long inner loops). Returns the output."""
     x = np.asarray(x)
     if x.dtype != np.int8:
         x = np.asarray(x, np.int64)
@@ -232,38 +272,56 @@ def _conv_sums(x, zero_point, wp, stride, padding, finish, out_dtype):
     exact32 = max(x_max, abs(int(zero_point))) * wp["abs_sum"] <= _EXACT_F32
     dtype = np.float32 if exact32 else np.float64
     if not wp["depthwise"] and kh == kw == s0 == s1 == 1 and oh == h and ow == wd:  # 1x1: one matrix product
-        x2, o2, mat = x.reshape(-1, cin), out.reshape(-1, cout), wp["mat32" if exact32 else "mat64"]
-        rows = max(16, _BLOCK // cout)
+        x2, o2, mat = x.reshape(-1, cin), out.reshape(-1, cout), _as(wp, "mat", dtype)
+        k = max(1, 2048 // cout)
+        rows = max(16, _BLOCK // cout) // k * k or k
         for p in range(0, len(x2), rows):
-            finish(np.matmul(x2[p:p + rows].astype(dtype), mat), o2[p:p + rows])
+            block = x2[p:p + rows]
+            a = _scratch("in", block.shape, dtype)
+            np.copyto(a, block, casting="unsafe")
+            finish(np.matmul(a, mat, out=_scratch("sums", (len(block), cout), dtype)), o2[p:p + rows],
+                   math.gcd(len(block), k))
         return out
     if x.dtype == np.int8 and not -128 <= int(zero_point) <= 127:
         x = x.astype(np.int64)
     pad_value = np.asarray(zero_point).astype(x.dtype)
     xp = np.pad(x, ((0, 0), pad_h, pad_w, (0, 0)), constant_values=pad_value) if pad_h + pad_w != (0, 0, 0, 0) else x
-    for n0, n1, r0, r1 in _blocks(n, oh, ow * cout):
-        rows = r1 - r0
+    xp = np.ascontiguousarray(xp)
+    for n0, n1, r0, r1 in _blocks(n, oh, ow * cout, _DW_BLOCK if wp["depthwise"] else _BLOCK):
+        nb, rows = n1 - n0, r1 - r0
         if wp["depthwise"]:
-            src = xp[n0:n1, r0 * s0:(r1 - 1) * s0 + kh].astype(dtype)
-            taps = wp["taps32" if exact32 else "taps64"]
-            acc, tmp = None, None
+            # the input rows in float, split by column phase when strided (columns p, p + s1, ...), so that each
+            # tap reads OW x C contiguous values and meets the weights tiled along OW in one long inner loop
+            rows_in = xp[n0:n1, r0 * s0:(r1 - 1) * s0 + kh]
+            phases = []
+            for p in range(min(s1, kw)):
+                src = rows_in[:, :, p::s1]
+                phases.append(_scratch(f"phase{p}", src.shape, dtype))
+                np.copyto(phases[-1], src, casting="unsafe")
+            tiled = _as(wp, "taps", dtype, tile=ow)  # (kh, kw, OW * C)
+            acc = _scratch("sums", (nb, rows, ow * cout), dtype)
+            tmp = _scratch("tmp", (nb, rows, ow * cout), dtype)
             for i in range(kh):
                 for j in range(kw):
-                    tap = src[:, i:i + (rows - 1) * s0 + 1:s0, j:j + (ow - 1) * s1 + 1:s1]
-                    if acc is None:
-                        acc = np.multiply(tap, taps[i, j])
+                    phase, offset = phases[j % s1], j // s1
+                    tap = phase[:, i:i + (rows - 1) * s0 + 1:s0, offset:offset + ow].reshape(nb, rows, ow * cout)
+                    if i == j == 0:
+                        np.multiply(tap, tiled[i, j], out=acc)
                     else:
-                        tmp = np.multiply(tap, taps[i, j], out=tmp)
-                        acc += tmp
+                        acc += np.multiply(tap, tiled[i, j], out=tmp)
             sums = acc.reshape(-1, cout)
         else:
-            buf = np.empty((n1 - n0, rows, ow, kh * kw * cin), dtype)
+            # im2col, one strided copy per kernel row: its kw taps are kw * Cin contiguous input values
+            buf = _scratch("in", (nb, rows, ow, kh * kw * cin), dtype)
+            st = xp.strides
             for i in range(kh):
-                for j in range(kw):
-                    t = (i * kw + j) * cin
-                    buf[..., t:t + cin] = xp[n0:n1, r0 * s0 + i:(r1 - 1) * s0 + i + 1:s0, j:j + (ow - 1) * s1 + 1:s1]
-            sums = np.matmul(buf.reshape(-1, kh * kw * cin), wp["mat32" if exact32 else "mat64"])
-        finish(sums, out[n0:n1, r0:r1].reshape(-1, cout))
+                window = np.lib.stride_tricks.as_strided(
+                    xp[n0:n1, r0 * s0 + i:], (nb, rows, ow, kw * cin), (st[0], st[1] * s0, st[2] * s1, st[3]),
+                    writeable=False)
+                buf[..., i * kw * cin:(i + 1) * kw * cin] = window
+            sums = np.matmul(buf.reshape(-1, kh * kw * cin), _as(wp, "mat", dtype),
+                             out=_scratch("sums", (nb * rows * ow, cout), dtype))
+        finish(sums, out[n0:n1, r0:r1].reshape(-1, cout), ow if ow * cout <= 1 << 16 else 1)
     return out
 
 
@@ -276,7 +334,7 @@ def _accumulators(x, input_zero_point, w, bias, stride, padding, depthwise):
     wp = _weights_plan(w, depthwise)
     folded = _folded_bias(wp, bias, input_zero_point)
 
-    def finish(sums, out):
+    def finish(sums, out, k):
         np.add(sums.astype(np.int64), folded, out=out)
     return _conv_sums(x, input_zero_point, wp, stride, padding, finish, np.int64)
 
@@ -298,45 +356,88 @@ def _fixed_point_plan(input_scale, filter_scales, output_scale, channels, folded
              for fs in np.broadcast_to(filter_scales, (channels,))]
     m = np.array([a for a, _ in mults], np.int64).reshape(-1)
     shift = np.array([b for _, b in mults], np.int64).reshape(-1)
-    folded = np.broadcast_to(np.asarray(folded, np.int64), (channels,))
+    folded = np.ascontiguousarray(np.broadcast_to(np.asarray(folded, np.int64), (channels,)))
     plan = dict(multiplier=m, shift=shift, folded=folded, zero_point=int(output_zero_point),
                 lo=int(act_min), hi=int(act_max), fast=False)
     left, right = np.maximum(shift, 0), np.maximum(-shift, 0)
     if channels == 0 or left.max() > 20 or right.max() > 20:
         return plan
     mf = (m << left).astype(np.float64)  # M * 2^left < 2^51, exact
-    folded_bound = float((np.abs(folded).astype(np.float64) * mf).max())
-    if folded_bound > 2.0 ** 49:
-        return plan
-    scale = np.ldexp(mf, -(31 + right))  # v = acc * scale (exact)
-    fold_zero_point = (abs(int(output_zero_point)) + 1) * 2.0 ** (31 + int(right.max())) <= 2.0 ** 51
-    plan.update(fast=True, scale=scale, folded_scaled=folded.astype(np.float64) * scale,
-                half_ulp=np.where(right >= 1, np.ldexp(1.0, -(right + 1).astype(np.int32)), 0.0),
-                offset=0.5 + (int(output_zero_point) if fold_zero_point else 0), fold_zero_point=fold_zero_point,
-                folded_bound=folded_bound, max_multiplier=float(mf.max()))
+    max_multiplier = max(float(mf.max()), 1.0)
+    folded32 = folded.astype(np.float32)
+    fold_zero_point = (abs(int(output_zero_point)) + 1) * 2.0 ** (31 + int(right.max())) <= 2.0 ** 50
+    half_ulp = np.where(right >= 1, np.ldexp(1.0, -(right + 1).astype(np.int32)), 0.0)
+    offset = 0.5 + (int(output_zero_point) if fold_zero_point else 0)
+    # When the clamp keeps no value below the zero point (ReLU, ReLU6), y < 0 and y' = floor(v + 1/2 + 2^-(r+1))
+    # both clamp to act_min for v < 0 (both are <= 0 there), so the sign of v is not needed.
+    signed = int(act_min) < int(output_zero_point)
+    plan.update(fast=True, scale=np.ldexp(mf, -(31 + right)),  # v = acc * scale, exact
+                half_ulp=half_ulp, signed=signed, offset=offset if signed else half_ulp + offset,
+                fold_zero_point=fold_zero_point,
+                folded32=folded32, folded32_exact=bool(np.all(folded32.astype(np.int64) == folded)),
+                limit32=min(2.0 ** 24 - 1, 2.0 ** 52 / max_multiplier), limit64=2.0 ** 52 / max_multiplier)
     return plan
 
 
-def _requantize_fixed_point(sums, plan, out):
+_LOCAL = threading.local()
+
+
+def _scratch(name, shape, dtype):
+    """A reusable temporary (a view of a flat buffer kept per name and thread): no page faults per block."""
+    size = math.prod(shape)
+    buf = getattr(_LOCAL, name, None)
+    if buf is None or buf.size < size or buf.dtype != dtype:
+        buf = np.empty(max(size, _BLOCK), dtype)
+        setattr(_LOCAL, name, buf)
+    return buf[:size].reshape(shape)
+
+
+def _widen(sums, out, plan, k):
+    """(P, C) blocks as (P / k, k * C) views, and plan's per-channel vector getter tiled k times."""
+    if k > 1 and len(sums) % k == 0 and sums.flags.c_contiguous and out.flags.c_contiguous:
+        shape = (len(sums) // k, k * sums.shape[1])
+        sums, out = sums.reshape(shape), out.reshape(shape)
+    else:
+        k = 1
+
+    def vector(name):
+        value = plan[name]
+        if k == 1 or np.ndim(value) == 0:
+            return value
+        key = (name, k)
+        if key not in plan:
+            plan[key] = np.tile(value, k)
+        return plan[key]
+    return sums, out, vector
+
+
+def _requantize_fixed_point(sums, plan, out, k=1):
     """Reference requantization of one block: sums (P, C) exact integers (float or int), the accumulator
-    being sums + plan['folded']; writes int8 into out (P, C)."""
+    being sums + plan['folded']; writes int8 into out (P, C). k: see _conv_sums."""
     if sums.size == 0:
         return
-    amax = float(max(sums.max(), -sums.min()))
-    if not plan["fast"] or amax * plan["max_multiplier"] + plan["folded_bound"] > 2.0 ** 51:
-        acc = np.asarray(sums).astype(np.int64) + plan["folded"]
-        y = multiply_by_quantized_multiplier(acc, plan["multiplier"], plan["shift"]) + plan["zero_point"]
-        out[...] = np.clip(y, plan["lo"], plan["hi"])
-        return
-    v = np.multiply(sums, plan["scale"], dtype=np.float64)
-    v += plan["folded_scaled"]
-    v += np.copysign(plan["half_ulp"], v)
-    v += plan["offset"]
-    np.floor(v, out=v)
-    if not plan["fold_zero_point"]:
-        v += plan["zero_point"]
-    np.clip(v, plan["lo"], plan["hi"], out=v)
-    np.copyto(out, v, casting="unsafe")
+    if plan["fast"]:
+        wide, out_wide, vector = _widen(sums, out, plan, k)
+        if wide.dtype == np.float32 and plan["folded32_exact"]:
+            acc = np.add(wide, vector("folded32"), out=_scratch("acc32", wide.shape, np.float32))
+            limit = plan["limit32"]  # below 2^24: float32 sums of float32 integers were exact
+        else:
+            acc = np.add(wide, vector("folded"), dtype=np.float64)
+            limit = plan["limit64"]
+        if max(float(acc.max()), -float(acc.min())) <= limit:  # |acc * M * 2^left| <= 2^52
+            v = np.multiply(acc, vector("scale"), out=_scratch("v", wide.shape, np.float64))
+            if plan["signed"]:
+                v += np.copysign(vector("half_ulp"), v, out=_scratch("t", wide.shape, np.float64))
+            v += vector("offset")
+            np.floor(v, out=v)
+            if not plan["fold_zero_point"]:
+                v += plan["zero_point"]
+            np.clip(v, plan["lo"], plan["hi"], out=v)
+            np.copyto(out_wide, v, casting="unsafe")
+            return
+    acc = np.asarray(sums).astype(np.int64) + plan["folded"]  # the int64 definition
+    y = multiply_by_quantized_multiplier(acc, plan["multiplier"], plan["shift"]) + plan["zero_point"]
+    out[...] = np.clip(y, plan["lo"], plan["hi"])
 
 
 def _requantize(acc, input_scale, filter_scales, output_scale, output_zero_point, act_min, act_max):
@@ -359,10 +460,10 @@ def _conv_op(x, input_scale, input_zero_point, w, filter_scales, bias, output_sc
     def build():
         return _fixed_point_plan(input_scale, filter_scales, output_scale, wp["cout"],
                                  _folded_bias(wp, bias, input_zero_point), output_zero_point, *act_range)
-    plan = _PLANS.get((w, bias, filter_scales), _key("fixed_point", input_scale, input_zero_point, output_scale,
-                                                     output_zero_point, tuple(act_range)), build)
-    return _conv_sums(x, input_zero_point, wp, stride, padding, lambda s, o: _requantize_fixed_point(s, plan, o),
-                      np.int8)
+    plan = _PLANS.get((bias, filter_scales), _key("fixed_point", wp["serial"], input_scale, input_zero_point,
+                                                  output_scale, output_zero_point, tuple(act_range)), build)
+    return _conv_sums(x, input_zero_point, wp, stride, padding,
+                      lambda s, o, k: _requantize_fixed_point(s, plan, o, k), np.int8)
 
 
 def conv2d(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale, output_zero_point,
@@ -489,8 +590,8 @@ def fully_connected(x, input_scale, input_zero_point, w, filter_scale, bias, out
     if fs.size != 1:
         raise ValueError(f"fully_connected takes per-tensor weights (one filter scale), got {fs.size} scales")
     fs, si, so = fs[0], np.float32(input_scale), np.float32(output_scale)
-    w, x = np.asarray(w, np.int64), np.asarray(x, np.int64)
-    acc = _int_dot(x, w.T) - input_zero_point * w.sum(axis=1)
+    fc, x = _fc_weights(w), np.asarray(x, np.int64)
+    acc = _int_dot(x, fc["w"].T, fc["wT"], fc["abs_sum"]) - input_zero_point * fc["wsum"]
     if bias is not None:
         acc = acc + np.asarray(bias, np.int64)
     acc = _wrap32(acc)  # the int32 accumulator

@@ -30,8 +30,9 @@ optimized kernel (float exp lookup table), reproduced by ``softmax`` below.
 """
 import numpy as np
 
-from mobileqat.integer import (_PLANS, _binary_by_table, _conv_sums, _exact_dot, _folded_bias, _key, _weights_plan,
-                               conv_accumulators, depthwise_accumulators, softmax_lut)
+from mobileqat.integer import (_PLANS, _binary_by_table, _conv_sums, _exact_dot, _fc_weights, _folded_bias, _key,
+                               _scratch, _weights_plan, _widen, softmax_lut)
+from mobileqat.integer import conv_accumulators, depthwise_accumulators  # noqa: F401 (same accumulators)
 
 F32 = np.float32
 
@@ -81,14 +82,16 @@ def _fp32_plan(input_scale, filter_scales, output_scale, folded, output_zero_poi
                 fast=fast)
 
 
-def _requantize_fp32_block(sums, plan, out):
-    """``requantize_fp32`` of one block of accumulators sums (P, C) + plan['folded'], written into out (P, C)."""
+def _requantize_fp32_block(sums, plan, out, k=1):
+    """``requantize_fp32`` of one block of accumulators sums (P, C) + plan['folded'], written into out (P, C)
+    (k: see ``mobileqat.integer._conv_sums``)."""
     if not (plan["fast"] and sums.dtype == np.float32):  # float32 sums are exact: _conv_sums checks it
         acc = np.asarray(sums).astype(np.int64) + plan["folded"]
         out[...] = requantize_fp32(acc, plan["scales"], plan["zero_point"], plan["lo"], plan["hi"])
         return
-    y = sums + plan["folded32"]  # = float32(acc)
-    y *= plan["scales"]
+    sums, out, vector = _widen(sums, out, plan, k)
+    y = np.add(sums, vector("folded32"), out=_scratch("y32", sums.shape, np.float32))  # = float32(acc)
+    y *= vector("scales")
     np.rint(y, out=y)
     y += F32(plan["zero_point"])  # inexact only far outside [-128, 127], where the clamp decides anyway
     np.clip(y, plan["lo"], plan["hi"], out=y)
@@ -102,10 +105,10 @@ def _conv_op(x, input_scale, input_zero_point, w, filter_scales, bias, output_sc
     def build():
         return _fp32_plan(input_scale, filter_scales, output_scale, _folded_bias(wp, bias, input_zero_point),
                           output_zero_point, *act_range)
-    plan = _PLANS.get((w, bias, filter_scales), _key("fp32", input_scale, input_zero_point, output_scale,
-                                                     output_zero_point, tuple(act_range)), build)
-    return _conv_sums(x, input_zero_point, wp, stride, padding, lambda a, o: _requantize_fp32_block(a, plan, o),
-                      np.int8)
+    plan = _PLANS.get((bias, filter_scales), _key("fp32", wp["serial"], input_scale, input_zero_point, output_scale,
+                                                  output_zero_point, tuple(act_range)), build)
+    return _conv_sums(x, input_zero_point, wp, stride, padding,
+                      lambda a, o, k: _requantize_fp32_block(a, plan, o, k), np.int8)
 
 
 def conv2d(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale, output_zero_point,
@@ -128,11 +131,11 @@ def fully_connected(x, input_scale, input_zero_point, w, filter_scale, bias, out
                     output_zero_point, act_range=(-128, 127)):
     """XNNPACK int8 FULLY_CONNECTED. x (N,in) int8, w (out,in) int8 (per-tensor or per-channel
     scale), bias (out,) int32 or None. Returns (N,out) int8."""
-    w = np.asarray(w, np.int64)
-    acc = _exact_dot(np.asarray(x, np.int64) - input_zero_point, w.T)
+    fc = _fc_weights(w)
+    acc = _exact_dot(np.asarray(x, np.int64) - input_zero_point, fc["wT"])
     if bias is not None:
         acc = acc + np.asarray(bias, np.int64)
-    scales = requantization_scales(input_scale, filter_scale, output_scale, w.shape[0])
+    scales = requantization_scales(input_scale, filter_scale, output_scale, fc["w"].shape[0])
     return requantize_fp32(acc, scales, output_zero_point, *act_range)
 
 

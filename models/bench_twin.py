@@ -6,7 +6,8 @@ Builds ``mobileqat.architectures.mobilenet_v2((224, 224, 3), 1000, alpha=1.0)`` 
 lowers it, and times, at each batch size: the twin with reference arithmetic, the twin with XNNPACK
 arithmetic, the interpreter on the reference kernels and the interpreter with XNNPACK (``--threads``
 threads for the interpreter and for numpy's BLAS, 1 by default). Prints a table of medians over
-``--repeats`` runs (seconds per image) and writes it as JSON.
+``--repeats`` runs, taken round robin so that every path sees the same machine load (ms per image, wall
+and CPU time), and writes it as JSON.
 
     python models/bench_twin.py --out bench_twin.json                 # MobileNetV2-224, alpha 1.0
     python models/bench_twin.py --small --out bench_twin_small.json   # MobileNetV2-96, alpha 0.35
@@ -37,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--classes", type=int, help="classes (default 1000, 10 with --small)")
     p.add_argument("--softmax", action="store_true", help="end in a softmax (the default ends in logits)")
     p.add_argument("--batches", default="1,64", help="comma-separated batch sizes (default 1,64)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per cell (median reported)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per cell, 5x at batch 1 (median reported)")
     p.add_argument("--steps", type=int, default=3, help="QAT training steps on random data (batch 4)")
     p.add_argument("--threads", type=int, default=1, help="interpreter and BLAS threads (default 1)")
     p.add_argument("--paths", default="twin_reference,twin_xnnpack,interp_reference,interp_xnnpack",
@@ -76,15 +77,6 @@ def build(args, folder):
     return path, twin
 
 
-def timed(fn, repeats):
-    out, times = None, []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return out, times
-
-
 def main(argv=None):
     args = parse_args(argv)
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -94,7 +86,8 @@ def main(argv=None):
     import mobileqat
     from mobileqat.runtime import TFLiteModel
 
-    folder = args.cache or os.path.join("/tmp", f"bench_twin_{args.input_size}_{args.alpha}_{args.classes}_{int(args.softmax)}")
+    folder = args.cache or os.path.join(
+        "/tmp", f"bench_twin_{args.input_size}_{args.alpha}_{args.classes}_{int(args.softmax)}")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "model.tflite")
     if args.cache and os.path.exists(path) and os.path.exists(os.path.join(folder, "twin.pkl")):
@@ -120,30 +113,44 @@ def main(argv=None):
                "mobileqat": os.path.dirname(mobileqat.__file__), "seconds_per_image": {}, "max_lsb": {}}
     for batch in args.batches:
         codes = codes_all[:batch]
-        row, expected = {}, {}
+        calls = {}
         for rt, m in interpreters.items():
-            m.invoke_raw(codes)  # warm-up (allocation, XNNPACK packing)
-            out, times = timed(lambda: m.invoke_raw(codes), max(args.repeats, 5 if batch == 1 else 1))
-            expected[rt] = out
-            if f"interp_{rt}" in args.paths:
-                row[f"interp_{rt}"] = statistics.median(times) / batch
+            if f"interp_{rt}" in args.paths or f"twin_{rt}" in args.paths:
+                calls[f"interp_{rt}"] = (lambda m=m: m.invoke_raw(codes))
         for rt in ("reference", "xnnpack"):
-            if f"twin_{rt}" not in args.paths:
-                continue
-            twin.run(codes[:1], rt)  # warm-up (per-op caches)
-            out, times = timed(lambda: twin.run(codes, rt), args.repeats)
-            row[f"twin_{rt}"] = statistics.median(times) / batch
-            if rt in expected:
-                lsb = int(np.abs(out.astype(np.int64) - expected[rt].astype(np.int64)).max())
-                results["max_lsb"][f"batch{batch}_{rt}"] = lsb
+            if f"twin_{rt}" in args.paths:
+                calls[f"twin_{rt}"] = (lambda rt=rt: twin.run(codes, rt))
+        outputs = {name: call() for name, call in calls.items()}  # warm-up: allocation, packing, per-op plans
+        times = {name: [] for name in calls}
+        cpu = {name: [] for name in calls}
+        for _ in range(args.repeats * (5 if batch == 1 else 1)):  # round robin: every path sees the same load
+            for name, call in calls.items():
+                t, c = time.perf_counter(), time.process_time()
+                outputs[name] = call()
+                times[name].append(time.perf_counter() - t)
+                cpu[name].append(time.process_time() - c)
+        row = {name: statistics.median(ts) / batch for name, ts in times.items() if name in args.paths}
         results["seconds_per_image"][str(batch)] = row
+        for key, table, fn in (("min_seconds_per_image", times, min),
+                               ("cpu_seconds_per_image", cpu, statistics.median)):
+            results.setdefault(key, {})[str(batch)] = {name: fn(ts) / batch for name, ts in table.items()
+                                                       if name in args.paths}
+        for rt in ("reference", "xnnpack"):
+            if f"twin_{rt}" in outputs and f"interp_{rt}" in outputs:
+                diff = outputs[f"twin_{rt}"].astype(np.int64) - outputs[f"interp_{rt}"].astype(np.int64)
+                results["max_lsb"][f"batch{batch}_{rt}"] = int(np.abs(diff).max())
         print(f"batch {batch}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in row.items()), flush=True)
+    results["load_average"] = os.getloadavg()
 
-    print(f"\n{results['model']}, {args.threads} thread(s), median of {args.repeats}; ms per image")
+    print(f"\n{results['model']}, {args.threads} thread(s), median of {args.repeats} (round robin); ms per image; "
+          f"load average {results['load_average'][0]:.1f}")
     cols = [c for c in ("twin_reference", "twin_xnnpack", "interp_reference", "interp_xnnpack") if c in args.paths]
     print("| batch | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for batch, row in results["seconds_per_image"].items():
+        print(f"| {batch} | " + " | ".join(f"{row[c] * 1e3:.2f}" if c in row else "" for c in cols) + " |")
+    print("CPU time (process_time), median, ms per image:")
+    for batch, row in results["cpu_seconds_per_image"].items():
         print(f"| {batch} | " + " | ".join(f"{row[c] * 1e3:.2f}" if c in row else "" for c in cols) + " |")
     print("max |twin - interpreter| in LSB:", results["max_lsb"])
     with open(args.out, "w") as f:

@@ -172,7 +172,8 @@ def test_fixed_point_requantization_equals_the_int64_definition_at_every_tie():
     rng = np.random.default_rng(3)
     for m in [2.0 ** -k for k in range(0, 22)] + list(10.0 ** rng.uniform(-7, 1.5, 40)) + [0.0, 1e-12, 3.0, 1000.0]:
         fs = np.array([m, m * 0.75, m * 1.5, m * 0.5], np.float64)
-        for zo, lo, hi in ((0, -128, 127), (-128, -128, 127), (127, -128, 127), (5, -3, 100)):
+        for zo, lo, hi in ((0, -128, 127), (-128, -128, 127), (127, -128, 127), (5, -3, 100), (5, 5, 100),
+                           (-20, -10, 90), (3, 3, 3)):
             expected = old_requantize(acc, 1.0, fs, 1.0, zo, lo, hi)
             np.testing.assert_array_equal(integer._requantize(acc, 1.0, fs, 1.0, zo, lo, hi), expected,
                                           err_msg=f"m={m} zo={zo}")
