@@ -304,13 +304,14 @@ def build_parser():
     p.add_argument("--runs", type=COUNT, default=100)
     p.set_defaults(func=cmd_bench)
 
-    from mobileqat.coverage import MODELS
+    from mobileqat.coverage import MODELS, TOOLS
     p = sub.add_parser("coverage", help="which Keras models quantize, convert and lower exactly (mobileqat and tfmot)")
     p.add_argument("--models", nargs="+", choices=MODELS, metavar="MODEL",
                    help="models to cover (default: all): " + ", ".join(MODELS))
     p.add_argument("--out", default="coverage_out", help="folder for one JSON per model and coverage.md")
-    p.add_argument("--tools", nargs="+", choices=("mobileqat", "tfmot"), default=["mobileqat", "tfmot"],
-                   help="quantize with mobileqat, plain tfmot quantize_model, or both")
+    p.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS),
+                   help="quantize with mobileqat, with plain tfmot quantize_model, and/or save and load mobileqat's "
+                        "QAT model (.h5, SavedModel)")
     p.add_argument("--again", action="store_true", help="redo models already in --out")
     p.set_defaults(func=cmd_coverage)
     return parser

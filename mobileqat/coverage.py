@@ -6,7 +6,9 @@ user patterns tfmot users report) runs in its own worker process, so a crash or 
 one does not end the table. Per model and per tool (mobileqat.quantize, tfmot's quantize_model):
 quantize, a short fine-tune on random images (so every range is set), convert to int8 I/O, the share
 of ops XNNPACK takes, the int8 size; for mobileqat also the integer twin's largest difference, in
-output LSB, from the reference kernels and from XNNPACK on the same images (or why there is no twin).
+output LSB, from the reference kernels and from XNNPACK on the same images (or why there is no twin);
+and ("saving") whether mobileqat's QAT model saves as .h5 and SavedModel and loads back without
+custom_objects with the same weights and outputs.
 Results are kept per model in ``OUT/<model>.json``: a rerun skips the models already done.
 """
 import json
@@ -202,13 +204,42 @@ def _twin_columns(qat, path, x):
     return row
 
 
+SAVE_FORMATS = (".h5", "savedmodel")  # not .keras: tfmot's QuantizeLayer creates its variables twice on that load
+
+
+def _saving(qat, x, folder, name):
+    """Save the fine-tuned QAT model in each of ``SAVE_FORMATS``, load it back with ``load_qat_model`` (no
+    custom_objects) and
+    compare: {format: "ok" (same weights, bit for bit, and the same outputs on ``x``) or what went wrong}.
+    Same graph and same weights give the converter the same input, so the same file."""
+    from mobileqat.quantize import load_qat_model
+    want_w, want_y = qat.get_weights(), qat.predict(x, verbose=0)
+    row = {}
+    for fmt in SAVE_FORMATS:
+        path = os.path.join(folder, f"{name}.saved{fmt if fmt.startswith('.') else ''}")
+        try:
+            qat.save(path) if fmt != "savedmodel" else qat.save(path, save_format="tf")
+            loaded = load_qat_model(path)
+            got_w = loaded.get_weights()
+            if len(got_w) != len(want_w) or any(not np.array_equal(a, b) for a, b in zip(got_w, want_w)):
+                row[fmt] = "weights differ after loading"
+            elif not np.array_equal(loaded.predict(x, verbose=0), want_y):
+                row[fmt] = "outputs differ after loading"
+            else:
+                row[fmt] = "ok"
+        except Exception as e:  # noqa: BLE001 - the table records any failure
+            row[fmt] = f"{type(e).__name__}: {_short(e)}"
+    return row
+
+
 def _tool(tool, model, x, y, folder, name):
-    """Quantize with ``tool`` ("mobileqat" or "tfmot"), fine-tune, export; the row's columns."""
+    """Quantize with ``tool`` ("mobileqat", "tfmot", or "saving": mobileqat's QAT model saved and loaded),
+    fine-tune, export; the row's columns."""
     from mobileqat import export
     from mobileqat._tf import tfmot
     row, t0 = {}, time.time()
     try:
-        if tool == "mobileqat":
+        if tool in ("mobileqat", "saving"):
             from mobileqat.quantize import quantize
             qat = quantize(model)
         else:
@@ -218,6 +249,8 @@ def _tool(tool, model, x, y, folder, name):
     except Exception as e:  # noqa: BLE001 - the table records any failure
         row["quantize"] = f"{type(e).__name__}: {_short(e)}"
         return row
+    if tool == "saving":
+        return {**row, **_saving(qat, x[:8], folder, name), "seconds": round(time.time() - t0, 1)}
     path = os.path.join(folder, f"{name}.{tool}.tflite")
     try:
         export.export_tflite(qat, path) if tool == "mobileqat" else export.write_atomic(
@@ -234,12 +267,12 @@ def _tool(tool, model, x, y, folder, name):
     return row
 
 
-TOOLS = ("mobileqat", "tfmot")
+TOOLS = ("mobileqat", "tfmot", "saving")
 
 
 def cover(name, folder, tools=TOOLS, images=32):
     """One model's row: {"model", "layers", "input_shape", and per tool in ``tools`` ("mobileqat",
-    "tfmot") its columns}."""
+    "tfmot", "saving") its columns}."""
     model, (low, high) = build(name)
     rng = np.random.default_rng(0)
     x = rng.uniform(low, high, (images,) + tuple(model.input_shape[1:])).astype(np.float32)
@@ -313,15 +346,24 @@ def _lsb(tool_row):
     return " / ".join(show)
 
 
+def _saved(row):
+    s = row.get("saving")
+    if s is None:
+        return "not run"
+    if s.get("quantize") != "ok":
+        return "-"
+    return " / ".join("yes" if s.get(f) == "ok" else "no" for f in SAVE_FORMATS)
+
+
 HEADER = ("model", "quantize", "convert", "XNNPACK ops", "twin LSB ref / XNNPACK", "int8 size",
-          "tfmot quantize", "tfmot convert", "tfmot XNNPACK ops", "tfmot int8 size")
+          "saves and loads (.h5 / SavedModel)", "tfmot quantize", "tfmot convert", "tfmot XNNPACK ops", "tfmot int8 size")
 
 
 def format_row(row):
     m, t = row.get("mobileqat", {}), row.get("tfmot", {})
     return " | ".join([
         row["model"], _cell(m.get("quantize"), "") if "mobileqat" in row else "not run", _cell(m.get("convert"), ""), _cell(m.get("xnnpack"), "fraction"),
-        _lsb(m) if m.get("convert") == "ok" else "-", _cell(m.get("int8_bytes"), "bytes"),
+        _lsb(m) if m.get("convert") == "ok" else "-", _cell(m.get("int8_bytes"), "bytes"), _saved(row),
         _cell(t.get("quantize"), "") if "tfmot" in row else "not run", _cell(t.get("convert"), ""),
         _cell(t.get("xnnpack"), "fraction"),
         _cell(t.get("int8_bytes"), "bytes")])
@@ -333,9 +375,9 @@ def table(rows):
     lines += ["| " + format_row(r) + " |" for r in rows]
     notes = []
     for r in rows:
-        for tool in ("mobileqat", "tfmot"):
+        for tool in TOOLS:
             part = r.get(tool, {})
-            for key in ("quantize", "convert", "integer_path_error"):
+            for key in ("quantize", "convert", "integer_path_error") + (SAVE_FORMATS if tool == "saving" else ()):
                 value = part.get(key)
                 if value and value != "ok":
                     notes.append(f"- {r['model']}, {tool} {key.replace('_', ' ')}: {value}")
@@ -344,7 +386,9 @@ def table(rows):
                and r.get("mobileqat", {}).get("lsb_xnnpack") == 0)
     summary = (f"mobileqat: {sum(r.get('mobileqat', {}).get('quantize') == 'ok' for r in rows)} of {len(rows)} quantize, "
                f"{sum(r.get('mobileqat', {}).get('convert') == 'ok' for r in rows)} convert to full int8, "
-               f"{done} with the integer twin at 0 LSB on both runtimes; tfmot: "
+               f"{done} with the integer twin at 0 LSB on both runtimes, "
+               f"{sum(all(r.get('saving', {}).get(f) == 'ok' for f in SAVE_FORMATS) for r in rows)} save and load "
+               f"in every format; tfmot: "
                f"{sum(r.get('tfmot', {}).get('quantize') == 'ok' for r in rows)} quantize, "
                f"{sum(r.get('tfmot', {}).get('convert') == 'ok' for r in rows)} convert to full int8.")
     return "\n".join(lines + ["", summary, ""] + notes) + "\n"

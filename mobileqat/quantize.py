@@ -496,7 +496,7 @@ def quantize(model, scheme="w8a8", keep_float=()):
 
 
 def load_qat_model(path):
-    """Load a QAT model saved as .h5 (tfmot's QuantizeLayer does not reload from .keras).
+    """Load a QAT model saved as .h5 or SavedModel (tfmot's QuantizeLayer does not reload from .keras).
 
     mobileqat's and tfmot's objects are known; no custom_objects needed."""
     import os

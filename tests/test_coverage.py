@@ -15,7 +15,12 @@ def test_a_pattern_is_covered_once_and_tabled(tmp_path):
     (again,) = coverage.run(tmp_path, ["separable"], tools=("mobileqat",), log=logs.append)
     assert again == row and "done before" in logs[-1]
     text = coverage.table([row])
-    assert "| separable | yes | yes |" in text and "0 / 0" in text
+    assert "| separable | yes | yes |" in text and "0 / 0" in text and "| not run |" in text
+    (saved,) = coverage.run(tmp_path, ["separable"], tools=("saving",), log=logs.append)
+    assert saved["mobileqat"] == mq  # kept
+    assert {f: saved["saving"][f] for f in coverage.SAVE_FORMATS} == dict.fromkeys(coverage.SAVE_FORMATS, "ok")
+    text = coverage.table([saved])
+    assert "| yes / yes |" in text and "1 save and load in every format" in text
     assert "mobileqat: 1 of 1 quantize, 1 convert to full int8, 1 with the integer twin at 0 LSB" in text
 
 
