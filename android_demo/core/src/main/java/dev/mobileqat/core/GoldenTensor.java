@@ -27,7 +27,7 @@ public final class GoldenTensor {
     }
 
     public static GoldenTensor read(InputStream in, String name) throws IOException, PackageException {
-        return parse(in.readAllBytes(), name);
+        return parse(PackageFiles.readAll(in), name);
     }
 
     public static GoldenTensor parse(byte[] bytes, String name) throws PackageException {
