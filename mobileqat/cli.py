@@ -199,10 +199,25 @@ def cmd_debug(args):
 
 
 def cmd_bench(args):
-    from mobileqat.harness import benchmark, failed_runtimes
-    result = benchmark(args.tflite, runtimes=args.runtimes, threads=args.threads, runs=args.runs)
+    from mobileqat import harness
+    if len(args.tflite) > 2:
+        raise ValueError(f"bench takes one .tflite, or two to compare side by side; got {len(args.tflite)}.")
+    if len(args.tflite) == 2:
+        result = harness.benchmark_pair(*args.tflite, runtimes=args.runtimes, threads=args.threads, runs=args.runs,
+                                        warmup=args.warmup)
+        if args.json:
+            from mobileqat.export import write_atomic
+            write_atomic(args.json, json.dumps(result, indent=2).encode())
+        print(harness.pair_table(result), end="")
+        return 1 if result["errors"] else 0
+    results = [harness.benchmark(args.tflite[0], runtimes=args.runtimes, threads=n, runs=args.runs,
+                                 warmup=args.warmup) for n in args.threads]
+    result = results[0] if len(results) == 1 else {"threads": args.threads, "per_threads": results}
+    if args.json:
+        from mobileqat.export import write_atomic
+        write_atomic(args.json, json.dumps(result, indent=2).encode())
     print(json.dumps(result, indent=2))
-    return _failed(args.tflite, failed_runtimes(result))
+    return _failed(args.tflite[0], [f for r in results for f in harness.failed_runtimes(r)])
 
 
 def cmd_coverage(args):
@@ -297,11 +312,14 @@ def build_parser():
     p.add_argument("--out", help="folder for fidelity_per_layer.json (and .png with matplotlib)")
     p.set_defaults(func=cmd_debug)
 
-    p = sub.add_parser("bench", help="latency (median of repeated invokes) and size of a .tflite")
-    p.add_argument("tflite")
+    p = sub.add_parser("bench", help="latency (median and p90 of repeated invokes) and size of a .tflite, or of "
+                                      "two side by side (A B: B/A ratios measured in the same run)")
+    p.add_argument("tflite", nargs="+", help="one file, or two to compare (e.g. float.tflite qat_int8.tflite)")
     p.add_argument("--runtimes", nargs="+", default=["xnnpack"], choices=RUNTIMES)
-    p.add_argument("--threads", type=THREADS, default=1)
+    p.add_argument("--threads", type=THREADS, nargs="+", default=[1], help="one or more thread counts, e.g. 1 2 4")
     p.add_argument("--runs", type=COUNT, default=100)
+    p.add_argument("--warmup", type=number(int, 0), default=10, help="invokes before timing")
+    p.add_argument("--json", default=None, help="also write the result as JSON to this file")
     p.set_defaults(func=cmd_bench)
 
     from mobileqat.coverage import MODELS, TOOLS

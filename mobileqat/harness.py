@@ -162,3 +162,43 @@ def benchmark(tflite_path, runtimes=("xnnpack",), threads=1, warmup=10, runs=100
         result["latency_ms"][name] = float(np.median(times))
         result["latency_p90_ms"][name] = float(np.percentile(times, 90))
     return result
+
+
+def benchmark_pair(path_a, path_b, runtimes=("xnnpack",), threads=(1,), warmup=10, runs=100):
+    """Two files side by side (e.g. float vs int8), per runtime and thread count, measured in one worker with
+    the invokes interleaved: medians and 90th percentiles (ms) of each, and ``ratio`` = the median of the
+    per-pair ratios B/A (below 1: B is faster). Sizes and their ratio. A runtime that fails for either file goes
+    to "errors" under "runtime/threads"."""
+    for p in (path_a, path_b):
+        rt.check_tflite(p)
+    size_a, size_b = os.path.getsize(path_a), os.path.getsize(path_b)
+    result = {"a": {"path": os.fspath(path_a), "bytes": size_a}, "b": {"path": os.fspath(path_b), "bytes": size_b},
+              "size_ratio": size_b / size_a, "runs": runs, "warmup": warmup, "rows": [], "errors": {}}
+    for name in runtimes:
+        for n in threads:
+            times, error = rt.paired_latency_isolated(path_a, path_b, name, n, warmup, runs)
+            if error:
+                result["errors"][f"{name}/{n}"] = error
+                continue
+            ta, tb = (np.asarray(t) for t in times)
+            result["rows"].append({
+                "runtime": name, "threads": n,
+                "a_ms": float(np.median(ta)), "a_p90_ms": float(np.percentile(ta, 90)),
+                "b_ms": float(np.median(tb)), "b_p90_ms": float(np.percentile(tb, 90)),
+                "ratio": float(np.median(tb / ta))})
+    return result
+
+
+def pair_table(result):
+    """A Markdown table of ``benchmark_pair``'s result."""
+    a, b = os.path.basename(result["a"]["path"]), os.path.basename(result["b"]["path"])
+    lines = [f"A = {result['a']['path']} ({result['a']['bytes']:,} bytes), B = {result['b']['path']} "
+             f"({result['b']['bytes']:,} bytes), size B/A {result['size_ratio']:.3f}; {result['runs']} invokes each "
+             f"after {result['warmup']} warm-up, interleaved",
+             "", f"| runtime | threads | A: {a} median / p90 ms | B: {b} median / p90 ms | B/A (median of pair ratios) |",
+             "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['runtime']} | {r['threads']} | {r['a_ms']:.3f} / {r['a_p90_ms']:.3f} | "
+                     f"{r['b_ms']:.3f} / {r['b_p90_ms']:.3f} | {r['ratio']:.3f} |")
+    lines += [f"- {k}: {v}" for k, v in result["errors"].items()]
+    return "\n".join(lines) + "\n"

@@ -107,8 +107,8 @@ class TFLiteModel:
             return np.asarray(raw, np.float32)
         return (raw.astype(np.float32) - zero) * scale
 
-    def latency_ms(self, warmup=10, runs=50):
-        """Per-invoke wall times (ms) at batch 1 on a fixed random input, after ``warmup`` invokes."""
+    def prepare_latency(self, warmup=10):
+        """Batch 1, a fixed random input, ``warmup`` invokes: ready for ``timed_invoke``."""
         rng = np.random.default_rng(0)
         shape = [1] + list(self.input["shape"][1:])
         x = self.quantize_input(rng.uniform(-1, 1, shape))
@@ -116,12 +116,17 @@ class TFLiteModel:
         self.interpreter.set_tensor(self.input["index"], x)
         for _ in range(warmup):
             self.interpreter.invoke()
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            self.interpreter.invoke()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return times
+
+    def timed_invoke(self):
+        """One invoke's wall time in ms."""
+        t0 = time.perf_counter()
+        self.interpreter.invoke()
+        return (time.perf_counter() - t0) * 1e3
+
+    def latency_ms(self, warmup=10, runs=50):
+        """Per-invoke wall times (ms) at batch 1 on a fixed random input, after ``warmup`` invokes."""
+        self.prepare_latency(warmup)
+        return [self.timed_invoke() for _ in range(runs)]
 
 
 def _predict_job(path, runtime, threads, x, batch_size):
@@ -131,6 +136,23 @@ def _predict_job(path, runtime, threads, x, batch_size):
 
 def _latency_job(path, runtime, threads, warmup, runs):
     return TFLiteModel(path, runtime, threads).latency_ms(warmup, runs)
+
+
+def _paired_latency_job(path_a, path_b, runtime, threads, warmup, runs):
+    """Per-invoke latencies (ms) of two files in one process, invoked in turn (A B, then B A, ...) so that
+    both see the same machine load: (times_a, times_b)."""
+    a, b = TFLiteModel(path_a, runtime, threads), TFLiteModel(path_b, runtime, threads)
+    a.prepare_latency(warmup)
+    b.prepare_latency(warmup)
+    ta, tb = [], []
+    for i in range(runs):
+        if i % 2:
+            tb.append(b.timed_invoke())
+            ta.append(a.timed_invoke())
+        else:
+            ta.append(a.timed_invoke())
+            tb.append(b.timed_invoke())
+    return ta, tb
 
 
 def describe(path):
@@ -259,3 +281,8 @@ def predict_isolated(path, runtime, x, threads=1, batch_size=64):
 def latency_isolated(path, runtime, threads=1, warmup=10, runs=50):
     """Per-invoke latencies (ms) in a worker process: (list, None) or (None, error message)."""
     return run_isolated(_latency_job, os.fspath(path), runtime, threads, warmup, runs)
+
+
+def paired_latency_isolated(path_a, path_b, runtime, threads=1, warmup=10, runs=50):
+    """Two files' per-invoke latencies (ms), interleaved in one worker: ((a, b), None) or (None, error)."""
+    return run_isolated(_paired_latency_job, os.fspath(path_a), os.fspath(path_b), runtime, threads, warmup, runs)

@@ -95,6 +95,22 @@ def test_bench_reports_latency_and_size(demo):
     assert result["tflite_bytes"] == (out / "qat_int8.tflite").stat().st_size
 
 
+def test_bench_compares_two_files_per_runtime_and_threads(demo, tmp_path):
+    out, _ = demo
+    a, b = out / "float.tflite", out / "qat_int8.tflite"
+    r = mobileqat("bench", a, b, "--runs", 3, "--warmup", 1, "--threads", 1, 2, "--runtimes", "xnnpack", "reference",
+                  "--json", tmp_path / "pair.json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads((tmp_path / "pair.json").read_text())
+    assert [(row["runtime"], row["threads"]) for row in result["rows"]] == [
+        ("xnnpack", 1), ("xnnpack", 2), ("reference", 1), ("reference", 2)]
+    assert result["size_ratio"] == b.stat().st_size / a.stat().st_size
+    assert all(row["a_ms"] > 0 and row["b_ms"] > 0 and row["ratio"] > 0 for row in result["rows"])
+    assert "| reference | 2 |" in r.stdout and "B/A" in r.stdout
+    three = mobileqat("bench", a, b, a)
+    assert three.returncode == 2 and "two to compare" in three.stderr
+
+
 def test_run_on_image_folder(tmp_path):
     rng = np.random.default_rng(0)
     data = tmp_path / "images"
