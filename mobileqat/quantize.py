@@ -206,13 +206,6 @@ def not_float32_compute(layer, graph):
                 "quantization-aware training runs in float32")
 
 
-@_rule(LAYER_RULES, "use groups=1: a DepthwiseConv2D when groups equals the input channels, otherwise one "
-                    "Conv2D per group joined by Concatenate")
-def grouped_conv(layer, graph):
-    if type(layer) is L.Conv2D and layer.groups != 1:
-        return f"grouped convolution (groups={layer.groups}); FoldedConvBN and the int8 conv compute groups=1 only"
-
-
 @_rule(LAYER_RULES, "use dilation_rate=1", final=True)
 def dilated_conv(layer, graph):
     if type(layer) in transforms.FOLDABLE_CONVS and tuple(layer.dilation_rate) != (1, 1):
