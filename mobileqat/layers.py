@@ -60,7 +60,7 @@ class FoldedConvBN(keras.layers.Layer):
         self.activation = keras.activations.get(activation)
         self.momentum, self.epsilon = float(momentum), float(epsilon)
         if isinstance(weight_quantizer, dict):
-            weight_quantizer = keras.utils.deserialize_keras_object(weight_quantizer)
+            weight_quantizer = _deserialize(weight_quantizer)
         self.weight_quantizer = weight_quantizer
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
@@ -190,8 +190,12 @@ def _serialize(q):
     return keras.utils.serialize_keras_object(q) if q is not None else None
 
 
+_QUANTIZERS = {c.__name__: c for c in (WeightQuantizer, ActivationQuantizer, FixedRangeQuantizer)}
+
+
 def _deserialize(q):
-    return keras.utils.deserialize_keras_object(q) if isinstance(q, dict) else q
+    # by class name too: the legacy (.h5) loader looks up 'WeightQuantizer', not the registered 'mobileqat>...'
+    return keras.utils.deserialize_keras_object(q, custom_objects=_QUANTIZERS) if isinstance(q, dict) else q
 
 
 @_serializable
