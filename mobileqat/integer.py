@@ -489,7 +489,8 @@ def _conv_op(x, input_scale, input_zero_point, w, filter_scales, bias, output_sc
 def conv2d(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale, output_zero_point,
            stride=(1, 1), padding="SAME", act_range=(-128, 127)):
     """Reference int8 CONV_2D (per-channel). x (N,H,W,Cin) int8; w (Cout,kh,kw,Cin/groups) int8 as TFLite
-    stores it (groups = Cin / its last dimension, ``conv_groups``); bias (Cout,) int32 at scale input_scale*filter_scale. Returns (N,OH,OW,Cout) int8.
+    stores it (groups = Cin / its last dimension, ``conv_groups``); bias (Cout,) int32 at scale
+    input_scale*filter_scale. Returns (N,OH,OW,Cout) int8.
     The accumulators of ``conv_accumulators``, requantized as ``_requantize`` (both above: exact BLAS
     sums, the fixed-point multiply in float64 where provably exact, else int64)."""
     return _conv_op(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale, output_zero_point,

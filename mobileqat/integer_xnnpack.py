@@ -114,7 +114,8 @@ def _conv_op(x, input_scale, input_zero_point, w, filter_scales, bias, output_sc
 def conv2d(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale, output_zero_point,
            stride=(1, 1), padding="SAME", act_range=(-128, 127)):
     """XNNPACK int8 CONV_2D (qs8 input, per-channel qc8w filter). x (N,H,W,Cin) int8; w
-    (Cout,kh,kw,Cin/groups) int8 (grouped: one XNNPACK convolution with that many groups); bias (Cout,) int32. Returns (N,OH,OW,Cout) int8. The accumulators of
+    (Cout,kh,kw,Cin/groups) int8 (grouped: one XNNPACK convolution with that many groups); bias (Cout,) int32.
+    Returns (N,OH,OW,Cout) int8. The accumulators of
     ``conv_accumulators`` through ``requantize_fp32``, block by block (``mobileqat.integer._conv_sums``)."""
     return _conv_op(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale, output_zero_point,
                     stride, padding, act_range, depthwise=False)

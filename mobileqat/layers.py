@@ -49,8 +49,8 @@ class FoldedConvBN(keras.layers.Layer):
             raise ValueError(f"FoldedConvBN '{self.name}': groups={groups}; use a positive integer, and groups=1 "
                              "with depthwise=True (a depthwise convolution is grouped by definition).")
         if not depthwise and int(filters) % self.groups:
-            raise ValueError(f"FoldedConvBN '{self.name}': filters={filters} is not divisible by groups={self.groups}; "
-                             "each group needs the same number of filters.")
+            raise ValueError(f"FoldedConvBN '{self.name}': filters={filters} is not divisible by "
+                             f"groups={self.groups}; each group needs the same number of filters.")
         self.filters = filters
         self.kernel_size = tuple(kernel_size) if isinstance(kernel_size, (list, tuple)) else (kernel_size,) * 2
         self.strides = tuple(strides) if isinstance(strides, (list, tuple)) else (strides,) * 2

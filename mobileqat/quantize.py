@@ -2,7 +2,7 @@
 
 Steps: apply the rewrites of ``REWRITES`` in order (plain model -> model functions of
 ``mobileqat.transforms``: flatten nested models, MobileNetV3's hard-swish/-sigmoid patterns to one layer
-each, TF ops to layers, split activations and n-input merges, grouped and separable convolutions, ReLU
+each, TF ops to layers, split activations and n-input merges, depthwise-grouped and separable convolutions, ReLU
 layers into the conv before them, preprocessing and standalone BatchNorm to foldable pairs); ``audit``
 the result against the refusal list below (``MODEL_RULES``, ``LAYER_RULES``) and refuse, in one
 ValueError, every layer mobileqat cannot quantize, with its class and the fix, before any layer

@@ -55,7 +55,8 @@ def test_grouped_folded_training_has_the_gradients_of_one_conv_per_group(rng):
 
     def per_group(x, kernel):  # the training step's function (moving statistics): conv(x, w * g / s) + bias
         w = kernel * bn.gamma * inv
-        y = tf.concat([tf.nn.conv2d(x[..., 2 * g:2 * g + 2], w[..., 3 * g:3 * g + 3], 1, "SAME") for g in range(2)], -1)
+        y = tf.concat([tf.nn.conv2d(x[..., 2 * g:2 * g + 2], w[..., 3 * g:3 * g + 3], 1, "SAME")
+                       for g in range(2)], -1)
         return tf.clip_by_value(y + bn.beta - bn.moving_mean * bn.gamma * inv, 0, 6)
 
     layer.batch_statistics = False

@@ -132,7 +132,7 @@ def _grouped_conv_numpy(x, zp_in, w, bias):
     filters of g, SAME padding by skipping positions outside the image (conv.h)."""
     n, h, wd, cin = x.shape
     cout, kh, kw, per = w.shape
-    groups, out_per = cin // per, cout // (cin // per)
+    out_per = cout // (cin // per)  # output channels per group
     acc = np.zeros((n, h, wd, cout), np.int64) + np.asarray(bias, np.int64)
     xi = x.astype(np.int64) - zp_in
     for o in range(cout):

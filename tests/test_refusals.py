@@ -232,8 +232,8 @@ NOW_ACCEPTED = {"nested model": nested_model,
                 "separable": _no_mapping(lambda: L.SeparableConv2D(2, 3, name="sep"), (8, 8, 3)),
                 "BN scale=False": bn_without_scale, "conv activation before BN": conv_relu_then_bn,
                 "conv feeds BN and more": conv_output_also_elsewhere, "dense swish": dense_swish,
-                "depthwise without BN": depthwise_alone, "standalone BN": batchnorm_alone, "shared layer": shared_layer,
-                "grouped conv": grouped_conv}
+                "depthwise without BN": depthwise_alone, "standalone BN": batchnorm_alone,
+                "shared layer": shared_layer, "grouped conv": grouped_conv}
 
 
 @pytest.mark.parametrize("case", sorted(NOW_ACCEPTED))
@@ -281,7 +281,8 @@ def test_regnet_passes_the_audit():
 
 def test_every_problem_is_listed_in_one_error():
     inp = keras.Input((8, 8, 4))
-    x = L.BatchNormalization(name="bn_g")(L.DepthwiseConv2D(3, dilation_rate=2, name="dilated_dw")(inp))
+    x = L.DepthwiseConv2D(3, dilation_rate=2, padding="same", name="dilated_dw")(inp)
+    x = L.BatchNormalization(name="bn_g")(x)
     x = L.Conv2D(4, 3, dilation_rate=2, name="dilated")(x)
     x = L.Lambda(lambda t: t + 1.0, name="lam")(x)
     x = L.BatchNormalization(name="lonely_bn")(x)  # rewritten (standalone_batchnorm): no problem
