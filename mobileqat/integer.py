@@ -210,12 +210,32 @@ def _key(*values):
                  tuple(int(a) for a in v) if isinstance(v, (tuple, list)) else v for v in values)
 
 
-def _weights_plan(w, depthwise):
-    """BLAS layout of int8 weights: conv (Cout, kh, kw, Cin) -> "mat" (kh*kw*Cin, Cout); depthwise (1, kh, kw, C)
-    -> "taps" (kh, kw, C); float32 (float64 made when needed). Also sum(w) per output channel, max_c sum_k |w_kc|
-    (the exactness bound) and a serial number (plans derived from this one key on it)."""
+def conv_groups(x, w):
+    """Groups of an int8 CONV_2D as TFLite reads them from its tensors: input channels / filter input channels
+    (x (N, H, W, Cin), w (Cout, kh, kw, Cin / groups)); Cout and Cin must divide by it (conv.cc's checks)."""
+    cin, cout, per_group = np.shape(x)[-1], np.shape(w)[0], np.shape(w)[-1]
+    if per_group == 0 or cin % per_group or cout % (cin // per_group):
+        raise ValueError(f"CONV_2D: the input has {cin} channels and the filter {tuple(np.shape(w))} (Cout, kh, kw, "
+                         "Cin / groups); the input channels and Cout must be multiples of the groups they give.")
+    return cin // per_group
+
+
+def _weights_plan(w, depthwise, groups=1):
+    """BLAS layout of int8 weights: conv (Cout, kh, kw, Cin / groups) -> "mat" (kh*kw*Cin, Cout), block-diagonal
+    when grouped (output channel o reads input channels of its group only: the zeros elsewhere add nothing to
+    any sum); depthwise (1, kh, kw, C) -> "taps" (kh, kw, C); float32 (float64 made when needed). Also sum(w)
+    per output channel, max_c sum_k |w_kc| (the exactness bound) and a serial number (plans derived from
+    this one key on it)."""
     def build():
         wi = np.asarray(w, np.int64)
+        if groups != 1:
+            cout, kh, kw, per_group = wi.shape
+            full = np.zeros((cout, kh, kw, per_group * groups), np.int64)
+            out_per_group = cout // groups
+            for g in range(groups):
+                full[g * out_per_group:(g + 1) * out_per_group, ..., g * per_group:(g + 1) * per_group] = \
+                    wi[g * out_per_group:(g + 1) * out_per_group]
+            wi = full
         if depthwise:
             taps = wi[0]
             return dict(depthwise=True, kh=taps.shape[0], kw=taps.shape[1], cin=taps.shape[2], cout=taps.shape[2],
@@ -227,7 +247,7 @@ def _weights_plan(w, depthwise):
                     abs_sum=int(np.abs(mat).sum(axis=0).max(initial=0)), serial=next(_SERIAL))
     if depthwise and np.shape(w)[0] != 1:
         raise ValueError(f"depthwise weights (1, kh, kw, C) with depth multiplier 1, got shape {np.shape(w)}")
-    return _PLANS.get((w,), _key("weights", depthwise), build)
+    return _PLANS.get((w,), _key("weights", depthwise, groups), build)
 
 
 def _as(wp, name, dtype, tile=1):
@@ -331,7 +351,7 @@ def _folded_bias(wp, bias, zero_point):
 
 
 def _accumulators(x, input_zero_point, w, bias, stride, padding, depthwise):
-    wp = _weights_plan(w, depthwise)
+    wp = _weights_plan(w, depthwise, 1 if depthwise else conv_groups(x, w))
     folded = _folded_bias(wp, bias, input_zero_point)
 
     def finish(sums, out, k):
@@ -455,7 +475,7 @@ def _requantize(acc, input_scale, filter_scales, output_scale, output_zero_point
 
 def _conv_op(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale, output_zero_point, stride,
              padding, act_range, depthwise):
-    wp = _weights_plan(w, depthwise)
+    wp = _weights_plan(w, depthwise, 1 if depthwise else conv_groups(x, w))
 
     def build():
         return _fixed_point_plan(input_scale, filter_scales, output_scale, wp["cout"],
@@ -468,8 +488,9 @@ def _conv_op(x, input_scale, input_zero_point, w, filter_scales, bias, output_sc
 
 def conv2d(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale, output_zero_point,
            stride=(1, 1), padding="SAME", act_range=(-128, 127)):
-    """Reference int8 CONV_2D (per-channel). x (N,H,W,Cin) int8; w (Cout,kh,kw,Cin) int8 as TFLite
-    stores it; bias (Cout,) int32 at scale input_scale*filter_scale. Returns (N,OH,OW,Cout) int8.
+    """Reference int8 CONV_2D (per-channel). x (N,H,W,Cin) int8; w (Cout,kh,kw,Cin/groups) int8 as TFLite
+    stores it (groups = Cin / its last dimension, ``conv_groups``); bias (Cout,) int32 at scale
+    input_scale*filter_scale. Returns (N,OH,OW,Cout) int8.
     The accumulators of ``conv_accumulators``, requantized as ``_requantize`` (both above: exact BLAS
     sums, the fixed-point multiply in float64 where provably exact, else int64)."""
     return _conv_op(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale, output_zero_point,

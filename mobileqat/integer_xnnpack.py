@@ -31,7 +31,7 @@ optimized kernel (float exp lookup table), reproduced by ``softmax`` below.
 import numpy as np
 
 from mobileqat.integer import (_PLANS, _binary_by_table, _conv_sums, _exact_dot, _fc_weights, _folded_bias, _key,
-                               _scratch, _weights_plan, _widen, softmax_lut)
+                               _scratch, _weights_plan, _widen, conv_groups, softmax_lut)
 from mobileqat.integer import conv_accumulators, depthwise_accumulators  # noqa: F401 (same accumulators)
 
 F32 = np.float32
@@ -100,7 +100,7 @@ def _requantize_fp32_block(sums, plan, out, k=1):
 
 def _conv_op(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale, output_zero_point, stride,
              padding, act_range, depthwise):
-    wp = _weights_plan(w, depthwise)
+    wp = _weights_plan(w, depthwise, 1 if depthwise else conv_groups(x, w))
 
     def build():
         return _fp32_plan(input_scale, filter_scales, output_scale, _folded_bias(wp, bias, input_zero_point),
@@ -114,7 +114,8 @@ def _conv_op(x, input_scale, input_zero_point, w, filter_scales, bias, output_sc
 def conv2d(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale, output_zero_point,
            stride=(1, 1), padding="SAME", act_range=(-128, 127)):
     """XNNPACK int8 CONV_2D (qs8 input, per-channel qc8w filter). x (N,H,W,Cin) int8; w
-    (Cout,kh,kw,Cin) int8; bias (Cout,) int32. Returns (N,OH,OW,Cout) int8. The accumulators of
+    (Cout,kh,kw,Cin/groups) int8 (grouped: one XNNPACK convolution with that many groups); bias (Cout,) int32.
+    Returns (N,OH,OW,Cout) int8. The accumulators of
     ``conv_accumulators`` through ``requantize_fp32``, block by block (``mobileqat.integer._conv_sums``)."""
     return _conv_op(x, input_scale, input_zero_point, w, filter_scales, bias, output_scale, output_zero_point,
                     stride, padding, act_range, depthwise=False)

@@ -30,16 +30,27 @@ class FoldedConvBN(keras.layers.Layer):
 
     Input (batch, H, W, C_in) float32; output (batch, H', W', C_out) with C_out = filters, or
     C_in * depth_multiplier when ``depthwise``. The weight quantizer sees the folded kernel with
-    output channels on the last axis, (kh, kw, C_in, C_out) or (kh, kw, 1, C_in * multiplier).
+    output channels on the last axis, (kh, kw, C_in / groups, C_out) or (kh, kw, 1, C_in * multiplier).
+
+    ``groups`` (Conv2D only) splits the input channels into that many groups, each convolved by
+    C_out / groups filters, as Conv2D(groups=...) does; the converter writes one CONV_2D whose filter
+    has C_in / groups input channels (RegNet's 3x3 convolutions).
     """
 
     def __init__(self, filters=None, kernel_size=3, strides=1, padding="same", depthwise=False,
                  depth_multiplier=1, activation=None, momentum=0.9, epsilon=1e-3,
                  weight_quantizer=None, kernel_initializer="he_normal", kernel_regularizer=None,
-                 batch_statistics=True, **kwargs):
+                 batch_statistics=True, groups=1, **kwargs):
         super().__init__(**kwargs)
         if not depthwise and not filters:
             raise ValueError(f"FoldedConvBN '{self.name}': give filters (a positive integer) or depthwise=True.")
+        self.groups = int(groups or 1)
+        if self.groups < 1 or (depthwise and self.groups != 1):
+            raise ValueError(f"FoldedConvBN '{self.name}': groups={groups}; use a positive integer, and groups=1 "
+                             "with depthwise=True (a depthwise convolution is grouped by definition).")
+        if not depthwise and int(filters) % self.groups:
+            raise ValueError(f"FoldedConvBN '{self.name}': filters={filters} is not divisible by "
+                             f"groups={self.groups}; each group needs the same number of filters.")
         self.filters = filters
         self.kernel_size = tuple(kernel_size) if isinstance(kernel_size, (list, tuple)) else (kernel_size,) * 2
         self.strides = tuple(strides) if isinstance(strides, (list, tuple)) else (strides,) * 2
@@ -49,7 +60,7 @@ class FoldedConvBN(keras.layers.Layer):
         self.activation = keras.activations.get(activation)
         self.momentum, self.epsilon = float(momentum), float(epsilon)
         if isinstance(weight_quantizer, dict):
-            weight_quantizer = keras.utils.deserialize_keras_object(weight_quantizer)
+            weight_quantizer = _deserialize(weight_quantizer)
         self.weight_quantizer = weight_quantizer
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
@@ -63,8 +74,11 @@ class FoldedConvBN(keras.layers.Layer):
             kernel_shape = (kh, kw, c_in, self.depth_multiplier)
             self._quant_shape = (kh, kw, 1, self.out_channels)
         else:
+            if c_in % self.groups:
+                raise ValueError(f"FoldedConvBN '{self.name}': the input has {c_in} channels, not divisible by "
+                                 f"groups={self.groups}; use a number of groups that divides the input channels.")
             self.out_channels = int(self.filters)
-            kernel_shape = self._quant_shape = (kh, kw, c_in, self.out_channels)
+            kernel_shape = self._quant_shape = (kh, kw, c_in // self.groups, self.out_channels)
         self.kernel = self.add_weight("kernel", kernel_shape, initializer=self.kernel_initializer,
                                       regularizer=self.kernel_regularizer)
         n = (self.out_channels,)
@@ -88,6 +102,8 @@ class FoldedConvBN(keras.layers.Layer):
         strides = (1,) + self.strides + (1,)
         if self.depthwise:
             return tf.nn.depthwise_conv2d(x, kernel, strides, self.padding.upper())
+        if self.groups != 1:  # TensorFlow's CPU kernels have no gradient for grouped convolutions; XLA has
+            return _grouped_conv2d(x, kernel, strides, self.padding.upper())
         return tf.nn.conv2d(x, kernel, strides, self.padding.upper())
 
     def folded_float_kernel(self):
@@ -158,17 +174,28 @@ class FoldedConvBN(keras.layers.Layer):
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
             kernel_regularizer=keras.regularizers.serialize(self.kernel_regularizer)
             if self.kernel_regularizer is not None else None,
-            batch_statistics=self.batch_statistics,
+            batch_statistics=self.batch_statistics, groups=self.groups,
         )
         return config
+
+
+@tf.function(jit_compile=True)
+def _grouped_conv2d(x, kernel, strides, padding):
+    """tf.nn.conv2d with a kernel of C_in / groups input channels, compiled by XLA (as tf_keras' Conv2D
+    does for groups > 1): TensorFlow's CPU kernels compute it forward but not its gradients."""
+    return tf.nn.conv2d(x, kernel, strides, padding)
 
 
 def _serialize(q):
     return keras.utils.serialize_keras_object(q) if q is not None else None
 
 
+_QUANTIZERS = {c.__name__: c for c in (WeightQuantizer, ActivationQuantizer, FixedRangeQuantizer)}
+
+
 def _deserialize(q):
-    return keras.utils.deserialize_keras_object(q) if isinstance(q, dict) else q
+    # by class name too: the legacy (.h5) loader looks up 'WeightQuantizer', not the registered 'mobileqat>...'
+    return keras.utils.deserialize_keras_object(q, custom_objects=_QUANTIZERS) if isinstance(q, dict) else q
 
 
 @_serializable

@@ -2,7 +2,7 @@
 
 Steps: apply the rewrites of ``REWRITES`` in order (plain model -> model functions of
 ``mobileqat.transforms``: flatten nested models, MobileNetV3's hard-swish/-sigmoid patterns to one layer
-each, TF ops to layers, split activations and n-input merges, grouped and separable convolutions, ReLU
+each, TF ops to layers, split activations and n-input merges, depthwise-grouped and separable convolutions, ReLU
 layers into the conv before them, preprocessing and standalone BatchNorm to foldable pairs); ``audit``
 the result against the refusal list below (``MODEL_RULES``, ``LAYER_RULES``) and refuse, in one
 ValueError, every layer mobileqat cannot quantize, with its class and the fix, before any layer
@@ -204,13 +204,6 @@ def not_float32_compute(layer, graph):
     if not isinstance(layer, L.InputLayer) and layer.compute_dtype != "float32":
         return (f"it computes in {layer.compute_dtype} (dtype policy '{layer.dtype_policy.name}'); "
                 "quantization-aware training runs in float32")
-
-
-@_rule(LAYER_RULES, "use groups=1: a DepthwiseConv2D when groups equals the input channels, otherwise one "
-                    "Conv2D per group joined by Concatenate")
-def grouped_conv(layer, graph):
-    if type(layer) is L.Conv2D and layer.groups != 1:
-        return f"grouped convolution (groups={layer.groups}); FoldedConvBN and the int8 conv compute groups=1 only"
 
 
 @_rule(LAYER_RULES, "use dilation_rate=1", final=True)

@@ -75,10 +75,10 @@ def _follows_a_conv(conv, bn, users):
         return f"it follows '{conv.name}' ({type(conv).__name__}), not a Conv2D/DepthwiseConv2D it could be folded into"
 
 
-def _conv_is_plain(conv, bn, users):  # what FoldedConvBN computes
-    if getattr(conv, "groups", 1) != 1 or tuple(conv.dilation_rate) != (1, 1) or conv.data_format != "channels_last":
-        return (f"'{conv.name}' is grouped, dilated or channels_first (groups={getattr(conv, 'groups', 1)}, "
-                f"dilation_rate={tuple(conv.dilation_rate)}, data_format='{conv.data_format}')")
+def _conv_is_plain(conv, bn, users):  # what FoldedConvBN computes (groups included)
+    if tuple(conv.dilation_rate) != (1, 1) or conv.data_format != "channels_last":
+        return (f"'{conv.name}' is dilated or channels_first (dilation_rate={tuple(conv.dilation_rate)}, "
+                f"data_format='{conv.data_format}')")
 
 
 def _only_consumer(conv, bn, users):
@@ -107,7 +107,7 @@ def _channel_axis(conv, bn, users):
 FOLD_CONDITIONS = (
     (_follows_a_conv, "put it directly after a Conv2D/DepthwiseConv2D, or remove it (a BatchNormalization "
                       "is only quantized folded into the convolution before it)"),
-    (_conv_is_plain, "make the convolution before it ungrouped, undilated and channels_last"),
+    (_conv_is_plain, "make the convolution before it undilated and channels_last"),
     (_only_consumer, "make the BatchNormalization the only layer that takes the convolution's output "
                      "(other branches can take the BatchNormalization's output)"),
     (_linear_conv, "give the convolution no activation and put the activation after the BatchNormalization"),
@@ -147,7 +147,8 @@ def _fold_plan(model, consumers, weight_quantizer):
             strides=layer.strides, padding=layer.padding, depthwise=depthwise,
             depth_multiplier=layer.depth_multiplier if depthwise else 1, activation=activation,
             momentum=bn.momentum, epsilon=bn.epsilon, weight_quantizer=weight_quantizer,
-            batch_statistics=bn.trainable, trainable=layer.trainable or bn.trainable, name=layer.name)
+            batch_statistics=bn.trainable, trainable=layer.trainable or bn.trainable, name=layer.name,
+            groups=1 if depthwise else layer.groups)
         mean, var = bn.moving_mean.numpy(), bn.moving_variance.numpy()
         gamma = bn.gamma.numpy() if bn.scale else np.ones_like(mean)  # scale=False: gamma 1 (InceptionV3)
         beta = bn.beta.numpy() if bn.center else np.zeros_like(mean)

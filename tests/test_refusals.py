@@ -210,7 +210,6 @@ CASES = {
     "TFOpLambda": (tf_op, "layer 'tf.math.cos' (TFOpLambda)", "layers.ReLU"),
     "uint8 input": (uint8_input, "layer 'image' (InputLayer)", "dtype='float32'"),
     "float16 layer": (float16_layer, "layer 'half' (Conv2D)", "float32 policy"),
-    "grouped conv": (grouped_conv, "layer 'grouped' (Conv2D)", "use groups=1"),
     "dilated conv": (dilated_conv, "layer 'dilated' (Conv2D)", "use dilation_rate=1"),
     "dilated depthwise": (dilated_depthwise, "layer 'dilated_dw' (DepthwiseConv2D)", "use dilation_rate=1"),
     "channels_first conv": (channels_first_conv, "layer 'cf_conv' (Conv2D)", "data_format='channels_last'"),
@@ -233,7 +232,8 @@ NOW_ACCEPTED = {"nested model": nested_model,
                 "separable": _no_mapping(lambda: L.SeparableConv2D(2, 3, name="sep"), (8, 8, 3)),
                 "BN scale=False": bn_without_scale, "conv activation before BN": conv_relu_then_bn,
                 "conv feeds BN and more": conv_output_also_elsewhere, "dense swish": dense_swish,
-                "depthwise without BN": depthwise_alone, "standalone BN": batchnorm_alone, "shared layer": shared_layer}
+                "depthwise without BN": depthwise_alone, "standalone BN": batchnorm_alone,
+                "shared layer": shared_layer, "grouped conv": grouped_conv}
 
 
 @pytest.mark.parametrize("case", sorted(NOW_ACCEPTED))
@@ -272,24 +272,17 @@ def test_dilated_conv_is_blamed_not_its_batchnorm():
     assert "'dilated' (Conv2D): dilation_rate=(2, 2)" in msg and "'bn'" not in msg
 
 
-def test_regnet_grouped_convs_get_a_mobileqat_error():
+def test_regnet_passes_the_audit():
+    """RegNetX002 was refused for its grouped convolutions (groups=3..46); they fold and lower now
+    (tests/test_ops_grouped.py), and nothing else in it is refused."""
     model = keras.applications.RegNetX002(weights=None, input_shape=(32, 32, 3), classes=10)
-    try:
-        quantize(model)
-    except tf.errors.OpError as e:  # the old failure: a reshape error from inside TensorFlow
-        pytest.fail(f"TensorFlow error instead of a mobileqat one: {e}")
-    except ValueError as e:
-        msg = str(e)
-    else:
-        pytest.fail("RegNetX002 was quantized")
-    assert "layer 'regnetx002_Stage_0_XBlock_0_conv_3x3' (Conv2D): grouped convolution (groups=3)" in msg
-    assert "use groups=1" in msg
-    assert msg.count("grouped convolution") == sum(getattr(la, "groups", 1) > 1 for la in model.layers)
+    assert audit(model) == []
 
 
 def test_every_problem_is_listed_in_one_error():
     inp = keras.Input((8, 8, 4))
-    x = L.BatchNormalization(name="bn_g")(L.Conv2D(4, 3, groups=2, name="grouped")(inp))
+    x = L.DepthwiseConv2D(3, dilation_rate=2, padding="same", name="dilated_dw")(inp)
+    x = L.BatchNormalization(name="bn_g")(x)
     x = L.Conv2D(4, 3, dilation_rate=2, name="dilated")(x)
     x = L.Lambda(lambda t: t + 1.0, name="lam")(x)
     x = L.BatchNormalization(name="lonely_bn")(x)  # rewritten (standalone_batchnorm): no problem
@@ -298,7 +291,7 @@ def test_every_problem_is_listed_in_one_error():
     model = _model(inp, L.Flatten(name="flat")(x))
     problems = audit(model)
     assert [(p.name, p.cls) for p in problems] == [
-        ("grouped", "Conv2D"), ("dilated", "Conv2D"), ("lam", "Lambda"), ("elu", "Activation")]
+        ("dilated_dw", "DepthwiseConv2D"), ("dilated", "Conv2D"), ("lam", "Lambda"), ("elu", "Activation")]
     msg = str(pytest.raises(ValueError, quantize, model).value)
     assert "(4 problems" in msg and all(str(p) in msg for p in problems)
     assert "'bn_g'" not in msg  # its convolution's line says why it is not folded
@@ -325,6 +318,7 @@ def test_quantize_config_for_has_no_messages_of_its_own():
     assert quantize_config_for(L.Dense(2), scheme) is not None
 
 
-def test_fold_batchnorm_leaves_a_grouped_conv_unfolded():
+def test_fold_batchnorm_folds_a_grouped_conv():
     folded = transforms.fold_batchnorm(grouped_conv())
-    assert [type(la).__name__ for la in folded.layers][1:3] == ["Conv2D", "BatchNormalization"]
+    assert [type(la).__name__ for la in folded.layers][1:3] == ["FoldedConvBN", "Flatten"]
+    assert folded.layers[1].groups == 2
