@@ -1,0 +1,382 @@
+"""The model package an app ships: model.tflite, labels.txt, manifest.json and golden vectors.
+
+``write_package(qat, tflite, out, dataset)`` (``mobileqat export``, and the end of ``mobileqat run``/``demo``)
+writes the folder in a temporary sibling and renames it at the end, so a failed write leaves no half-written
+package. ``mobileqat.device_check`` (numpy, Pillow and ai-edge-litert only) checks one on a device. Layout
+and the golden tensor format: README.md, "Deployment package"; the format itself: ``device_check``'s
+docstring (``write_tensor``/``read_tensor``).
+"""
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+
+import numpy as np
+from PIL import Image
+
+from mobileqat import device_check as dc, runtime as rt
+from mobileqat.data import (ImageFolderStream, _orientation, _read_image, _shrink, _to_rgb_or_l, normalize,
+                            scale_pixels)
+
+FORMAT_VERSION = 1
+PIXEL_FORMULAS = {"-1..1": "x / 127.5 - 1", "0..1": "x / 255", "0..255": "x", "mean_std": "(x - mean) / std"}
+MAX_PNG_SIDE = 4  # a golden PNG keeps its decoded size up to this many times the input side, else is resized
+
+
+def _sha256(path):
+    return dc.sha256(path)
+
+
+def _versions():
+    from importlib import metadata
+    out = {"python": platform.python_version()}
+    for name in ("tensorflow", "tf-keras", "tensorflow-model-optimization", "ai-edge-litert", "numpy", "pillow"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    from mobileqat import __version__
+    out["mobileqat"] = __version__
+    out["converter"] = f"tensorflow {out['tensorflow']} TFLiteConverter"
+    out["runtime"] = f"ai-edge-litert {out['ai-edge-litert']}"
+    return out
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def layer_schemes(qat_model):
+    """[{"layer", "class", "weights": quantizer config or None, "activations": quantizer config or None}]:
+    how each layer of a QAT model is quantized (from its QuantizeConfig), in model order."""
+    rows = []
+    for layer in qat_model.layers:
+        kind = type(layer).__name__
+        if kind == "QuantizeLayer":
+            q = layer.quantizer
+            rows.append({"layer": layer.name, "class": "input", "weights": None,
+                         "activations": {"quantizer": type(q).__name__, **q.get_config()}})
+            continue
+        config = getattr(layer, "quantize_config", None)
+        if config is None:
+            continue
+        inner = getattr(layer, "layer", layer)
+        wq = getattr(config, "weight_quantizer", None)
+        oq = getattr(config, "output_quantizer", None)
+        rows.append({"layer": inner.name, "class": type(inner).__name__,
+                     "weights": None if wq is None or not getattr(config, "weight_attrs", None) and
+                     type(inner).__name__ != "FoldedConvBN" else {"quantizer": type(wq).__name__, **wq.get_config()},
+                     "activations": None if oq is None else {"quantizer": type(oq).__name__, **oq.get_config()}})
+    return rows
+
+
+def _folded_weights(rows, qat_model):
+    """FoldedConvBN quantizes its folded kernel itself: name its weight quantizer (per-channel int8)."""
+    for row in rows:
+        if row["class"] == "FoldedConvBN" and row["weights"] is None:
+            layer = next((getattr(l, "layer", l) for l in qat_model.layers if getattr(l, "layer", l).name == row["layer"]), None)
+            q = getattr(layer, "weight_quantizer", None)
+            if q is not None:
+                row["weights"] = {"quantizer": type(q).__name__, **q.get_config()}
+    return rows
+
+
+def _output_meaning(qat_model, classes):
+    last = qat_model.layers[-1]
+    inner = getattr(last, "layer", last)
+    act = getattr(inner, "activation", None)
+    name = getattr(act, "__name__", None) or type(inner).__name__
+    if "softmax" in str(name).lower():
+        return f"class probabilities (softmax), index i = line i of labels.txt ({classes} classes); top-1 = argmax"
+    return f"class scores (logits, no softmax), index i = line i of labels.txt ({classes} classes); top-1 = argmax"
+
+
+def _golden_from_arrays(dataset, n):
+    """In-memory Dataset (x in [-1, 1] = u / 127.5 - 1): (uint8 images (n, H, W, C), labels) of the first n
+    test images; ValueError when the arrays are not 8-bit pixels scaled that way."""
+    x = np.asarray(dataset.x_test[:n], np.float32)
+    u = np.clip(np.round((x.astype(np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    if not np.array_equal(normalize(u), x):
+        raise ValueError(f"data set {dataset.name!r}: its test images are not 8-bit pixels scaled x/127.5 - 1, so "
+                         "no PNG holds them exactly; write the package from an image folder "
+                         "(mobileqat.image_folder_stream) instead.")
+    return u, np.asarray(dataset.y_test[:n], np.int64)
+
+
+def _decoded_png(path, hw, channels):
+    """An image file decoded as the loader decodes it (EXIF rotation, RGB or L, alpha onto black), kept at its
+    size when no side exceeds MAX_PNG_SIDE x the input side, else resized to the input: a PIL image."""
+    side = max(hw)
+    with Image.open(path) as im:
+        if im.format == "JPEG":
+            im.draft(None, (2 * side, 2 * side))
+        im.load()
+        method = _orientation(im)
+        small = _shrink(im, side)
+        im = small if method is None else small.transpose(method)
+        im = _to_rgb_or_l(im, channels)
+        if max(im.size) > MAX_PNG_SIDE * side:
+            im = im.resize((hw[1], hw[0]), Image.BILINEAR)
+        return im.copy()
+
+
+def write_package(qat_model, tflite_path, out, dataset, golden=256, report=None, threads=1, log=None):
+    """Write the package folder ``out`` for ``tflite_path`` (exported from QAT model ``qat_model``).
+
+    dataset: a ``mobileqat.data.Dataset`` (in memory, pixels x/127.5 - 1) or an ``ImageFolderStream``; the
+    first ``golden`` test images become golden/: PNGs, their input tensors (quantized here by mobileqat's
+    loader and ``scale_pixels``), the reference-kernel and XNNPACK output codes (each runtime in a worker
+    process, batch 1) and the labels. The integer twin (``mobileqat.lowering``) is run on the same inputs and
+    its agreement with each runtime recorded. report: report.json of the run (test-set accuracy, fidelity),
+    copied into the manifest. ``out`` is replaced only if it is a previous package or empty.
+    Returns the manifest dict.
+    """
+    say = log or (lambda msg: None)
+    out = os.path.abspath(os.fspath(out))
+    tflite_path = os.fspath(tflite_path)
+    if os.path.exists(out) and not (os.path.isdir(out) and (not os.listdir(out) or
+                                                            os.path.isfile(os.path.join(out, "manifest.json")))):
+        raise ValueError(f"{out} exists and is not a mobileqat package; pass another --out or remove it.")
+    desc = rt.check_tflite(tflite_path)
+    if desc["input_dtype"] == "float32" or desc["output_dtype"] == "float32":
+        raise ValueError(f"{tflite_path}: float input/output; a package holds a full-integer file (export it "
+                         "with io_type int8 or uint8).")
+    n_golden = int(golden)
+    if n_golden < 1:
+        raise ValueError(f"golden={golden!r}: use at least 1 golden image.")
+    h, w, c = desc["input_shape"][1:]
+    streamed = isinstance(dataset, ImageFolderStream)
+    if tuple(dataset.input_shape) != (h, w, c):
+        raise ValueError(f"data of shape {tuple(dataset.input_shape)} does not fit {tflite_path}, which takes "
+                         f"{(h, w, c)}; read the images at the model's input size and channels.")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out) + "-", dir=parent)
+    try:
+        os.makedirs(os.path.join(tmp, "golden", "images"))
+        shutil.copyfile(tflite_path, os.path.join(tmp, "model.tflite"))
+        names = [str(n) for n in dataset.class_names]
+        if any("\n" in n or "\r" in n for n in names):
+            raise ValueError("a class name holds a line break; labels.txt has one name per line: rename the class.")
+        with open(os.path.join(tmp, "labels.txt"), "w", encoding="utf-8", newline="\n") as f:
+            f.write("".join(n + "\n" for n in names))
+
+        # golden images: PNG, then the input tensor from that PNG by mobileqat's own loader
+        in_scale, in_zero = desc["input_quantization"]
+        images = []
+        if streamed:
+            files, y = dataset.test_files[:n_golden], np.asarray(dataset.y_test[:n_golden], np.int64)
+            pix = np.empty((len(files), h, w, c), np.uint8)
+            for i, path in enumerate(files):
+                rel = f"golden/images/{i:04d}.png"
+                _decoded_png(path, (h, w), c).save(os.path.join(tmp, rel), format="PNG")
+                pix[i] = _read_image(os.path.join(tmp, rel), (h, w), c)
+                images.append(rel)
+            x = dataset.scale(pix)
+            pixels = {"pixels": dataset.pixels, "mean": None if dataset.mean is None else dataset.mean.tolist(),
+                      "std": None if dataset.std is None else dataset.std.tolist()}
+        else:
+            pix, y = _golden_from_arrays(dataset, n_golden)
+            for i, img in enumerate(pix):
+                rel = f"golden/images/{i:04d}.png"
+                Image.fromarray(img[..., 0] if c == 1 else img, "L" if c == 1 else "RGB").save(
+                    os.path.join(tmp, rel), format="PNG")
+                images.append(rel)
+            x = scale_pixels(pix, "-1..1")
+            pixels = {"pixels": "-1..1", "mean": None, "std": None}
+        if not len(images):
+            raise ValueError(f"data set {dataset.name!r} has no test images for the golden set.")
+        codes = rt.quantize(x, in_scale, in_zero, desc["input_dtype"]).astype(desc["input_dtype"])
+        say(f"package: {len(images)} golden images, running reference kernels and XNNPACK")
+        outputs = {}
+        model_in_tmp = os.path.join(tmp, "model.tflite")
+        for name in dc.RUNTIMES:
+            got, error = rt.run_isolated(dc.invoke_codes, model_in_tmp, name, threads, codes)
+            if error:
+                raise rt.RuntimeFailure(f"{tflite_path} on {name}: {error}; no package was written.")
+            outputs[name] = got
+        dc.write_tensor(os.path.join(tmp, "golden", "input.bin"), codes)
+        dc.write_tensor(os.path.join(tmp, "golden", "labels.bin"), y.astype(np.int32))
+        for name in dc.RUNTIMES:
+            dc.write_tensor(os.path.join(tmp, "golden", f"{name}.bin"), outputs[name])
+
+        golden_numbers = {name: {"accuracy": float(np.mean(outputs[name].argmax(-1) == y))} for name in dc.RUNTIMES}
+        golden_numbers["reference_vs_xnnpack"] = dc.compare(outputs["xnnpack"], outputs["reference"])
+        twin = _twin_agreement(qat_model, codes, desc, outputs)
+        out_scale, out_zero = desc["output_quantization"]
+        sha = _sha256(model_in_tmp)
+        manifest = {
+            "format": dc.FORMAT, "format_version": FORMAT_VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "model": {"file": "model.tflite", "sha256": sha, "bytes": os.path.getsize(model_in_tmp),
+                      "name": qat_model.name, "ops": desc["ops"]},
+            "input": {"shape": [1, h, w, c], "dtype": desc["input_dtype"], "scale": float(in_scale),
+                      "zero_point": int(in_zero), "layout": "NHWC"},
+            "preprocessing": {
+                "decode": "Pillow Image.open; EXIF orientation applied; transparent images composited onto black",
+                "color": "RGB" if c == 3 else "L", "channels": c,
+                "channel_order": "RGB" if c == 3 else "L (ITU-R 601-2 luma of RGB, Pillow convert('L'))",
+                "resize": {"method": "bilinear", "height": h, "width": w, "keep_aspect_ratio": False,
+                           "implementation": "Pillow Image.resize((width, height), Image.BILINEAR); skipped when the "
+                                             "image already has that size"},
+                **pixels, "formula": PIXEL_FORMULAS[pixels["pixels"]] + ", x = pixel value 0..255, in float32",
+                "quantize": "q = clamp(round_half_away_from_zero(x / scale) + zero_point, dtype min, dtype max), "
+                            "computed in float64 with the input scale and zero_point"},
+            "output": {"shape": [int(d) for d in desc["output_shape"]], "dtype": desc["output_dtype"],
+                       "scale": float(out_scale), "zero_point": int(out_zero),
+                       "meaning": _output_meaning(qat_model, len(names)), "labels": "labels.txt",
+                       "dequantize": "value = (q - zero_point) * scale"},
+            "schemes": _folded_weights(layer_schemes(qat_model), qat_model),
+            "validation": {
+                "platform": {"machine": platform.machine(), "cpu": _cpu_name(), "system": platform.system()},
+                "runtimes": {"reference": "ai_edge_litert Interpreter, OpResolverType.BUILTIN_REF",
+                             "xnnpack": "ai_edge_litert Interpreter, OpResolverType.AUTO (XNNPACK delegate)"},
+                "threads": threads, "golden": golden_numbers, "integer_twin": twin,
+                "test_set": _test_set_numbers(report)},
+            "versions": _versions(),
+            "golden": {"count": len(images), "images": images, "input": "golden/input.bin",
+                       "labels": "golden/labels.bin", "reference": "golden/reference.bin",
+                       "xnnpack": "golden/xnnpack.bin",
+                       "tensor_format": "MQGT v1 (README.md, 'Deployment package')"},
+        }
+        files = {}
+        for root, _, fnames in os.walk(tmp):
+            for fname in sorted(fnames):
+                full = os.path.join(root, fname)
+                rel = os.path.relpath(full, tmp).replace(os.sep, "/")
+                files[rel] = {"bytes": os.path.getsize(full), "sha256": _sha256(full)}
+        manifest["files"] = dict(sorted(files.items()))
+        with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+        os.chmod(tmp, 0o777 & ~_umask())
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"package: {out} (model sha256 {sha[:16]}..., {len(images)} golden images)")
+    return manifest
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _swap_in(tmp, out):
+    """Rename the finished ``tmp`` folder to ``out``; a previous package there is moved aside first and
+    removed after, so ``out`` is always either the old or the new package, never a mix."""
+    from mobileqat import faults
+    faults.point("write", os.path.basename(out))
+    if not os.path.exists(out):
+        os.replace(tmp, out)
+        return
+    old = tempfile.mkdtemp(prefix=".tmp-old-" + os.path.basename(out) + "-", dir=os.path.dirname(out))
+    os.rmdir(old)
+    os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _twin_agreement(qat_model, codes, desc, outputs):
+    """The integer twin's output codes vs each runtime's on the golden inputs, or the reason there is no twin."""
+    from mobileqat import lowering
+    try:
+        twin = lowering.lower(qat_model)
+    except ValueError as e:
+        return {"integer_path_error": str(e)}
+    shift = 128 if desc["input_dtype"] == "uint8" else 0  # the twin computes int8; uint8 I/O is int8 + 128
+    x8 = (codes.astype(np.int16) - shift).astype(np.int8)
+    result = {}
+    for name in dc.RUNTIMES:
+        try:
+            mine = twin.run(x8, name).astype(np.int64) + (128 if desc["output_dtype"] == "uint8" else 0)
+        except ValueError as e:
+            result[name] = {"integer_path_error": str(e)}
+            continue
+        result[name] = dc.compare(mine.reshape(outputs[name].shape), outputs[name])
+    return result
+
+
+def _test_set_numbers(report):
+    """The run's held-out test-set numbers (report.json), or None when the package was written without a run."""
+    if not report:
+        return None
+    q = report.get("variants", {}).get("qat_int8", {})
+    fid = q.get("fidelity", {})
+    keep = ("simulation", "top1_agreement_reference", "top1_agreement_xnnpack", "frac_within_1lsb", "max_lsb_diff",
+            "frac_within_1lsb_xnnpack", "max_lsb_diff_xnnpack", "reference_vs_xnnpack", "integer_path_error")
+    return {"images": report.get("dataset", {}).get("test"), "dataset": report.get("dataset", {}).get("name"),
+            "accuracy_xnnpack": q.get("accuracy"), "accuracy_reference": q.get("accuracy_reference"),
+            "float_accuracy_xnnpack": report.get("variants", {}).get("float", {}).get("accuracy"),
+            "latency_ms": q.get("latency_ms"), "fidelity": {k: fid[k] for k in keep if k in fid}}
+
+
+def export_package(qat_model, out, dataset, io_type="int8", golden=256, report=None, threads=1, log=None):
+    """Export ``qat_model`` to full-integer TFLite and write the package ``out`` (``write_package``)."""
+    from mobileqat.export import export_tflite
+    parent = os.path.dirname(os.path.abspath(os.fspath(out)))
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".tmp-export-", dir=parent) as folder:
+        path = os.path.join(folder, "model.tflite")
+        export_tflite(qat_model, path, "qat_int8", io_type=io_type)
+        return write_package(qat_model, path, out, dataset, golden=golden, report=report, threads=threads, log=log)
+
+
+def demo_package(out, golden=48, seed=0, log=print):
+    """A tiny real package (for ``make arm64-check`` and tests): synthetic shapes drawn at 32 px, saved as
+    PNGs, read at 16 px (so the golden PNGs exercise the resize); a small CNN (conv, depthwise, conv, pooling,
+    dense, softmax) trained 2 epochs, QAT 1 epoch, exported int8. Returns the manifest."""
+    from mobileqat._tf import keras
+    from mobileqat.data import image_folder_stream, synthetic_shapes
+    from mobileqat.quantize import quantize
+    from mobileqat.training import fit
+    L = keras.layers
+    with tempfile.TemporaryDirectory(prefix="mobileqat-demo-data-") as folder:
+        ds = synthetic_shapes(n_train=400, n_test=golden, image_size=32, seed=seed)
+        for split, xs, ys in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
+            for i, (img, label) in enumerate(zip(xs, ys)):
+                d = os.path.join(folder, "images", ds.class_names[label])
+                os.makedirs(d, exist_ok=True)
+                u = np.round((img.astype(np.float64) + 1) * 127.5).astype(np.uint8)
+                Image.fromarray(u, "RGB").save(os.path.join(d, f"{split}{i:04d}.png"))
+        stream = image_folder_stream(os.path.join(folder, "images"), image_size=16, channels=3, seed=seed,
+                                     test_fraction=golden / (400 + golden))
+        x_train, y_train = stream.arrays("train")
+        keras.utils.set_random_seed(seed)
+        inp = keras.Input((16, 16, 3))
+        x = L.ReLU(6.0)(L.BatchNormalization()(L.Conv2D(8, 3, strides=2, padding="same", use_bias=False)(inp)))
+        x = L.ReLU(6.0)(L.BatchNormalization()(L.DepthwiseConv2D(3, padding="same", use_bias=False)(x)))
+        x = L.BatchNormalization()(L.Conv2D(16, 1, use_bias=False)(x))
+        x = L.Dense(10)(L.GlobalAveragePooling2D()(x))
+        model = keras.Model(inp, L.Activation("softmax")(x), name="demo_cnn")
+        fit(model, x_train, y_train, 2, 32, 3e-3, seed=seed, verbose=0)
+        qat = quantize(model, "w8a8")
+        fit(qat, x_train, y_train, 1, 32, 3e-4, seed=seed + 1, verbose=0)
+        return export_package(qat, out, stream, golden=golden, log=log)
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description="python -m mobileqat.package --demo OUT: write a tiny demo package")
+    p.add_argument("--demo", required=True, metavar="OUT")
+    p.add_argument("--golden", type=int, default=48)
+    args = p.parse_args(argv)
+    demo_package(args.demo, golden=args.golden)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())
