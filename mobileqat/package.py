@@ -161,6 +161,9 @@ def write_package(qat_model, tflite_path, out, dataset, golden=256, report=None,
                          f"{(h, w, c)}; read the images at the model's input size and channels.")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
+    for stale in os.listdir(parent):  # left by a write that was killed: never a package
+        if stale.startswith((".tmp-" + os.path.basename(out) + "-", ".tmp-old-" + os.path.basename(out) + "-")):
+            shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out) + "-", dir=parent)
     try:
         os.makedirs(os.path.join(tmp, "golden", "images"))
@@ -334,36 +337,57 @@ def export_package(qat_model, out, dataset, io_type="int8", golden=256, report=N
         return write_package(qat_model, path, out, dataset, golden=golden, report=report, threads=threads, log=log)
 
 
-def demo_package(out, golden=48, seed=0, log=print):
-    """A tiny real package (for ``make arm64-check`` and tests): synthetic shapes drawn at 32 px, saved as
-    PNGs, read at 16 px (so the golden PNGs exercise the resize); a small CNN (conv, depthwise, conv, pooling,
-    dense, softmax) trained 2 epochs, QAT 1 epoch, exported int8. Returns the manifest."""
+def write_run_package(out_dir, dataset, report, golden=256, threads=1, log=None):
+    """The package of a finished ``run_pipeline`` in ``out_dir``: OUT/package from OUT/qat_int8.tflite and
+    OUT/qat_model.h5, golden images from the run's test split, the report's test-set numbers."""
+    from mobileqat.quantize import load_qat_model
+    out_dir = os.fspath(out_dir)
+    qat = load_qat_model(os.path.join(out_dir, "qat_model.h5"))
+    return write_package(qat, os.path.join(out_dir, "qat_int8.tflite"), os.path.join(out_dir, "package"), dataset,
+                         golden=golden, report=report, threads=threads, log=log)
+
+
+def demo_package(out, golden=48, seed=0, data_dir=None, model_path=None, log=print):
+    """A tiny real package (``make arm64-check``, tests): 600 synthetic-shapes training images drawn at 32 px and
+    saved as PNGs in an image folder (``data_dir``, default a temporary one), read at 16 px, so the golden PNGs
+    exercise the resize; a small CNN (conv, 2 x (depthwise, conv), pooling, dense, softmax) trained 20
+    epochs, QAT 3 epochs, exported int8 and packaged with ``golden`` test images. ``model_path``: also save the QAT model
+    there (.h5). Returns the manifest."""
     from mobileqat._tf import keras
     from mobileqat.data import image_folder_stream, synthetic_shapes
+    from mobileqat.export import save_keras_model
     from mobileqat.quantize import quantize
     from mobileqat.training import fit
     L = keras.layers
-    with tempfile.TemporaryDirectory(prefix="mobileqat-demo-data-") as folder:
-        ds = synthetic_shapes(n_train=400, n_test=golden, image_size=32, seed=seed)
+    n_train = 600
+    with tempfile.TemporaryDirectory(prefix="mobileqat-demo-data-") as scratch:
+        folder = os.fspath(data_dir) if data_dir else os.path.join(scratch, "images")
+        ds = synthetic_shapes(n_train=n_train, n_test=golden, image_size=32, seed=seed, difficulty=0.5)
         for split, xs, ys in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
             for i, (img, label) in enumerate(zip(xs, ys)):
-                d = os.path.join(folder, "images", ds.class_names[label])
+                d = os.path.join(folder, ds.class_names[label])
                 os.makedirs(d, exist_ok=True)
                 u = np.round((img.astype(np.float64) + 1) * 127.5).astype(np.uint8)
                 Image.fromarray(u, "RGB").save(os.path.join(d, f"{split}{i:04d}.png"))
-        stream = image_folder_stream(os.path.join(folder, "images"), image_size=16, channels=3, seed=seed,
-                                     test_fraction=golden / (400 + golden))
+        stream = image_folder_stream(folder, image_size=16, channels=3, seed=seed,
+                                     test_fraction=golden / (n_train + golden))
         x_train, y_train = stream.arrays("train")
         keras.utils.set_random_seed(seed)
         inp = keras.Input((16, 16, 3))
-        x = L.ReLU(6.0)(L.BatchNormalization()(L.Conv2D(8, 3, strides=2, padding="same", use_bias=False)(inp)))
-        x = L.ReLU(6.0)(L.BatchNormalization()(L.DepthwiseConv2D(3, padding="same", use_bias=False)(x)))
-        x = L.BatchNormalization()(L.Conv2D(16, 1, use_bias=False)(x))
+        x = L.ReLU(6.0)(L.BatchNormalization(momentum=0.9)(L.Conv2D(16, 3, padding="same", use_bias=False)(inp)))
+        x = L.ReLU(6.0)(L.BatchNormalization(momentum=0.9)(L.DepthwiseConv2D(3, strides=2, padding="same",
+                                                                             use_bias=False)(x)))
+        x = L.ReLU(6.0)(L.BatchNormalization(momentum=0.9)(L.Conv2D(32, 1, use_bias=False)(x)))
+        x = L.ReLU(6.0)(L.BatchNormalization(momentum=0.9)(L.DepthwiseConv2D(3, strides=2, padding="same",
+                                                                             use_bias=False)(x)))
+        x = L.ReLU(6.0)(L.BatchNormalization(momentum=0.9)(L.Conv2D(32, 1, use_bias=False)(x)))
         x = L.Dense(10)(L.GlobalAveragePooling2D()(x))
         model = keras.Model(inp, L.Activation("softmax")(x), name="demo_cnn")
-        fit(model, x_train, y_train, 2, 32, 3e-3, seed=seed, verbose=0)
+        fit(model, x_train, y_train, 20, 32, 1e-2, seed=seed, verbose=0)
         qat = quantize(model, "w8a8")
-        fit(qat, x_train, y_train, 1, 32, 3e-4, seed=seed + 1, verbose=0)
+        fit(qat, x_train, y_train, 3, 32, 1e-3, seed=seed + 1, verbose=0)
+        if model_path:
+            save_keras_model(qat, model_path)
         return export_package(qat, out, stream, golden=golden, log=log)
 
 
