@@ -192,6 +192,94 @@ def invoke_codes(model_path, runtime, threads, codes):
     return np.stack(rows) if rows else np.zeros((0,) + tuple(out["shape"][1:]), out["dtype"])
 
 
+def with_output(model_bytes, tensor):
+    """The .tflite bytes with the graph output (subgraph 0, output 0) set to tensor index ``tensor``: an
+    intermediate tensor becomes what ``invoke`` returns, on every runtime, XNNPACK included (a delegate's
+    intermediates are otherwise invisible). An in-place edit of one int32 of the flatbuffer."""
+    buf = bytearray(model_bytes)
+
+    def u32(p):
+        return struct.unpack_from("<I", buf, p)[0]
+
+    def field(table, k):  # absolute position of field k of the table at ``table``
+        vtable = table - struct.unpack_from("<i", buf, table)[0]
+        size = struct.unpack_from("<H", buf, vtable)[0]
+        off = struct.unpack_from("<H", buf, vtable + 4 + 2 * k)[0] if 4 + 2 * k < size else 0
+        if not off:
+            raise PackageError("model.tflite: no subgraph outputs in the flatbuffer")
+        return table + off
+    try:
+        root = u32(0)
+        p = field(root, 2)  # Model.subgraphs
+        vec = p + u32(p)
+        first = vec + 4
+        subgraph = first + u32(first)
+        p = field(subgraph, 2)  # SubGraph.outputs
+        outputs = p + u32(p)
+        if u32(outputs) < 1:
+            raise PackageError("model.tflite: the graph has no output")
+        struct.pack_into("<i", buf, outputs + 4, int(tensor))
+    except struct.error as e:
+        raise PackageError(f"model.tflite: damaged flatbuffer ({e})") from e
+    return bytes(buf)
+
+
+def traced_ops(model_path):
+    """[{"index": op index, "op": name, "tensor": output tensor index, "name": tensor name}] of every op but
+    the last, in execution order (the reference interpreter's, no delegate)."""
+    it = interpreter(model_path, "reference")
+    names = {t["index"]: t["name"] for t in it.get_tensor_details()}
+    final = int(it.get_output_details()[0]["index"])
+    ops = []
+    for op in it._get_ops_details():
+        out = int(op["outputs"][0])
+        if out != final:
+            ops.append({"index": int(op["index"]), "op": op["op_name"], "tensor": out, "name": names.get(out, "")})
+    return ops
+
+
+def trace(model_path, runtime, threads, codes, ops):
+    """{tensor index: (N, ...) values} of each op's output in ``ops`` (``traced_ops``) on ``runtime`` for input
+    tensors ``codes``: the model run once per op with that op's output as the graph output."""
+    from ai_edge_litert.interpreter import Interpreter
+    with open(model_path, "rb") as f:
+        data = f.read()
+    out = {}
+    for op in ops:
+        it = Interpreter(model_content=with_output(data, op["tensor"]), num_threads=threads,
+                         experimental_op_resolver_type=_resolver(runtime))
+        inp, res = it.get_input_details()[0], it.get_output_details()[0]
+        it.allocate_tensors()
+        rows = []
+        for x in codes:
+            it.set_tensor(inp["index"], np.ascontiguousarray(x[None]))
+            it.invoke()
+            rows.append(it.get_tensor(res["index"])[0].copy())
+        out[op["tensor"]] = np.stack(rows)
+    return out
+
+
+def first_op_difference(pkg, manifest, runtime, threads, log):
+    """Re-run the traced ops (manifest["trace"]) on ``runtime``; returns None when every traced tensor equals
+    the stored one, else {"op", "index", "tensor", "name", "image", "max_lsb_diff"} of the first op that
+    differs, in execution order."""
+    tr = manifest.get("trace")
+    if not tr or runtime not in tr.get("runtimes", ()):
+        return "no trace in the package"
+    x = read_tensor(os.path.join(pkg, *manifest["golden"]["input"].split("/")))[:tr["images"]]
+    ops = tr["ops"]
+    mine = trace(os.path.join(pkg, "model.tflite"), runtime, threads, x, ops)
+    for op in ops:
+        stored = read_tensor(os.path.join(pkg, *op[runtime].split("/")))
+        got = mine[op["tensor"]]
+        if got.shape != stored.shape or not np.array_equal(got, stored):
+            d = np.abs(got.astype(np.int64) - stored.astype(np.int64)) if got.shape == stored.shape else None
+            image = int(np.flatnonzero(d.reshape(len(d), -1).max(1))[0]) if d is not None else 0
+            return {"op": op["op"], "index": op["index"], "tensor": op["tensor"], "name": op["name"],
+                    "image": manifest["golden"]["images"][image], "max_lsb_diff": None if d is None else int(d.max())}
+    return None
+
+
 def latency_ms(model_path, runtime, threads, x, warmup=5, runs=50):
     """Wall times (ms) of ``runs`` invokes at batch 1 on input tensor ``x`` after ``warmup`` invokes."""
     it = interpreter(model_path, runtime, threads)
@@ -223,9 +311,11 @@ def compare(got, want):
             "max_lsb_diff": int(diff.max()) if diff.size else 0, "first_difference": first}
 
 
-def check(pkg, threads=1, runs=50, runtimes=RUNTIMES, log=print):
+def check(pkg, threads=1, runs=50, runtimes=RUNTIMES, log=print, trace_ops=False):
     """Check package folder ``pkg``. Returns a result dict with "passed" (bool) and per-part numbers; raises
-    PackageError for a package that cannot be checked. ``log``: called with each line of the report."""
+    PackageError for a package that cannot be checked. ``log``: called with each line of the report.
+    trace_ops: also compare every traced intermediate tensor (manifest["trace"]) on each runtime; done anyway
+    for a runtime whose outputs differ, to name the first op that differs."""
     pkg = os.fspath(pkg)
     manifest = load_manifest(pkg)
     files = manifest["files"]
@@ -285,7 +375,22 @@ def check(pkg, threads=1, runs=50, runtimes=RUNTIMES, log=print):
             f = c["first_difference"]
             log(f"  first difference on {name}: image {images[f['image']]}, output {f['output']}: "
                 f"{f['got']} here, {f['stored']} stored")
-    result["passed"] = (not mismatched) and all(r["identical"] == n for r in result["runtimes"].values())
+    for name in runtimes:
+        r = result["runtimes"][name]
+        if not (trace_ops or r["identical"] < n) or not manifest.get("trace"):
+            continue
+        found = first_op_difference(pkg, manifest, name, threads, log)
+        tr = manifest["trace"]
+        if found is None:
+            r["trace"] = {"ops": len(tr["ops"]), "images": tr["images"], "identical": True}
+            log(f"{name} per op: all {len(tr['ops'])} intermediate tensors x {tr['images']} images identical to "
+                "the stored ones")
+        else:
+            r["trace"] = {"ops": len(tr["ops"]), "images": tr["images"], "identical": False, "first_difference": found}
+            log(f"{name} per op: FIRST OP THAT DIFFERS: op {found['index']} {found['op']} (tensor "
+                f"{found['tensor']} '{found['name']}'), image {found['image']}, max {found['max_lsb_diff']} LSB")
+    result["passed"] = (not mismatched) and all(r["identical"] == n and r.get("trace", {}).get("identical", True)
+                                                for r in result["runtimes"].values())
     return result
 
 
@@ -297,6 +402,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1)")
     p.add_argument("--runs", type=int, default=50, help="timed invokes per runtime (0: no latency)")
     p.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES))
+    p.add_argument("--trace", action="store_true", help="also compare every op's output on the traced images "
+                                                        "(done anyway on a mismatch, to name the first op)")
     p.add_argument("--json", help="also write the result as JSON to this file")
     p.add_argument("--platform-label", default=None, help="a name for this device in the printed result")
     args = p.parse_args(argv)
@@ -307,7 +414,7 @@ def main(argv=None):
     print(f"device-check on {label}, Python {platform.python_version()}", flush=True)
     try:
         result = check(args.package, args.threads, args.runs, tuple(args.runtimes),
-                       log=lambda s: print(s, flush=True))
+                       log=lambda s: print(s, flush=True), trace_ops=args.trace)
     except PackageError as e:
         print(f"device-check: FAIL: {e}", file=sys.stderr)
         return 2

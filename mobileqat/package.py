@@ -130,14 +130,17 @@ def _decoded_png(path, hw, channels):
         return im.copy()
 
 
-def write_package(qat_model, tflite_path, out, dataset, golden=256, report=None, threads=1, log=None):
+def write_package(qat_model, tflite_path, out, dataset, golden=256, report=None, threads=1, log=None,
+                  trace_images=4):
     """Write the package folder ``out`` for ``tflite_path`` (exported from QAT model ``qat_model``).
 
     dataset: a ``mobileqat.data.Dataset`` (in memory, pixels x/127.5 - 1) or an ``ImageFolderStream``; the
     first ``golden`` test images become golden/: PNGs, their input tensors (quantized here by mobileqat's
     loader and ``scale_pixels``), the reference-kernel and XNNPACK output codes (each runtime in a worker
     process, batch 1) and the labels. The integer twin (``mobileqat.lowering``) is run on the same inputs and
-    its agreement with each runtime recorded. report: report.json of the run (test-set accuracy, fidelity),
+    its agreement with each runtime recorded. golden/trace: every op's output tensor for the first
+    ``trace_images`` golden inputs on each runtime (so a device can name the first op that differs), each
+    compared with the twin's tensor. report: report.json of the run (test-set accuracy, fidelity),
     copied into the manifest. ``out`` is replaced only if it is a previous package or empty.
     Returns the manifest dict.
     """
@@ -213,9 +216,26 @@ def write_package(qat_model, tflite_path, out, dataset, golden=256, report=None,
         for name in dc.RUNTIMES:
             dc.write_tensor(os.path.join(tmp, "golden", f"{name}.bin"), outputs[name])
 
+        n_trace = min(int(trace_images), len(images))
+        ops, error = rt.run_isolated(dc.traced_ops, model_in_tmp)
+        traces = {}
+        for name in dc.RUNTIMES:
+            if error:
+                break
+            traces[name], error = rt.run_isolated(dc.trace, model_in_tmp, name, threads, codes[:n_trace], ops)
+        if error:
+            raise rt.RuntimeFailure(f"{tflite_path}: tracing the ops failed ({error}); no package was written.")
+        ops = [op for op in ops if all(traces[r][op["tensor"]].dtype.name in dc.DTYPE_CODES for r in dc.RUNTIMES)]
+        for k, op in enumerate(ops):
+            for name in dc.RUNTIMES:
+                rel = f"golden/trace/{name}/{k:03d}.bin"
+                os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+                dc.write_tensor(os.path.join(tmp, rel), traces[name][op["tensor"]])
+                op[name] = rel
+
         golden_numbers = {name: {"accuracy": float(np.mean(outputs[name].argmax(-1) == y))} for name in dc.RUNTIMES}
         golden_numbers["reference_vs_xnnpack"] = dc.compare(outputs["xnnpack"], outputs["reference"])
-        twin = _twin_agreement(qat_model, codes, desc, outputs)
+        twin = _twin_agreement(qat_model, codes, desc, outputs, model_in_tmp, ops, traces, n_trace)
         out_scale, out_zero = desc["output_quantization"]
         sha = _sha256(model_in_tmp)
         manifest = {
@@ -251,6 +271,9 @@ def write_package(qat_model, tflite_path, out, dataset, golden=256, report=None,
                        "labels": "golden/labels.bin", "reference": "golden/reference.bin",
                        "xnnpack": "golden/xnnpack.bin",
                        "tensor_format": "MQGT v1 (README.md, 'Deployment package')"},
+            "trace": {"images": n_trace, "runtimes": list(dc.RUNTIMES), "ops": ops,
+                      "how": "each op's output tensor for the first `images` golden inputs, the model run with that "
+                             "tensor as its graph output (device_check.with_output)"},
         }
         files = {}
         for root, _, fnames in os.walk(tmp):
@@ -292,9 +315,10 @@ def _swap_in(tmp, out):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _twin_agreement(qat_model, codes, desc, outputs):
-    """The integer twin's output codes vs each runtime's on the golden inputs, or the reason there is no twin."""
-    from mobileqat import lowering
+def _twin_agreement(qat_model, codes, desc, outputs, model_path, ops, traces, n_trace):
+    """The integer twin's output codes vs each runtime's on the golden inputs, and its tensor of every traced op
+    vs the runtime's ("per_op"); or the reason there is no twin."""
+    from mobileqat import lowering, provenance
     try:
         twin = lowering.lower(qat_model)
     except ValueError as e:
@@ -309,6 +333,31 @@ def _twin_agreement(qat_model, codes, desc, outputs):
             result[name] = {"integer_path_error": str(e)}
             continue
         result[name] = dc.compare(mine.reshape(outputs[name].shape), outputs[name])
+    try:
+        where = provenance.file_tensors(twin, model_path)
+    except ValueError as e:
+        for name in result:
+            result[name]["per_op"] = {"error": str(e)}
+        return result
+    by_file = {index: tname for tname, index in where.items()}
+    for name in dc.RUNTIMES:
+        if "integer_path_error" in result[name]:
+            continue
+        values = twin.run(x8[:n_trace], name, keep_all=True)
+        rows, first = [], None
+        for op in ops:
+            tname = by_file.get(op["tensor"])
+            if tname is None or tname not in values:
+                continue
+            got = values[tname].astype(np.int64) + (128 if traces[name][op["tensor"]].dtype == np.uint8 else 0)
+            want = traces[name][op["tensor"]].astype(np.int64)
+            d = int(np.abs(got.reshape(want.shape) - want).max()) if got.size == want.size else None
+            rows.append(d)
+            if first is None and d != 0:
+                first = {"op": op["op"], "index": op["index"], "name": op["name"], "max_lsb_diff": d}
+        result[name]["per_op"] = {"ops_compared": len(rows), "of": len(ops), "images": n_trace,
+                                  "max_lsb_diff": max((r for r in rows if r is not None), default=None),
+                                  "first_difference": first}
     return result
 
 

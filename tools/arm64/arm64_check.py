@@ -262,12 +262,29 @@ def check_cpu(qemu, version, root, cpu, package, threads):
         log(f"{cpu}: ROOT/proc/cpuinfo written, features {' '.join(features)}")
     t0 = time.perf_counter()
     cmd = [qemu, "-cpu", cpu, "-L", root, os.path.join(root, "usr/bin/python3.11"), "-m", "mobileqat.device_check",
-           package, "--threads", str(threads), "--runs", "20", "--platform-label", f"aarch64 QEMU -cpu {cpu}"]
+           package, "--threads", str(threads), "--runs", "20", "--trace", "--platform-label", f"aarch64 QEMU -cpu {cpu}"]
     log(f"{cpu} ({CPUS.get(cpu, '')}): {' '.join(cmd[:3])} ... device_check")
     r = subprocess.run(cmd, env=env, text=True, capture_output=True, timeout=3600)
     sys.stdout.write(r.stdout)
     sys.stderr.write(r.stderr)
     return r.returncode == 0, time.perf_counter() - t0
+
+
+def twin_line(package):
+    """Say what the package's manifest proves on the host: the integer twin vs the golden codes (so codes that
+    match the golden ones on aarch64 match the twin's arithmetic too)."""
+    import json
+    with open(os.path.join(package, "manifest.json")) as f:
+        twin = json.load(f)["validation"]["integer_twin"]
+    if "integer_path_error" in twin:
+        log(f"integer twin: none ({twin['integer_path_error']}); the golden codes are the x86-64 runtimes' only")
+        return
+    for name, r in twin.items():
+        per_op = r.get("per_op", {})
+        log(f"integer twin ({name} arithmetic) vs the golden {name} codes, on the host: {r.get('identical')}/"
+            f"{r.get('images')} outputs identical, max {r.get('max_lsb_diff')} LSB; per op "
+            f"{per_op.get('ops_compared')}/{per_op.get('of')} ops x {per_op.get('images')} images, max "
+            f"{per_op.get('max_lsb_diff')} LSB")
 
 
 def demo_package(out):
@@ -295,6 +312,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="mobileqat-arm64-") as tmp:
         package = os.path.abspath(args.package) if args.package else demo_package(os.path.join(tmp, "pkg"))
         results = {}
+        twin_line(package)
         for cpu in args.cpus:
             results[cpu] = check_cpu(qemu, version, root, cpu, package, args.threads)
     log("summary: " + ", ".join(f"{cpu} {'PASS' if ok else 'FAIL'} ({s:.0f} s)" for cpu, (ok, s) in results.items()))
