@@ -225,16 +225,17 @@ def with_output(model_bytes, tensor):
 
 
 def traced_ops(model_path):
-    """[{"index": op index, "op": name, "tensor": output tensor index, "name": tensor name}] of every op but
-    the last, in execution order (the reference interpreter's, no delegate)."""
+    """[{"index": op index, "op": name, "tensor": output tensor index, "name": tensor name, "bytes": size of
+    one image's output}] of every op, in execution order (the reference interpreter's, no delegate)."""
     it = interpreter(model_path, "reference")
-    names = {t["index"]: t["name"] for t in it.get_tensor_details()}
-    final = int(it.get_output_details()[0]["index"])
+    tensors = {t["index"]: t for t in it.get_tensor_details()}
     ops = []
     for op in it._get_ops_details():
         out = int(op["outputs"][0])
-        if out != final:
-            ops.append({"index": int(op["index"]), "op": op["op_name"], "tensor": out, "name": names.get(out, "")})
+        t = tensors.get(out, {})
+        size = int(np.prod(t.get("shape", [0])[1:])) * np.dtype(t.get("dtype", np.int8)).itemsize
+        ops.append({"index": int(op["index"]), "op": op["op_name"], "tensor": out, "name": t.get("name", ""),
+                    "bytes": size})
     return ops
 
 
@@ -260,9 +261,10 @@ def trace(model_path, runtime, threads, codes, ops):
 
 
 def first_op_difference(pkg, manifest, runtime, threads, log):
-    """Re-run the traced ops (manifest["trace"]) on ``runtime``; returns None when every traced tensor equals
-    the stored one, else {"op", "index", "tensor", "name", "image", "max_lsb_diff"} of the first op that
-    differs, in execution order."""
+    """Re-run the traced ops (manifest["trace"]: every op, the first trace["images"] golden images) on
+    ``runtime``; returns None when every traced tensor equals the stored one, else {"op", "index", "tensor",
+    "name", "image", "max_lsb_diff"} of the first op, in execution order, whose output differs on any traced
+    image."""
     tr = manifest.get("trace")
     if not tr or runtime not in tr.get("runtimes", ()):
         return "no trace in the package"
@@ -383,8 +385,8 @@ def check(pkg, threads=1, runs=50, runtimes=RUNTIMES, log=print, trace_ops=False
         tr = manifest["trace"]
         if found is None:
             r["trace"] = {"ops": len(tr["ops"]), "images": tr["images"], "identical": True}
-            log(f"{name} per op: all {len(tr['ops'])} intermediate tensors x {tr['images']} images identical to "
-                "the stored ones")
+            log(f"{name} per op: all {len(tr['ops'])} op outputs x {tr['images']} images identical to the stored ones"
+                + ("" if r["identical"] == n else f" (the images that differ are not among the {tr['images']} traced)"))
         else:
             r["trace"] = {"ops": len(tr["ops"]), "images": tr["images"], "identical": False, "first_difference": found}
             log(f"{name} per op: FIRST OP THAT DIFFERS: op {found['index']} {found['op']} (tensor "

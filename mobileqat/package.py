@@ -131,15 +131,15 @@ def _decoded_png(path, hw, channels):
 
 
 def write_package(qat_model, tflite_path, out, dataset, golden=256, report=None, threads=1, log=None,
-                  trace_images=4):
+                  trace_mb=16):
     """Write the package folder ``out`` for ``tflite_path`` (exported from QAT model ``qat_model``).
 
     dataset: a ``mobileqat.data.Dataset`` (in memory, pixels x/127.5 - 1) or an ``ImageFolderStream``; the
     first ``golden`` test images become golden/: PNGs, their input tensors (quantized here by mobileqat's
     loader and ``scale_pixels``), the reference-kernel and XNNPACK output codes (each runtime in a worker
     process, batch 1) and the labels. The integer twin (``mobileqat.lowering``) is run on the same inputs and
-    its agreement with each runtime recorded. golden/trace: every op's output tensor for the first
-    ``trace_images`` golden inputs on each runtime (so a device can name the first op that differs), each
+    its agreement with each runtime recorded. golden/trace: every op's output tensor on each runtime for as many golden
+    inputs as fit in ``trace_mb`` MB (all of them for small models; None: all) (so a device can name the first op that differs), each
     compared with the twin's tensor. report: report.json of the run (test-set accuracy, fidelity),
     copied into the manifest. ``out`` is replaced only if it is a previous package or empty.
     Returns the manifest dict.
@@ -216,8 +216,9 @@ def write_package(qat_model, tflite_path, out, dataset, golden=256, report=None,
         for name in dc.RUNTIMES:
             dc.write_tensor(os.path.join(tmp, "golden", f"{name}.bin"), outputs[name])
 
-        n_trace = min(int(trace_images), len(images))
         ops, error = rt.run_isolated(dc.traced_ops, model_in_tmp)
+        per_image = 2 * sum(op["bytes"] for op in ops) if ops else 1
+        n_trace = len(images) if trace_mb is None else max(1, min(len(images), int(trace_mb * 2**20) // per_image))
         traces = {}
         for name in dc.RUNTIMES:
             if error:
