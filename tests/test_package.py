@@ -88,7 +88,8 @@ def test_golden_inputs_are_pil_plus_numpy_of_the_source_images(demo):
     pkg, images, _, m = demo
     x = dc.read_tensor(pkg / "golden" / "input.bin")
     stream = image_folder_stream(images, image_size=16, seed=0, test_fraction=GOLDEN / (600 + GOLDEN))
-    assert len(stream.test_files) == GOLDEN == len(x)
+    n = m["golden"]["count"]
+    assert len(stream.test_files) == n == len(x) and n >= 16
     scale, zero = m["input"]["scale"], m["input"]["zero_point"]
     for i, path in enumerate(stream.test_files):
         src = Image.open(path).convert("RGB")
@@ -98,7 +99,7 @@ def test_golden_inputs_are_pil_plus_numpy_of_the_source_images(demo):
         q = np.clip(np.sign(v) * np.floor(np.abs(v) + 0.5) + zero, -128, 127)
         np.testing.assert_array_equal(x[i], q.astype(np.int8))
         assert Image.open(pkg / m["golden"]["images"][i]).size == (32, 32)
-    np.testing.assert_array_equal(dc.read_tensor(pkg / "golden" / "labels.bin"), stream.y_test[:GOLDEN])
+    np.testing.assert_array_equal(dc.read_tensor(pkg / "golden" / "labels.bin"), stream.y_test[:n])
 
 
 def test_golden_outputs_are_the_interpreters_and_the_twins(demo):
@@ -117,9 +118,9 @@ def test_golden_outputs_are_the_interpreters_and_the_twins(demo):
     assert not np.array_equal(outs["reference"], outs["xnnpack"])  # the two runtimes are told apart
     for name in ("reference", "xnnpack"):
         twin = m["validation"]["integer_twin"][name]
-        assert twin["identical"] == GOLDEN and twin["max_lsb_diff"] == 0
+        assert twin["identical"] == m["golden"]["count"] and twin["max_lsb_diff"] == 0
         assert twin["per_op"]["ops_compared"] == twin["per_op"]["of"] == len(m["trace"]["ops"]) == 8
-        assert twin["per_op"]["images"] == m["trace"]["images"] == GOLDEN
+        assert twin["per_op"]["images"] == m["trace"]["images"] == m["golden"]["count"]
         assert twin["per_op"]["max_lsb_diff"] == 0
 
 
@@ -141,8 +142,9 @@ def test_trace_equals_the_reference_interpreters_preserved_tensors(demo):
 def test_device_check_passes_without_tensorflow(demo):
     r = _check(demo[0], "--trace")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"preprocessing: {GOLDEN}/{GOLDEN} PNGs" in r.stdout and "device-check: PASS" in r.stdout
-    assert "xnnpack per op: all 8 op outputs x 24 images identical" in r.stdout and "latency median" in r.stdout
+    n = demo[3]["golden"]["count"]
+    assert f"preprocessing: {n}/{n} PNGs" in r.stdout and "device-check: PASS" in r.stdout
+    assert f"xnnpack per op: all 8 op outputs x {n} images identical" in r.stdout and "latency median" in r.stdout
     r = _python(BLOCK_TF + "import mobileqat.device_check, mobileqat.cli\n"
                 "print(sorted(m for m in sys.modules if m.startswith(('mobileqat', 'tensorflow'))))")
     assert r.returncode == 0, r.stderr
@@ -157,7 +159,7 @@ def test_device_check_standalone_file(demo, tmp_path):
                        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads((tmp_path / "r.json").read_text())
-    assert result["passed"] and result["runtimes"]["xnnpack"]["identical"] == GOLDEN
+    assert result["passed"] and result["runtimes"]["xnnpack"]["identical"] == demo[3]["golden"]["count"]
     assert result["runtimes"]["reference"]["latency_ms"]["p90"] >= result["runtimes"]["reference"]["latency_ms"]["median"]
 
 
@@ -210,7 +212,8 @@ def test_changed_output_code_is_a_mismatch_naming_the_image(demo, tmp_path):
     _resign(pkg, "golden/xnnpack.bin")
     r = _check(pkg)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "xnnpack: 23/24 images" in r.stdout and "first difference on xnnpack: image golden/images/0005.png, " \
+    n = demo[3]["golden"]["count"]
+    assert f"xnnpack: {n - 1}/{n} images" in r.stdout and "first difference on xnnpack: image golden/images/0005.png, " \
         f"output 3: {was} here, {codes[5, 3]} stored" in r.stdout
 
 
@@ -236,7 +239,8 @@ def test_preprocessing_mismatch_names_the_png(demo, tmp_path):
     Image.fromarray(np.clip(img + 9, 0, 255).astype(np.uint8)).save(pkg / rel)
     _resign(pkg, rel)
     r = _check(pkg)
-    assert r.returncode == 1 and f"{GOLDEN - 1}/{GOLDEN} PNGs" in r.stdout and f"MISMATCH from {rel}" in r.stdout
+    n = demo[3]["golden"]["count"]
+    assert r.returncode == 1 and f"{n - 1}/{n} PNGs" in r.stdout and f"MISMATCH from {rel}" in r.stdout
 
 
 def test_tensor_format(tmp_path):
