@@ -171,19 +171,21 @@ def build_root(root):
     return root
 
 
-def qemu_binary():
-    """(path, version text) of a qemu-aarch64 that runs as is: QEMU 10 (next Debian release) if apt can fetch
-    it, else Debian 12's qemu-user-static; cached under CACHE/qemu."""
-    for path in sorted(glob.glob(os.path.join(CACHE, "qemu", "*", "usr", "bin", "qemu-aarch64*"))):
-        ok, version = _qemu_version(path)
-        if ok:
-            return path, version
+def qemu_binary(which="auto"):
+    """(path, version text) of a qemu-aarch64 that runs as is: QEMU 10 (the next Debian release's qemu-user) if
+    apt can fetch it, else the host release's qemu-user-static (QEMU 7.2 on Debian 12); ``which``: "next" or
+    "current" for only one of them. Cached under CACHE/qemu."""
     uri, codename = debian_mirror()
+    choices = [(NEXT.get(codename), "qemu-user", "next"), (codename, "qemu-user-static", "current")]
+    choices = [c for c in choices if c[0] and which in ("auto", c[2])]
+    for suite, package, _ in choices:
+        for path in sorted(glob.glob(os.path.join(CACHE, "qemu", f"{suite}-{package}", "usr", "bin", "qemu-aarch64*"))):
+            ok, version = _qemu_version(path)
+            if ok:
+                return path, version
     arch = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True).stdout.strip()
     tried = []
-    for suite, package in ((NEXT.get(codename), "qemu-user"), (codename, "qemu-user-static")):
-        if not suite:
-            continue
+    for suite, package, _ in choices:
         dest = os.path.join(CACHE, "qemu", f"{suite}-{package}")
         try:
             debs = Apt(f"{arch}-{suite}", arch, suite, uri).download([package], dest + ".debs")
@@ -318,13 +320,15 @@ def main(argv=None):
     p.add_argument("--allow", nargs="*", default=[], metavar="OP",
                    help="TFLite ops (e.g. SOFTMAX) whose aarch64 difference is known: a runtime whose first differing "
                         "op is one of them is reported as KNOWN, not a failure")
+    p.add_argument("--qemu", choices=("auto", "next", "current"), default="auto",
+                   help="QEMU of the next Debian release (10), of the host's (7.2 on Debian 12), or the first that works")
     p.add_argument("--setup-only", action="store_true", help="build the root and fetch QEMU, run nothing")
     args = p.parse_args(argv)
     if platform.machine() not in ("x86_64", "AMD64"):
         log(f"host is {platform.machine()}, not x86-64: running anyway")
     os.makedirs(CACHE, exist_ok=True)
     root = build_root(os.path.join(CACHE, "root"))
-    qemu, version = qemu_binary()
+    qemu, version = qemu_binary(args.qemu)
     log(f"QEMU: {qemu} ({version})")
     if args.setup_only:
         return 0
