@@ -260,7 +260,7 @@ def trace(model_path, runtime, threads, codes, ops):
     return out
 
 
-def first_op_difference(pkg, manifest, runtime, threads, log):
+def first_op_difference(pkg, manifest, runtime, threads, log, machine=None):
     """Re-run the traced ops (manifest["trace"]: every op, the first trace["images"] golden images) on
     ``runtime``; returns None when every traced tensor equals the stored one, else {"op", "index", "tensor",
     "name", "image", "max_lsb_diff"} of the first op, in execution order, whose output differs on any traced
@@ -272,7 +272,7 @@ def first_op_difference(pkg, manifest, runtime, threads, log):
     ops = tr["ops"]
     mine = trace(os.path.join(pkg, "model.tflite"), runtime, threads, x, ops)
     for op in ops:
-        stored = read_tensor(os.path.join(pkg, *op[runtime].split("/")))
+        stored = read_tensor(os.path.join(pkg, *op.get(f"{runtime}.{machine}", op[runtime]).split("/")))
         got = mine[op["tensor"]]
         if got.shape != stored.shape or not np.array_equal(got, stored):
             d = np.abs(got.astype(np.int64) - stored.astype(np.int64)) if got.shape == stored.shape else None
@@ -313,7 +313,21 @@ def compare(got, want):
             "max_lsb_diff": int(diff.max()) if diff.size else 0, "first_difference": first}
 
 
-def check(pkg, threads=1, runs=50, runtimes=RUNTIMES, log=print, trace_ops=False):
+def machine_name():
+    """This CPU architecture as the package names it: "aarch64" (also for "arm64"), "x86_64", ..."""
+    import platform
+    m = platform.machine().lower()
+    return {"arm64": "aarch64", "amd64": "x86_64"}.get(m, m)
+
+
+def golden_file(manifest, runtime, machine):
+    """The golden output file of ``runtime`` for ``machine``: the machine's own (manifest["golden"]["machines"],
+    where its arithmetic differs from the one the package was validated on) or the common one."""
+    own = ((manifest["golden"].get("machines") or {}).get(machine) or {}).get(runtime)
+    return own or manifest["golden"][runtime]
+
+
+def check(pkg, threads=1, runs=50, runtimes=RUNTIMES, log=print, trace_ops=False, machine=None):
     """Check package folder ``pkg``. Returns a result dict with "passed" (bool) and per-part numbers; raises
     PackageError for a package that cannot be checked. ``log``: called with each line of the report.
     trace_ops: also compare every traced intermediate tensor (manifest["trace"]) on each runtime; done anyway
@@ -324,11 +338,18 @@ def check(pkg, threads=1, runs=50, runtimes=RUNTIMES, log=print, trace_ops=False
     log(f"package {pkg}: {len(files)} files, sizes and sha256 as manifest.json says "
         f"(model.tflite {files['model.tflite']['bytes']} bytes, sha256 {manifest['model']['sha256'][:16]}...)")
     golden = manifest.get("golden") or {}
+    machine = machine or machine_name()
     try:
-        tensors = {k: read_tensor(os.path.join(pkg, *golden[k].split("/"))) for k in ("input", "labels", *runtimes)}
+        files = {k: golden[k] for k in ("input", "labels")}
+        files.update({k: golden_file(manifest, k, machine) for k in runtimes})
         images = list(golden["images"])
     except KeyError as e:
         raise PackageError(f"{pkg}/manifest.json: golden entry {e} missing; re-export the package.") from None
+    tensors = {k: read_tensor(os.path.join(pkg, *rel.split("/"))) for k, rel in files.items()}
+    for k in runtimes:
+        if files[k] != golden[k]:
+            log(f"{k}: this machine ({machine}) is held to {files[k]}: "
+                f"{golden['machines'][machine].get('source', '')}")
     n = len(images)
     inp_spec, out_spec = manifest["input"], manifest["output"]
     x = tensors["input"]
@@ -359,7 +380,7 @@ def check(pkg, threads=1, runs=50, runtimes=RUNTIMES, log=print, trace_ops=False
         want = tensors[name]
         got = invoke_codes(model, name, threads, x)
         if got.shape != want.shape:
-            raise PackageError(f"{golden[name]}: shape {list(want.shape)}, but the model outputs {list(got.shape)}; "
+            raise PackageError(f"{files[name]}: shape {list(want.shape)}, but the model outputs {list(got.shape)}; "
                                "re-export the package.")
         c = compare(got, want)
         c["accuracy"] = float(np.mean(got.reshape(n, -1).argmax(1) == labels)) if n else None
@@ -381,7 +402,7 @@ def check(pkg, threads=1, runs=50, runtimes=RUNTIMES, log=print, trace_ops=False
         r = result["runtimes"][name]
         if not (trace_ops or r["identical"] < n) or not manifest.get("trace"):
             continue
-        found = first_op_difference(pkg, manifest, name, threads, log)
+        found = first_op_difference(pkg, manifest, name, threads, log, machine)
         tr = manifest["trace"]
         if found is None:
             r["trace"] = {"ops": len(tr["ops"]), "images": tr["images"], "identical": True}
@@ -408,6 +429,8 @@ def main(argv=None):
                                                         "(done anyway on a mismatch, to name the first op)")
     p.add_argument("--json", help="also write the result as JSON to this file")
     p.add_argument("--platform-label", default=None, help="a name for this device in the printed result")
+    p.add_argument("--machine", default=None, help="compare with the golden codes of this architecture (default: "
+                                                   "this one's, e.g. aarch64; x86_64 = the codes validated on)")
     args = p.parse_args(argv)
     if args.threads < 1 or args.runs < 0:
         p.error("--threads must be >= 1 and --runs >= 0")
@@ -416,11 +439,13 @@ def main(argv=None):
     print(f"device-check on {label}, Python {platform.python_version()}", flush=True)
     try:
         result = check(args.package, args.threads, args.runs, tuple(args.runtimes),
-                       log=lambda s: print(s, flush=True), trace_ops=args.trace)
+                       log=lambda s: print(s, flush=True), trace_ops=args.trace,
+                       machine=args.machine)
     except PackageError as e:
         print(f"device-check: FAIL: {e}", file=sys.stderr)
         return 2
     result["platform"] = label
+    result["machine"] = args.machine or machine_name()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -237,6 +237,7 @@ def write_package(qat_model, tflite_path, out, dataset, golden=256, report=None,
         golden_numbers = {name: {"accuracy": float(np.mean(outputs[name].argmax(-1) == y))} for name in dc.RUNTIMES}
         golden_numbers["reference_vs_xnnpack"] = dc.compare(outputs["xnnpack"], outputs["reference"])
         twin = _twin_agreement(qat_model, codes, desc, outputs, model_in_tmp, ops, traces, n_trace)
+        machines = _aarch64_codes(qat_model, codes, desc, outputs, ops, traces, n_trace, twin, tmp)
         out_scale, out_zero = desc["output_quantization"]
         sha = _sha256(model_in_tmp)
         manifest = {
@@ -271,7 +272,8 @@ def write_package(qat_model, tflite_path, out, dataset, golden=256, report=None,
             "golden": {"count": len(images), "images": images, "input": "golden/input.bin",
                        "labels": "golden/labels.bin", "reference": "golden/reference.bin",
                        "xnnpack": "golden/xnnpack.bin",
-                       "tensor_format": "MQGT v1 (README.md, 'Deployment package')"},
+                       "tensor_format": "MQGT v1 (README.md, 'Deployment package')",
+                       "machines": machines},
             "trace": {"images": n_trace, "runtimes": list(dc.RUNTIMES), "ops": ops,
                       "how": "each op's output tensor for the first `images` golden inputs, the model run with that "
                              "tensor as its graph output (device_check.with_output)"},
@@ -360,6 +362,56 @@ def _twin_agreement(qat_model, codes, desc, outputs, model_path, ops, traces, n_
                                   "max_lsb_diff": max((r for r in rows if r is not None), default=None),
                                   "first_difference": first}
     return result
+
+
+def _twin_values(twin, x8, runtime, softmax=None, keep_all=False):
+    """The twin's tensors for int8 inputs ``x8`` in ``runtime`` arithmetic, with int8 SOFTMAX computed by
+    ``softmax`` (same signature as ``integer.softmax_lut``) when given."""
+    from mobileqat import lowering
+    arith = lowering._arithmetic(runtime)
+    values = {twin.input.name: np.asarray(x8, np.int8)}
+    for op in twin.ops:
+        if op.kind == "softmax" and softmax is not None:
+            t_in = twin.tensors[op.inputs[0]]
+            values[op.output] = softmax(values[op.inputs[0]], t_in.scale, t_in.zero_point)
+        else:
+            values[op.output] = twin._eval(op, values, arith, runtime)
+    return values if keep_all else values[twin.output.name]
+
+
+def _aarch64_codes(qat_model, codes, desc, outputs, ops, traces, n_trace, twin_result, tmp):
+    """{"aarch64": {"xnnpack": golden file, "source": ..., "images_differing_from_x86": n}} when the file has an
+    int8 SOFTMAX (the one op whose XNNPACK-runtime arithmetic differs on aarch64: the builtin kernel's uint16
+    exp table, ``integer.softmax_lut_uint16``), computed by the integer twin; trace ops get "xnnpack.aarch64".
+    {} when there is no SOFTMAX or no twin (the aarch64 device is then held to the x86-64 codes)."""
+    from mobileqat import integer, lowering, provenance
+    if "SOFTMAX" not in desc["ops"] or "integer_path_error" in twin_result or \
+            any("integer_path_error" in r for r in twin_result.values()):
+        return {}
+    twin = lowering.lower(qat_model)
+    if not any(op.kind == "softmax" for op in twin.ops):
+        return {}
+    shift = 128 if desc["input_dtype"] == "uint8" else 0
+    x8 = (codes.astype(np.int16) - shift).astype(np.int8)
+    out_shift = 128 if desc["output_dtype"] == "uint8" else 0
+    arm = (_twin_values(twin, x8, "xnnpack", integer.softmax_lut_uint16).astype(np.int64) + out_shift)
+    arm = arm.reshape(outputs["xnnpack"].shape).astype(outputs["xnnpack"].dtype)
+    dc.write_tensor(os.path.join(tmp, "golden", "xnnpack.aarch64.bin"), arm)
+    by_file = {index: name for name, index in provenance.file_tensors(twin, os.path.join(tmp, "model.tflite")).items()}
+    values = _twin_values(twin, x8[:n_trace], "xnnpack", integer.softmax_lut_uint16, keep_all=True)
+    for k, op in enumerate(ops):
+        if op["op"] == "SOFTMAX" and by_file.get(op["tensor"]) in values:
+            v = values[by_file[op["tensor"]]].astype(np.int64) + (128 if traces["xnnpack"][op["tensor"]].dtype == np.uint8 else 0)
+            rel = f"golden/trace/xnnpack.aarch64/{k:03d}.bin"
+            os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+            dc.write_tensor(os.path.join(tmp, rel), v.reshape(traces["xnnpack"][op["tensor"]].shape).astype(
+                traces["xnnpack"][op["tensor"]].dtype))
+            op["xnnpack.aarch64"] = rel
+    differ = int(np.sum(np.any(arm.reshape(len(arm), -1) != outputs["xnnpack"].reshape(len(arm), -1), axis=1)))
+    return {"aarch64": {"xnnpack": "golden/xnnpack.aarch64.bin", "images_differing_from_x86": differ,
+                        "source": "the integer twin in XNNPACK arithmetic with the aarch64 builds' int8 SOFTMAX "
+                                  "(uint16 exp table, mobileqat.integer.softmax_lut_uint16); every other op as on "
+                                  "x86-64"}}
 
 
 def _test_set_numbers(report):
