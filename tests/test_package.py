@@ -287,3 +287,45 @@ def test_export_command_and_atomic_write(demo, tmp_path):
     assert "integer twin vs runtimes: reference max 0 LSB, xnnpack max 0 LSB" in r.stdout
     m = json.loads((tmp_path / "killed" / "manifest.json").read_text())
     assert m["golden"]["count"] == 6 and dc.check(tmp_path / "killed", runs=0, log=lambda s: None)["passed"]
+
+
+def test_aarch64_codes_differ_only_after_softmax(demo):
+    """The package's aarch64 XNNPACK codes: the twin with the aarch64 SOFTMAX; every op before SOFTMAX is the x86
+    trace; on this machine, `--machine aarch64` holds XNNPACK to them (fails exactly when they differ)."""
+    from mobileqat import integer
+    pkg, _, _, m = demo
+    arm = m["golden"]["machines"]["aarch64"]
+    assert arm["xnnpack"] == "golden/xnnpack.aarch64.bin"
+    x86 = dc.read_tensor(pkg / "golden" / "xnnpack.bin").astype(np.int64)
+    a64 = dc.read_tensor(pkg / arm["xnnpack"]).astype(np.int64)
+    assert np.abs(x86 - a64).max() <= 1
+    assert arm["images_differing_from_x86"] == int(np.any(x86 != a64, axis=1).sum())
+    softmax_in = m["trace"]["ops"][-2]
+    assert m["trace"]["ops"][-1]["op"] == "SOFTMAX" and "xnnpack.aarch64" in m["trace"]["ops"][-1]
+    assert all("xnnpack.aarch64" not in op for op in m["trace"]["ops"][:-1])
+    from ai_edge_litert.interpreter import Interpreter
+    scale = {t["index"]: t for t in Interpreter(model_path=str(pkg / "model.tflite")).get_tensor_details()}[
+        softmax_in["tensor"]]["quantization"][0]
+    logits = dc.read_tensor(pkg / softmax_in["xnnpack"])
+    np.testing.assert_array_equal(integer.softmax_lut_uint16(logits, scale, 0), a64)
+    np.testing.assert_array_equal(integer.softmax_lut(logits, scale, 0), x86)  # x86: the float table
+    r = _check(pkg, "--machine", "aarch64")
+    assert "held to golden/xnnpack.aarch64.bin" in r.stdout
+    if arm["images_differing_from_x86"]:
+        assert r.returncode == 1 and "xnnpack per op: FIRST OP THAT DIFFERS" in r.stdout and "SOFTMAX" in r.stdout
+    else:
+        assert r.returncode == 0
+
+
+def test_uint16_softmax_table_is_the_c_expression():
+    """table[v] = (int)(expf(s * (v - 255)) * 65535 + 0.5) capped at 65535: the top entry is 65535, entries fall
+    with v's distance from 255, and the float32 product is what is rounded (checked on a few entries in exact
+    rational arithmetic from the float32 value of expf)."""
+    from fractions import Fraction
+    from mobileqat import integer
+    t = integer.softmax_uint16_table(0.0625)
+    assert t[255] == 65535 and np.all(np.diff(t) >= 0) and t[0] < 10
+    e = integer._expf(np.float32(0.0625) * (np.arange(256, dtype=np.float32) - np.float32(255)))
+    for v in (0, 100, 200, 250, 254):
+        product = np.float32(e[v] * np.float32(65535))
+        assert t[v] == min(65535, int(Fraction(float(product)) + Fraction(1, 2)))

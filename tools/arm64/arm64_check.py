@@ -293,7 +293,12 @@ def twin_line(package):
     match the golden ones on aarch64 match the twin's arithmetic too)."""
     import json
     with open(os.path.join(package, "manifest.json")) as f:
-        twin = json.load(f)["validation"]["integer_twin"]
+        manifest = json.load(f)
+    twin = manifest["validation"]["integer_twin"]
+    arm = (manifest["golden"].get("machines") or {}).get("aarch64")
+    if arm:
+        log(f"aarch64 XNNPACK golden codes: {arm['xnnpack']}, from {arm['source']}; they differ from the x86-64 "
+            f"codes on {arm['images_differing_from_x86']} of {manifest['golden']['count']} images")
     if "integer_path_error" in twin:
         log(f"integer twin: none ({twin['integer_path_error']}); the golden codes are the x86-64 runtimes' only")
         return
