@@ -257,6 +257,13 @@ def check_cpu(qemu, version, root, cpu, package, threads, allow=()):
     """device-check of ``package`` under ``-cpu cpu``; returns (verdict, seconds), verdict "PASS", "FAIL" or
     "KNOWN" (outputs differ, and on each runtime that differs the first op that differs is in ``allow``)."""
     env = guest_env(root)
+    listed = subprocess.run([qemu, "-cpu", "help"], capture_output=True, text=True).stdout.split()
+    if cpu not in listed:
+        log(f"{cpu}: this QEMU ({version}) has no -cpu {cpu}; use the next Debian release's (--qemu next)")
+        return "FAIL", 0.0
+    own = os.path.join(root, "proc", "cpuinfo")
+    if qemu_major(version) >= 8 and os.path.exists(own):
+        os.unlink(own)  # QEMU >= 8 emulates /proc/cpuinfo itself; a 7.2 run's file must not linger
     if qemu_major(version) < 8:  # QEMU 7.2 shows the guest the host's cpuinfo: give it an ARM one (read via -L)
         os.makedirs(os.path.join(root, "proc"), exist_ok=True)
         text, features = cpuinfo(qemu, root, cpu, env)
