@@ -444,6 +444,10 @@ def main(argv=None):
     except PackageError as e:
         print(f"device-check: FAIL: {e}", file=sys.stderr)
         return 2
+    except (KeyError, TypeError, AttributeError) as e:  # a manifest that parses but lacks an entry
+        print(f"device-check: FAIL: {args.package}/manifest.json: malformed ({type(e).__name__}: {e}); "
+              "re-export the package.", file=sys.stderr)
+        return 2
     result["platform"] = label
     result["machine"] = args.machine or machine_name()
     if args.json:

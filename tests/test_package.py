@@ -192,13 +192,17 @@ def test_wrong_sha256_in_manifest(demo, tmp_path):
     assert r.returncode == 2 and "labels.txt: sha256" in r.stderr
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated"])
+@pytest.mark.parametrize("damage", ["missing", "truncated", "no_preprocessing"])
 def test_broken_manifest(demo, tmp_path, damage):
     pkg = _copy(demo, tmp_path)
     if damage == "missing":
         (pkg / "manifest.json").unlink()
-    else:
+    elif damage == "truncated":
         (pkg / "manifest.json").write_bytes((pkg / "manifest.json").read_bytes()[:500])
+    else:
+        m = json.loads((pkg / "manifest.json").read_text())
+        del m["preprocessing"]
+        (pkg / "manifest.json").write_text(json.dumps(m))
     r = _check(pkg)
     assert r.returncode == 2 and "manifest.json" in r.stderr and "Traceback" not in r.stderr
 
