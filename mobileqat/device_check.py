@@ -351,7 +351,7 @@ def check(pkg, threads=1, runs=50, runtimes=RUNTIMES, log=print, trace_ops=False
             log(f"{k}: this machine ({machine}) is held to {files[k]}: "
                 f"{golden['machines'][machine].get('source', '')}")
     n = len(images)
-    inp_spec, out_spec = manifest["input"], manifest["output"]
+    inp_spec = manifest["input"]
     x = tensors["input"]
     if x.shape != (n, *inp_spec["shape"][1:]) or x.dtype.name != inp_spec["dtype"]:
         raise PackageError(f"{golden['input']}: shape {list(x.shape)} {x.dtype.name}, but the manifest has {n} "

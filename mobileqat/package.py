@@ -7,7 +7,6 @@ and the golden tensor format: README.md, "Deployment package"; the format itself
 docstring (``write_tensor``/``read_tensor``).
 """
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -24,10 +23,6 @@ from mobileqat.data import (ImageFolderStream, _orientation, _read_image, _shrin
 FORMAT_VERSION = 1
 PIXEL_FORMULAS = {"-1..1": "x / 127.5 - 1", "0..1": "x / 255", "0..255": "x", "mean_std": "(x - mean) / std"}
 MAX_PNG_SIDE = 4  # a golden PNG keeps its decoded size up to this many times the input side, else is resized
-
-
-def _sha256(path):
-    return dc.sha256(path)
 
 
 def _versions():
@@ -73,21 +68,11 @@ def layer_schemes(qat_model):
         inner = getattr(layer, "layer", layer)
         wq = getattr(config, "weight_quantizer", None)
         oq = getattr(config, "output_quantizer", None)
+        if wq is None:  # FoldedConvBN fake-quantizes its folded kernel itself
+            wq = getattr(inner, "weight_quantizer", None)
         rows.append({"layer": inner.name, "class": type(inner).__name__,
-                     "weights": None if wq is None or not getattr(config, "weight_attrs", None) and
-                     type(inner).__name__ != "FoldedConvBN" else {"quantizer": type(wq).__name__, **wq.get_config()},
+                     "weights": None if wq is None else {"quantizer": type(wq).__name__, **wq.get_config()},
                      "activations": None if oq is None else {"quantizer": type(oq).__name__, **oq.get_config()}})
-    return rows
-
-
-def _folded_weights(rows, qat_model):
-    """FoldedConvBN quantizes its folded kernel itself: name its weight quantizer (per-channel int8)."""
-    for row in rows:
-        if row["class"] == "FoldedConvBN" and row["weights"] is None:
-            layer = next((getattr(l, "layer", l) for l in qat_model.layers if getattr(l, "layer", l).name == row["layer"]), None)
-            q = getattr(layer, "weight_quantizer", None)
-            if q is not None:
-                row["weights"] = {"quantizer": type(q).__name__, **q.get_config()}
     return rows
 
 
@@ -239,7 +224,7 @@ def write_package(qat_model, tflite_path, out, dataset, golden=256, report=None,
         twin = _twin_agreement(qat_model, codes, desc, outputs, model_in_tmp, ops, traces, n_trace)
         machines = _aarch64_codes(qat_model, codes, desc, outputs, ops, traces, n_trace, twin, tmp)
         out_scale, out_zero = desc["output_quantization"]
-        sha = _sha256(model_in_tmp)
+        sha = dc.sha256(model_in_tmp)
         manifest = {
             "format": dc.FORMAT, "format_version": FORMAT_VERSION,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -261,7 +246,7 @@ def write_package(qat_model, tflite_path, out, dataset, golden=256, report=None,
                        "scale": float(out_scale), "zero_point": int(out_zero),
                        "meaning": _output_meaning(qat_model, len(names)), "labels": "labels.txt",
                        "dequantize": "value = (q - zero_point) * scale"},
-            "schemes": _folded_weights(layer_schemes(qat_model), qat_model),
+            "schemes": layer_schemes(qat_model),
             "validation": {
                 "platform": {"machine": platform.machine(), "cpu": _cpu_name(), "system": platform.system()},
                 "runtimes": {"reference": "ai_edge_litert Interpreter, OpResolverType.BUILTIN_REF",
@@ -283,7 +268,7 @@ def write_package(qat_model, tflite_path, out, dataset, golden=256, report=None,
             for fname in sorted(fnames):
                 full = os.path.join(root, fname)
                 rel = os.path.relpath(full, tmp).replace(os.sep, "/")
-                files[rel] = {"bytes": os.path.getsize(full), "sha256": _sha256(full)}
+                files[rel] = {"bytes": os.path.getsize(full), "sha256": dc.sha256(full)}
         manifest["files"] = dict(sorted(files.items()))
         with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
