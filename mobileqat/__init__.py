@@ -39,11 +39,12 @@ _API = {
     "run_pipeline": "mobileqat.pipeline", "RunConfig": "mobileqat.pipeline", "load_qat_model": "mobileqat.quantize",
     "save_keras_model": "mobileqat.export",
     "audit": "mobileqat.quantize", "FileMismatchError": "mobileqat.provenance", "fingerprint": "mobileqat.provenance",
+    "write_package": "mobileqat.package", "export_package": "mobileqat.package",
     "check_tflite": "mobileqat.runtime", "InvalidModelError": "mobileqat.runtime", "RuntimeFailure": "mobileqat.runtime",
 }
 _SUBMODULES = {"architectures", "ops", "data", "debug", "integer", "integer_xnnpack", "lowering", "export", "harness", "layers", "quantizers", "quantize", "schemes",
                "transforms", "training", "pipeline", "report", "runtime", "cli", "provenance", "stages",
-               "tflite_file", "faults"}
+               "tflite_file", "faults", "package", "device_check"}
 
 __all__ = sorted(_API) + ["architectures", "debug", "integer", "integer_xnnpack", "lowering"]
 

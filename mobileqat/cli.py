@@ -1,4 +1,7 @@
-"""The ``mobileqat`` command: demo, run, validate, debug, bench."""
+"""The ``mobileqat`` command: demo, run, validate, debug, bench, export, device-check, coverage.
+
+``device-check`` is dispatched before anything else is imported: it needs numpy, Pillow and ai-edge-litert
+only (``mobileqat.device_check``), never TensorFlow."""
 import argparse
 import json
 import math
@@ -53,6 +56,8 @@ def _add_run_options(p, defaults):
     p.add_argument("--bench-runs", type=COUNT, default=defaults.bench_runs)
     p.add_argument("--seed", type=SEED, default=defaults.seed)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--golden", type=number(int, 0), default=256,
+                   help="golden images of OUT/package, the deployment package written at the end (0: none)")
 
 
 def _config(args, **extra):
@@ -106,7 +111,19 @@ def cmd_demo(args):
     cfg = _config(args)  # flag errors before the images are drawn
     ds = synthetic_shapes(n_train=args.train, n_test=args.test, image_size=args.input_size, seed=args.seed,
                           difficulty=args.difficulty)
-    return _finish(run_pipeline(ds, args.out, cfg), args.out)
+    return _package(_finish(run_pipeline(ds, args.out, cfg), args.out), args, ds)
+
+
+def _package(code, args, ds):
+    """After a run that succeeded: OUT/package (``mobileqat.package``), unless --golden 0."""
+    if code != 0 or not args.golden:
+        return code
+    import json as _json
+    from mobileqat.package import write_run_package
+    with open(os.path.join(args.out, "report.json")) as f:
+        report = _json.load(f)
+    write_run_package(args.out, ds, report, golden=args.golden, threads=args.threads, log=print)
+    return 0
 
 
 def cmd_run(args):
@@ -139,7 +156,8 @@ def cmd_run(args):
     if ds.skipped:
         print(f"skipped {len(ds.skipped)} unreadable files, e.g. {ds.skipped[0][0]}: {ds.skipped[0][1]}",
               file=sys.stderr)
-    return _finish(run_pipeline(ds, args.out, cfg, float_model=float_model, qat_model=qat_model), args.out)
+    return _package(_finish(run_pipeline(ds, args.out, cfg, float_model=float_model, qat_model=qat_model), args.out),
+                    args, ds)
 
 
 def _eval_data(args):
@@ -218,6 +236,45 @@ def cmd_bench(args):
         write_atomic(args.json, json.dumps(result, indent=2).encode())
     print(json.dumps(result, indent=2))
     return _failed(args.tflite[0], [f for r in results for f in harness.failed_runtimes(r)])
+
+
+def cmd_export(args):
+    from mobileqat.data import image_folder_stream, synthetic_shapes
+    from mobileqat.package import export_package
+    from mobileqat.quantize import load_qat_model
+    if not os.path.isfile(args.qat_model):
+        raise FileNotFoundError(f"{args.qat_model}: no such QAT model file; pass the .h5 a run wrote "
+                                "(e.g. OUT/qat_model.h5).")
+    model = load_qat_model(args.qat_model)
+    h, w, c = (int(d) for d in model.inputs[0].shape[1:])
+    if args.data:
+        ds = image_folder_stream(args.data, image_size=(h, w), channels=c, seed=args.seed, pixels=args.pixels,
+                                 mean=args.mean, std=args.std)
+    else:
+        if args.pixels != "-1..1" or args.mean or args.std:
+            raise ValueError("--pixels/--mean/--std apply to --data (an image folder); the synthetic test split is "
+                             "scaled to -1..1. Pass --data, or drop them.")
+        if h != w:
+            raise ValueError(f"{args.qat_model} takes {h}x{w} images; the synthetic shapes are square: pass --data.")
+        ds = synthetic_shapes(n_train=0, n_test=args.golden, image_size=h, channels=c, seed=args.seed)
+    report = None
+    if args.report:
+        with open(args.report) as f:
+            report = json.load(f)
+    manifest = export_package(model, args.out, ds, io_type=args.io_type, golden=args.golden, report=report,
+                              threads=args.threads, log=print)
+    v = manifest["validation"]
+    twin = v["integer_twin"]
+    print(f"golden accuracy: reference {100 * v['golden']['reference']['accuracy']:.2f} %, XNNPACK "
+          f"{100 * v['golden']['xnnpack']['accuracy']:.2f} %; integer twin vs runtimes: " + (
+              twin["integer_path_error"] if "integer_path_error" in twin else
+              ", ".join(f"{k} max {r.get('max_lsb_diff')} LSB" for k, r in twin.items())))
+    return 0
+
+
+def cmd_device_check(args):
+    from mobileqat import device_check
+    return device_check.main(args.rest)
 
 
 def cmd_coverage(args):
@@ -322,6 +379,25 @@ def build_parser():
     p.add_argument("--json", default=None, help="also write the result as JSON to this file")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("export", help="export a QAT model (.h5) to a deployment package: model.tflite, labels.txt, "
+                                      "manifest.json, golden/ (README: Deployment package)")
+    p.add_argument("qat_model", help="the QAT model (.h5), e.g. OUT/qat_model.h5")
+    p.add_argument("--out", required=True, help="package folder to write (replaced only if it is a package)")
+    p.add_argument("--data", help="image folder DATA/<class>/<image> for labels and golden images (default: the "
+                                  "synthetic shapes test split)")
+    _add_pixel_options(p)
+    p.add_argument("--golden", type=COUNT, default=256, help="golden images (from the test split)")
+    p.add_argument("--report", help="report.json of the run, for the manifest's test-set numbers")
+    p.add_argument("--io-type", default="int8", choices=["int8", "uint8"])
+    p.add_argument("--threads", type=THREADS, default=1)
+    p.add_argument("--seed", type=SEED, default=0)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("device-check", add_help=False, help="check a package on this device (numpy, Pillow, "
+                                                            "ai-edge-litert only): `mobileqat device-check -h`")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_device_check)
+
     from mobileqat.coverage import MODELS, TOOLS
     p = sub.add_parser("coverage", help="which Keras models quantize, convert and lower exactly (mobileqat and tfmot)")
     p.add_argument("--models", nargs="+", choices=MODELS, metavar="MODEL",
@@ -338,6 +414,10 @@ def build_parser():
 def main(argv=None):
     """Exit codes: 0 done; 1 a check failed or a runtime could not run; 2 bad input (flags, data,
     files), with one line naming the thing and the fix; 130 interrupted."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["device-check"]:  # before the parser: it imports modules that import TensorFlow
+        from mobileqat import device_check
+        return device_check.main(argv[1:])
     from mobileqat.runtime import RuntimeFailure
     args = build_parser().parse_args(argv)
     try:

@@ -798,3 +798,35 @@ def softmax_lut(x, input_scale, input_zero_point, beta=1.0, output_zero_point=-1
     prob = (e * inv).astype(np.float32)
     out = _round_half_away(prob) + output_zero_point  # std::round(float)
     return np.clip(out, -128, 127).astype(np.int8)
+
+
+def softmax_uint16_table(input_scale, beta=1.0):
+    """PopulateSoftmaxUInt8LookupTable (optimized kernel with TFLITE_SOFTMAX_USE_UINT16_LUT, the aarch64 clang
+    builds): table[v] = min(65535, int(expf(input_scale*beta * (v - 255)) * 65535 + 0.5)), v = 0..255, the
+    product in float32 and the + 0.5 in double, as the C++ expression promotes them."""
+    scale = np.float32(input_scale) * np.float32(beta)
+    e = _expf((scale * (np.arange(256, dtype=np.float32) - np.float32(255))).astype(np.float32))
+    product = (e * np.float32(65535)).astype(np.float32)
+    return np.minimum(65535, np.floor(product.astype(np.float64) + 0.5)).astype(np.int64)
+
+
+def softmax_lut_uint16(x, input_scale, input_zero_point, beta=1.0, output_zero_point=-128, output_scale=1.0 / 256):
+    """Optimized-kernel int8 SOFTMAX of the aarch64 builds (SoftmaxInt8LUT, TFLITE_SOFTMAX_USE_UINT16_LUT): what
+    a phone's XNNPACK runtime runs for int8 SOFTMAX (the delegate does not take it), over the last axis.
+
+    e_j = table[255 - (max - x_j)] (uint16, ``softmax_uint16_table``); sum = sum_j e_j (exact integer);
+    inv = 1 / (sum * output_scale) in float32; (multiplier, shift) = QuantizeMultiplier(inv);
+    out = MultiplyByQuantizedMultiplier(e_j, multiplier, shift) + output_zero_point, clamped to int8.
+    Measured equal to the aarch64 ai-edge-litert 2.3 wheel under QEMU (``make arm64-check``)."""
+    del input_zero_point
+    table = softmax_uint16_table(input_scale, beta)
+    x = np.asarray(x, np.int64)
+    e = table[255 - (x.max(axis=-1, keepdims=True) - x)]
+    total = e.sum(axis=-1)
+    flat_e, flat_total = e.reshape(-1, e.shape[-1]), total.reshape(-1)
+    out = np.empty(flat_e.shape, np.int64)
+    for i in range(len(flat_e)):
+        inv = np.float32(1.0) / (np.float32(flat_total[i]) * np.float32(output_scale))
+        multiplier, shift = quantize_multiplier(float(inv))
+        out[i] = multiply_by_quantized_multiplier(flat_e[i], multiplier, shift)
+    return np.clip(out.reshape(e.shape) + output_zero_point, -128, 127).astype(np.int8)

@@ -62,6 +62,18 @@ def test_demo_writes_full_report(demo):
     assert (out / "report.md").read_text().startswith("# mobileqat report")
     assert "top-1 agreement" in r.stdout
     assert not list(out.glob(".tmp-*"))
+    _package_passes(out, 100, report)
+
+
+def _package_passes(out, golden, report):
+    """OUT/package: written at the end of the run, passes device-check, twin exact, the run's numbers inside."""
+    from mobileqat import device_check
+    manifest = json.loads((out / "package" / "manifest.json").read_text())
+    assert manifest["golden"]["count"] == golden
+    assert manifest["validation"]["test_set"]["accuracy_xnnpack"] == report["variants"]["qat_int8"]["accuracy"]
+    for name in ("reference", "xnnpack"):
+        assert manifest["validation"]["integer_twin"][name]["max_lsb_diff"] == 0
+    assert device_check.check(out / "package", runs=0, log=lambda s: None)["passed"]
 
 
 def test_validate_exit_code_follows_threshold(demo):
@@ -131,6 +143,9 @@ def test_run_on_image_folder(tmp_path):
     from mobileqat.export import tensor_types
     assert tensor_types(out / "qat_int8.tflite")["input"] == "uint8"
     assert "broken.png" in r.stderr
+    _package_passes(out, report["dataset"]["test"], report)
+    png = Image.open(out / "package" / "golden" / "images" / "0000.png")
+    assert png.size == (28, 20)  # kept at its own size: device-check resizes it to 32 x 32
 
 
 def test_bad_data_folder_is_a_clear_error(tmp_path):
