@@ -262,7 +262,7 @@ def fold_batchnorm(model, weight_quantizer=None):
 
 
 # Activations with an int8 kernel of their own but none fused into CONV_2D / FULLY_CONNECTED.
-SPLIT_ACTIVATIONS = ("softmax", "sigmoid", "tanh", "swish", "silu")
+SPLIT_ACTIVATIONS = ("softmax", "sigmoid", "tanh", "swish", "silu", "gelu")
 _SPLIT_LAYERS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense,
                  keras.layers.Conv2DTranspose)  # exact types
 
