@@ -176,6 +176,9 @@ _NO_MAPPING_FIX = {  # class name -> fix, where a plainer one than "replace it" 
     "Rescaling": "scale the images in the input pipeline, before the model",
     "Normalization": "normalize the images in the input pipeline, before the model",
     "SyncBatchNormalization": "use layers.BatchNormalization",
+    "LayerNormalization": "keep it float: quantize(model, keep_float=True) (or the layer names), then "
+                          "export_tflite(..., allow_float_ops=True); its int8 file then runs it in float between "
+                          "DEQUANTIZE and QUANTIZE, and mobileqat.lower names it (no integer twin for the model)",
     "LayerScale": "put it directly after a Conv2D/Dense/DepthwiseConv2D with no activation that nothing else "
                   "uses: quantize then folds its per-channel scale into that layer's weights",
     "QuantizeWrapperV2": "the model is already quantized: pass the float model to quantize()",
@@ -190,7 +193,9 @@ def no_integer_mapping(layer, graph):
     if not _has_integer_mapping(layer):
         cls = type(layer).__name__
         what = {"TFOpLambda": f"a TensorFlow op (tf.{getattr(layer, 'symbol', None)}) called on a Keras tensor",
-                "Lambda": "a Lambda layer (Python code)"}.get(cls, cls)
+                "Lambda": "a Lambda layer (Python code)",
+                "LayerNormalization": "LayerNormalization (mean, variance and rsqrt per position: no int8 "
+                                      "op with a bit-exact integer twin in mobileqat)"}.get(cls, cls)
         return (f"mobileqat has no integer mapping for {what}",
                 _NO_MAPPING_FIX.get(cls, "replace it with supported layers (listed below)"))
 
