@@ -44,7 +44,7 @@ _ARITHMETIC_MERGES = {keras.layers.Add: "add", keras.layers.Subtract: "sub", ker
 # neither a same-scale nor a fixed-range op and the join is its only user); other producers get a requantize
 _FREE_SCALE = {"conv2d", "depthwise_conv2d", "fully_connected", "add", "sub", "mul", "mean_hw"}
 # activations (mobileqat.ops.activations)
-TFLITE_OPS.update(logistic="LOGISTIC", tanh="TANH", relu="RELU", relu6="RELU6", hard_swish="HARD_SWISH",
+TFLITE_OPS.update(gelu="GELU", logistic="LOGISTIC", tanh="TANH", relu="RELU", relu6="RELU6", hard_swish="HARD_SWISH",
                   add_const="ADD", mul_const="MUL", swish_mul="MUL")
 
 
@@ -348,7 +348,7 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
     raise ValueError(f"{where} has no int8 op in mobileqat.lowering yet (supported: folded Conv/Depthwise+BN, "
                      "Dense, Conv2DTranspose, Add/Subtract/Multiply/Maximum/Minimum of two inputs, Concatenate, "
                      "UpSampling2D, Resizing, Max/AveragePooling2D, Global{Average,Max}Pooling2D, ZeroPadding2D, "
-                     "Cropping2D, softmax, sigmoid, tanh, swish, ReLU, ReLU6, HardSwish, HardSigmoid, Dropout, "
+                     "Cropping2D, softmax, sigmoid, tanh, swish, gelu, ReLU, ReLU6, HardSwish, HardSigmoid, Dropout, "
                      "Reshape/Flatten).")
 
 
@@ -455,6 +455,8 @@ def _lower_activation(wrapper, inner, srcs, tensors, double_scale):
             mid = f"{name}/sigmoid"
             tensors[mid], double_scale[mid] = QTensor(mid, np.float32(1 / 256), -128), 1 / 256
             return [IntOp("logistic", (srcs[0],), mid), IntOp("swish_mul", (srcs[0], mid), name)]
+        if activation == "gelu":  # keras.activations.gelu: approximate=False
+            return IntOp("gelu", (srcs[0],), name, dict(approximate=False))
         kind = {"sigmoid": "logistic", "tanh": "tanh", "relu": "relu", "relu6": "relu6"}.get(activation)
         return IntOp(kind, (srcs[0],), name) if kind else None
     if isinstance(inner, HardSwish):

@@ -38,7 +38,7 @@ _ACTIVATION_LAYERS = (L.Activation, L.ReLU, L.Softmax)
 _FUSABLE = ("linear", "relu", "relu6")
 # TFLite fixes these int8 output ranges: softmax/sigmoid scale 1/256, zero point -128; tanh 1/128, 0
 _FIXED_OUTPUT = {"softmax": (0.0, 255.0 / 256.0), "sigmoid": (0.0, 255.0 / 256.0), "tanh": (-1.0, 127.0 / 128.0)}
-_OWN_RANGE = _FUSABLE + ("swish",)  # activation layers whose output gets its own (moving-average) range
+_OWN_RANGE = _FUSABLE + ("swish", "gelu")  # activation layers whose output gets its own (moving-average) range
 _ACTIVATIONS = set(_OWN_RANGE) | set(_FIXED_OUTPUT)  # what an Activation/ReLU/Softmax layer may apply
 SUPPORTED = ("Conv2D; Conv2DTranspose; Conv2D or DepthwiseConv2D + BatchNormalization [+ ReLU/ReLU6] "
              "(folded into one layer); Dense; "
@@ -176,6 +176,11 @@ _NO_MAPPING_FIX = {  # class name -> fix, where a plainer one than "replace it" 
     "Rescaling": "scale the images in the input pipeline, before the model",
     "Normalization": "normalize the images in the input pipeline, before the model",
     "SyncBatchNormalization": "use layers.BatchNormalization",
+    "LayerNormalization": "keep it float: quantize(model, keep_float=True) (or the layer names), then "
+                          "export_tflite(..., allow_float_ops=True); its int8 file then runs it in float between "
+                          "DEQUANTIZE and QUANTIZE, and mobileqat.lower names it (no integer twin for the model)",
+    "LayerScale": "put it directly after a Conv2D/Dense/DepthwiseConv2D with no activation that nothing else "
+                  "uses: quantize then folds its per-channel scale into that layer's weights",
     "QuantizeWrapperV2": "the model is already quantized: pass the float model to quantize()",
     "QuantizeWrapper": "the model is already quantized: pass the float model to quantize()",
     "QuantizeLayer": "the model is already quantized: pass the float model to quantize()",
@@ -188,7 +193,9 @@ def no_integer_mapping(layer, graph):
     if not _has_integer_mapping(layer):
         cls = type(layer).__name__
         what = {"TFOpLambda": f"a TensorFlow op (tf.{getattr(layer, 'symbol', None)}) called on a Keras tensor",
-                "Lambda": "a Lambda layer (Python code)"}.get(cls, cls)
+                "Lambda": "a Lambda layer (Python code)",
+                "LayerNormalization": "LayerNormalization (mean, variance and rsqrt per position: no int8 "
+                                      "op with a bit-exact integer twin in mobileqat)"}.get(cls, cls)
         return (f"mobileqat has no integer mapping for {what}",
                 _NO_MAPPING_FIX.get(cls, "replace it with supported layers (listed below)"))
 
@@ -354,6 +361,7 @@ REWRITES = (
     transforms.split_merges,           # Add/Multiply/Maximum/Minimum of n > 2 inputs -> a chain of pairs
     transforms.grouped_to_depthwise,   # Conv2D(groups == channels) -> DepthwiseConv2D
     transforms.dense_to_conv,          # Dense on (N, H, W, C) -> 1x1 Conv2D
+    transforms.fold_layer_scale,       # Conv2D/Dense -> LayerScale (x * gamma): gamma folded into the weights
     transforms.fuse_relu,              # Conv2D/Dense -> ReLU(6) layer: the activation fused, as in the file
     transforms.split_separable,        # SeparableConv2D -> DepthwiseConv2D + 1x1 Conv2D
     transforms.preprocessing_to_conv,  # Rescaling, Normalization -> fixed 1x1 depthwise scale and offset

@@ -263,7 +263,7 @@ def fold_batchnorm(model, weight_quantizer=None):
 
 
 # Activations with an int8 kernel of their own but none fused into CONV_2D / FULLY_CONNECTED.
-SPLIT_ACTIVATIONS = ("softmax", "sigmoid", "tanh", "swish", "silu")
+SPLIT_ACTIVATIONS = ("softmax", "sigmoid", "tanh", "swish", "silu", "gelu")
 _SPLIT_LAYERS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense,
                  keras.layers.Conv2DTranspose)  # exact types
 
@@ -421,6 +421,51 @@ def dense_to_conv(model):
         weights = [layer.kernel.numpy()[None, None]] + ([layer.bias.numpy()] if layer.use_bias else [])
         return new, weights, []
     return _rewrite(model, replace)
+
+
+def _per_channel_scale(layer):
+    """gamma (C,) when ``layer`` is a LayerScale-like layer: a class named "LayerScale" with one weight of
+    shape (C,), C the last input axis, that computes x * gamma (checked on a batch of ones); else None."""
+    if type(layer).__name__ != "LayerScale" or len(layer.weights) != 1:
+        return None
+    gamma = layer.weights[0].numpy()
+    shape = tuple(layer.input_shape)
+    if gamma.shape != (shape[-1],) or None in shape[1:]:
+        return None
+    ones = np.ones((1,) + shape[1:], np.float32)
+    if not np.allclose(layer(ones).numpy(), np.broadcast_to(gamma, ones.shape), rtol=1e-6, atol=0.0):
+        return None
+    return gamma
+
+
+def fold_layer_scale(model):
+    """A LayerScale (ConvNeXt's per-channel ``x * gamma``, gamma (C,)) whose input is a Conv2D, Dense or
+    DepthwiseConv2D with no activation, used by nothing else, folds into that layer: kernel[..., c] and
+    bias[c] times gamma[c] (a bias of zeros is added when it had none). Same float function; the folded
+    layer then trains the product (one int8 op, one weight grid, as the file holds it)."""
+    _require_graph(model)
+    nodes, consumers = _model_nodes(model)
+    plan = {}
+    for layer in model.layers:
+        gamma = None if isinstance(layer, L.InputLayer) else _per_channel_scale(layer)
+        if gamma is None:
+            continue
+        parents = tf.nest.flatten(nodes[layer.name].inbound_layers)
+        conv = parents[0] if len(parents) == 1 else None
+        if (type(conv) not in (L.Conv2D, L.Dense, L.DepthwiseConv2D) or len(consumers.get(conv.name, [])) != 1
+                or function_name(conv.activation) != "linear" or getattr(conv, "groups", 1) != 1):
+            continue
+        kernel = conv.weights[0].numpy()
+        if type(conv) is L.DepthwiseConv2D:  # (kh, kw, C_in, m): output channel c * m + j
+            scaled = kernel * gamma.reshape(kernel.shape[2], kernel.shape[3])
+        else:
+            scaled = kernel * gamma
+        bias = conv.bias.numpy() if conv.use_bias else np.zeros(gamma.shape, np.float32)
+        new = type(conv).from_config(dict(conv.get_config(), use_bias=True))
+        plan[conv.name] = (new, [scaled.astype(np.float32), (bias * gamma).astype(np.float32)], [layer.name])
+    if not plan:
+        return model
+    return rebuild(model, lambda layer: plan.get(layer.name))
 
 
 def fuse_relu(model):

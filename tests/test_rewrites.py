@@ -80,6 +80,27 @@ def standalone_bn():
     return keras.Model(inp, L.GlobalAveragePooling2D()(x))
 
 
+def layer_scale():
+    """ConvNeXt's LayerScale (x * gamma per channel) after a Conv2D with bias, a DepthwiseConv2D without one
+    and a Dense on (N, H, W, C); the last one follows a conv with a second user, so it stays."""
+    from tf_keras.src.applications.convnext import LayerScale
+    rng = np.random.default_rng(4)
+
+    def scale(name, channels):
+        layer = LayerScale(1e-6, channels, name=name)
+        layer.build((None, channels))
+        layer.set_weights([rng.uniform(-2, 2, channels).astype(np.float32)])
+        return layer
+
+    inp = keras.Input((8, 8, 3))
+    x = scale("ls_conv", 4)(L.Conv2D(4, 3, padding="same", name="conv")(inp))
+    x = scale("ls_dw", 8)(L.DepthwiseConv2D(3, depth_multiplier=2, use_bias=False, padding="same", name="dw")(x))
+    x = scale("ls_dense", 5)(L.Dense(5, name="pointwise")(x))
+    y = L.Conv2D(5, 1, name="shared")(x)
+    x = L.Add(name="add")([y, scale("ls_kept", 5)(y)])
+    return keras.Model(inp, L.GlobalAveragePooling2D()(x))
+
+
 def relu_layers():
     inp = keras.Input((8, 8, 3))
     x = L.ReLU(6.0, name="se_relu")(L.Conv2D(4, 1, name="se_reduce")(inp))
@@ -93,6 +114,7 @@ def relu_layers():
     (tf_ops, (8, 8, 3), transforms.tf_ops_to_layers, "TFOpLambda"),
     (separable, (9, 9, 3), transforms.split_separable, "SeparableConv2D"),
     (grouped_and_dense, (8, 8, 4), transforms.grouped_to_depthwise, None),
+    (layer_scale, (8, 8, 3), lambda m: transforms.fold_layer_scale(transforms.dense_to_conv(m)), None),
     (grouped_and_dense, (8, 8, 4), transforms.dense_to_conv, "Dense"),
     (preprocessing, (8, 8, 3), transforms.preprocessing_to_conv, "Rescaling"),
     (standalone_bn, (8, 8, 3), transforms.standalone_batchnorm, None),
@@ -130,6 +152,18 @@ def test_flatten_renames_a_clashing_layer_and_keeps_each_weight():
     names = [layer.name for layer in flat.layers]
     assert "conv" in names and "backbone_conv" in names and "backbone" not in names
     np.testing.assert_array_equal(flat.get_layer("backbone_conv").kernel, model.layers[2].layers[0].kernel)
+
+
+def test_layer_scale_folds_into_the_layer_before_it():
+    model = layer_scale()
+    folded = transforms.fold_layer_scale(transforms.dense_to_conv(model))
+    names = {layer.name for layer in folded.layers}
+    assert not {"ls_conv", "ls_dw", "ls_dense"} & names and "ls_kept" in names  # 'shared' has two users
+    np.testing.assert_allclose(folded.get_layer("dw").bias.numpy(), 0.0)
+    np.testing.assert_allclose(folded.get_layer("conv").bias.numpy(),
+                               model.get_layer("conv").bias.numpy() * model.get_layer("ls_conv").weights[0].numpy())
+    (problem,) = audit(model)
+    assert (problem.name, problem.cls) == ("ls_kept", "LayerScale") and "folds its per-channel scale" in problem.fix
 
 
 def test_grouped_conv_becomes_depthwise():

@@ -17,6 +17,9 @@ RELU, RELU6 (int8, standalone: after a layer that cannot fuse them): not delegat
   RELU only), both runtimes run reference_ops::ReluX:
       m = QuantizeMultiplier(double(fl(si / so))); out = clamp(zo + MultiplyByQuantizedMultiplier(q - zi, m),
       zo + roundf(0 / so), zo + roundf(6 / so))   (the bounds in float32).
+GELU (int8, exact and approximate): a 256-entry table, GeluPrepare's LUTPopulate<int8_t> of
+  reference_ops::GeluTransform (float32: 0.5f * x * erfcf(x * (float)-M_SQRT1_2)) or GeluTransformApproximate;
+  not delegated (XNNPACK 2.3 takes float GELU only): both runtimes run the builtin LookupTable.
 HARD_SWISH (int8): not delegated (XNNPACK takes float HARD_SWISH only); both runtimes run
   reference_ops::HardSwish on x86 (optimized_ops::HardSwish has a NEON path only): 16-bit fixed point,
   x on a "hires" scale si/128, a "reluish" factor in [0, 1] from x on the scale 3/32768 (int16 multipliers
@@ -129,6 +132,41 @@ logistic_reference = _table_kernel(lut_tflite, _tflite_sigmoid)
 logistic_xnnpack = _table_kernel(lut_xnnpack, _xnn_sigmoid)
 tanh_reference = _table_kernel(lut_tflite, _tflite_tanh)
 tanh_xnnpack = _table_kernel(lut_xnnpack, _tflite_tanh)  # std::tanh(float) in both
+
+
+# --- GELU ---------------------------------------------------------------------------------------------
+
+_SQRT1_2 = 0.70710678118654752440  # M_SQRT1_2
+_SQRT_2_OVER_PI = F32(1.12837916709551257390 * _SQRT1_2)  # kSqrt2dPi = M_2_SQRTPI * M_SQRT1_2, as float
+
+
+def _tflite_gelu(v):
+    """reference_ops::GeluTransform (reference/gelu.h, float32): 0.5f * x * erfcf(x * (float)-M_SQRT1_2)."""
+    v = np.asarray(v, np.float32)
+    return ((F32(0.5) * v).astype(np.float32) * _c_call("erfcf", (v * F32(-_SQRT1_2)).astype(np.float32),
+                                                         np.float32)).astype(np.float32)
+
+
+def _tflite_gelu_approximate(v):
+    """reference_ops::GeluTransformApproximate (float32, left to right):
+    0.5f * x * (1.f + tanhf(kSqrt2dPi * (x + 0.044715f * x * x * x)))."""
+    v = np.asarray(v, np.float32)
+    cube = (((F32(0.044715) * v).astype(np.float32) * v).astype(np.float32) * v).astype(np.float32)
+    t = _c_call("tanhf", (_SQRT_2_OVER_PI * (v + cube).astype(np.float32)).astype(np.float32), np.float32)
+    return ((F32(0.5) * v).astype(np.float32) * (F32(1.0) + t).astype(np.float32)).astype(np.float32)
+
+
+def gelu_table(input_scale, input_zero_point, output_scale, output_zero_point, approximate=False):
+    """GeluPrepare's int8 table (LUTPopulate<int8_t> of GeluTransform[Approximate]), indexed by code + 128."""
+    fn = _tflite_gelu_approximate if approximate else _tflite_gelu
+    return lut_tflite(fn, input_scale, input_zero_point, output_scale, output_zero_point)
+
+
+def gelu(xs, ins, out, approximate=False, **params):
+    """GELU int8 (activations.cc GeluEval: LookupTable on the table of ``gelu_table``). Both runtimes: the
+    XNNPACK delegate of ai-edge-litert 2.3 leaves int8 GELU to this builtin kernel (measured)."""
+    (si, zi), (so, zo) = ins[0], out
+    return _lookup(xs[0], gelu_table(si, zi, so, zo, approximate))
 
 
 # --- RELU / RELU6 ------------------------------------------------------------------------------------
@@ -292,6 +330,7 @@ def _same(fn):
 KERNELS = {
     "logistic": {"reference": logistic_reference, "xnnpack": logistic_xnnpack},
     "tanh": {"reference": tanh_reference, "xnnpack": tanh_xnnpack},
+    "gelu": _same(gelu),
     "relu": _same(relu),
     "relu6": _same(relu6),
     "hard_swish": _same(hard_swish),
