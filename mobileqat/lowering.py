@@ -412,7 +412,7 @@ def _join_scale_heads(model, inbound):
     keeps it and is requantized for the join alone (``_join_inputs``). The driver pops ops from the end
     of the function, so where two joins reach one chain the later one (here: in Keras layer order)
     would take it; the converter of TF 2.21 then fails instead ("quantization parameters violate the same
-    scale constraint" on the pass-through op: a MaxPooling2D output into a Concatenate directly and into
+    scale constraint" on the pass-through op: a MaxPooling2D output into a Concatenate through Cropping2D and into
     another through Dropout, measured), so such a model never reaches lowering."""
     layers = {layer.name: layer for layer in model.layers}
 
