@@ -234,6 +234,7 @@ def lower(qat_model):
     inbound = _inbound(qat_model)
     tensors, ops, double_scale = {}, [], {}
     input_name = output_name = None
+    heads = _join_scale_heads(qat_model, inbound)
 
     def add_tensor(name, rng, like=None):
         if rng is None:  # keeps its input's quantization
@@ -262,6 +263,8 @@ def lower(qat_model):
         inner = layer.layer
         add_tensor(layer.name, _output_range(layer), like=srcs[0])
         new = _lower_layer(layer, inner, srcs, tensors, double_scale)
+        if layer.name in heads:
+            new = _requantize_head(new, heads[layer.name], tensors, double_scale)
         for op in new if isinstance(new, list) else [new]:
             if _fuse_activation(ops, op, inbound):
                 continue
@@ -390,6 +393,69 @@ def _lower_transpose_conv(wrapper, inner, srcs, double_scale, where):
     return IntOp("transpose_conv", (srcs[0],), wrapper.name, dict(
         weights=q.transpose(2, 0, 1, 3).copy(), filter_scales=scales, bias=bias, stride=tuple(inner.strides),
         padding=inner.padding.upper(), output_size=size, activation=_activation(inner)))
+
+
+def _join_scale_heads(model, inbound):
+    """Where a same-scale join's scale flows back through pass-through ops, as the converter's quantization
+    driver (``quantization_driver.cc``) propagates it: {layer name: the join wrapper whose scale its
+    output takes after a requantize}.
+
+    A join (CONCATENATION, MAXIMUM, MINIMUM: its own output range) whose input is the output of a
+    pass-through layer (pooling, padding, cropping, reshape, resize: no range of its own, a same-scale
+    op in the file) gives that tensor its scale, and the driver carries it back to the pass-through
+    layer's input while that is another pass-through output not yet given a scale. The first layer of
+    that chain (the head) computes at its input's scale and is followed by a QUANTIZE to the join's
+    scale (``RequantizeState::ON_INPUT``), whose result every user of the head reads; the chain after it
+    runs at the join's scale. E.g. DenseNet: ZeroPadding2D -> QUANTIZE -> MaxPooling2D, whose output
+    feeds the first Concatenate and the BatchNormalization beside it; AveragePooling2D -> QUANTIZE ->
+    Concatenate and BatchNormalization. A join input with a range of its own (or already given one)
+    keeps it and is requantized for the join alone (``_join_inputs``). The driver pops ops from the end
+    of the function, so where two joins reach one chain the later one (here: in Keras layer order)
+    would take it; the converter of TF 2.21 then fails instead ("quantization parameters violate the same
+    scale constraint" on the pass-through op: a MaxPooling2D output into a Concatenate through Cropping2D and into
+    another through Dropout, measured), so such a model never reaches lowering."""
+    layers = {layer.name: layer for layer in model.layers}
+
+    def value(name):  # Dropout-like layers write no op: their output is their input's tensor
+        while isinstance(getattr(layers[name], "layer", None), _IDENTITY):
+            name = inbound[name][0]
+        return name
+
+    def pass_through(name):
+        layer = layers[name]
+        return (isinstance(layer, (_qk.QuantizeWrapperV2, _qk.QuantizeWrapper)) and len(inbound[name]) == 1
+                and _output_range(layer) is None)
+
+    claimed, heads = set(), {}
+    for join in reversed(model.layers):
+        if type(getattr(join, "layer", None)) not in _JOINS or _output_range(join) is None:
+            continue
+        for src in inbound[join.name]:
+            v = value(src)
+            while pass_through(v) and v not in claimed:
+                claimed.add(v)
+                before = value(inbound[v][0])
+                if not pass_through(before) or before in claimed:
+                    heads[v] = join
+                    break
+                v = before
+    return heads
+
+
+def _requantize_head(new, join, tensors, double_scale):
+    """The op(s) of a chain head (``_join_scale_heads``) write their output at their input's scale under
+    ``<layer>/unrequantized``; a "requantize" op brings it to ``join``'s scale under the layer's name."""
+    op = new[-1] if isinstance(new, list) else new
+    name = op.output
+    scale, zp = quantization_params(*_output_range(join))
+    if (tensors[name].scale, tensors[name].zero_point) == (np.float32(scale), zp):
+        return new
+    before = f"{name}/unrequantized"
+    tensors[before] = dataclasses.replace(tensors[name], name=before)
+    double_scale[before] = double_scale[name]
+    tensors[name], double_scale[name] = QTensor(name, np.float32(scale), zp), scale
+    op.output = before
+    return (new if isinstance(new, list) else [new]) + [IntOp("requantize", (before,), name)]
 
 
 def _join_inputs(op, ops, tensors, double_scale, inbound):

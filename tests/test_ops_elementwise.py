@@ -264,3 +264,88 @@ def test_average_is_refused_with_the_fix():
     problems = audit(model)
     assert [(p.name, p.cls) for p in problems] == [("avg", "Average")]
     assert "use Add" in problems[0].fix
+
+
+# --- a join's scale carried back through pass-through layers (DenseNet) --------------------------------
+
+def dense_chains_net(shape=(16, 16, 3)):
+    """DenseNet's joins: a Concatenate whose input comes from pass-through layers (no range of their own)
+    gives that chain its scale back to the first layer reading a tensor with a range; that layer runs at
+    its input's scale and a QUANTIZE follows it, read by every user (the BatchNormalization beside the
+    join too): pad -> pool (the stem of DenseNet121), avg (a transition), and m (through Dropout, its
+    output also cropped: Cropping2D then runs at the join's scale)."""
+    def conv(x, name, filters=4, k=1, relu=False):
+        x = L.BatchNormalization(name=f"{name}_bn")(L.Conv2D(filters, k, padding="same", use_bias=False, name=name)(x))
+        return L.ReLU(name=f"{name}_relu")(x) if relu else x
+
+    def bn_relu_conv(x, name):  # DenseNet's conv block: BN -> ReLU -> conv (the BN cannot fold: standalone)
+        return conv(L.ReLU(name=f"{name}_pre_relu")(L.BatchNormalization(name=f"{name}_pre_bn")(x)), name, 4, 3)
+
+    inp = keras.Input(shape)
+    stem = conv(inp, "stem", 6, 3, relu=True)
+    pool = L.MaxPooling2D(3, strides=2, name="pool")(L.ZeroPadding2D(1, name="pad")(stem))      # 8x8x6
+    cat0 = L.Concatenate(name="cat0")([pool, bn_relu_conv(pool, "c0")])                          # 8x8x10
+    avg = L.AveragePooling2D(2, name="avg")(conv(cat0, "t", 6))                                  # 4x4x6
+    cat1 = L.Concatenate(name="cat1")([avg, bn_relu_conv(avg, "c1")])                            # 4x4x10
+    m = L.MaxPooling2D(2, strides=1, padding="same", name="m")(cat1)
+    cat2 = L.Concatenate(name="cat2")([L.Dropout(0.1, name="drop")(m), conv(cat1, "c2")])
+    crop = conv(L.Cropping2D(1, name="crop")(m), "c3")                                           # 2x2x4
+    gaps = [L.GlobalAveragePooling2D(name=f"gap{i}")(t) for i, t in enumerate((cat2, crop))]
+    return keras.Model(inp, L.Dense(6, name="fc")(L.Concatenate(name="cat_gap")(gaps)), name="dense_chains")
+
+
+@pytest.fixture(scope="module")
+def chains(tmp_path_factory):
+    keras.utils.set_random_seed(5)
+    rng = np.random.default_rng(5)
+    x = rng.uniform(-1, 1, (48, 16, 16, 3)).astype(np.float32)
+    qat = quantize(dense_chains_net())
+    qat.compile("adam", "mse")
+    qat.fit(x, np.asarray(qat(x)) * 1.1, epochs=1, batch_size=16, verbose=0)
+    path = str(tmp_path_factory.mktemp("chains") / "chains.tflite")
+    export.export_tflite(qat, path)
+    codes = np.concatenate([TFLiteModel(path, "reference").quantize_input(x),
+                            rng.integers(-128, 128, (80, 16, 16, 3)).astype(np.int8)])
+    outputs = {rt: TFLiteModel(path, rt).invoke_raw(codes) for rt in ("reference", "xnnpack")}
+    return qat, path, codes, outputs
+
+
+def test_a_joins_scale_flows_back_through_pass_through_layers(chains):
+    """The file: PAD, AVERAGE_POOL_2D and m's MAX_POOL_2D run at their input's scale, a QUANTIZE to the
+    join's scale follows, and the join and the standalone BatchNormalization (DEPTHWISE_CONV_2D) both
+    read it; the twin holds the same graph (``provenance.first_difference``)."""
+    qat, path, _, _ = chains
+    twin = lowering.lower(qat)
+    graph, tensors = _file_ops(path)
+    producer = {o: op for op in graph for o in op["outputs"]}
+    q = {i: tensors[i]["quantization"] for i in tensors}
+    heads = {}
+    for op in graph:
+        if op["name"] == "QUANTIZE" and producer.get(op["inputs"][0], {}).get("name") in ("PAD", "AVERAGE_POOL_2D",
+                                                                                          "MAX_POOL_2D"):
+            head = producer[op["inputs"][0]]
+            assert q[head["outputs"][0]] == q[head["inputs"][0]]  # computed at its input's scale
+            users = sorted(u["name"] for u in graph if op["outputs"][0] in u["inputs"])
+            heads[head["name"]] = users
+            assert not any(op["inputs"][0] in u["inputs"] for u in graph if u is not op)  # only the QUANTIZE reads it
+    assert heads == {"PAD": ["MAX_POOL_2D"], "AVERAGE_POOL_2D": ["CONCATENATION", "DEPTHWISE_CONV_2D"],
+                     "MAX_POOL_2D": ["CONCATENATION", "STRIDED_SLICE"]}, heads
+    requantized = {op.inputs[0]: op.output for op in twin.ops if op.kind == "requantize"}
+    for name, join in (("quant_pad", "quant_cat0"), ("quant_avg", "quant_cat1"), ("quant_m", "quant_cat2")):
+        assert requantized[f"{name}/unrequantized"] == name
+        assert (twin.tensors[name].scale, twin.tensors[name].zero_point) == \
+            (twin.tensors[join].scale, twin.tensors[join].zero_point), name
+    assert twin.tensors["quant_crop"].scale == twin.tensors["quant_cat2"].scale
+    assert provenance.first_difference(twin, path) is None
+
+
+@pytest.mark.parametrize("runtime", ["reference", "xnnpack"])
+def test_join_chains_equal_the_runtime(chains, runtime, monkeypatch):
+    """0 LSB on each runtime; with the join's scale not carried back (each join requantizing its own
+    input, as before DenseNet121 was measured), the twin's output misses."""
+    qat, path, codes, outputs = chains
+    np.testing.assert_array_equal(lowering.lower(qat).run(codes, runtime), outputs[runtime])
+    monkeypatch.setattr(lowering, "_join_scale_heads", lambda model, inbound: {})
+    old = lowering.lower(qat)
+    assert provenance.first_difference(old, path) is not None
+    assert np.sum(old.run(codes, runtime) != outputs[runtime]) > 0

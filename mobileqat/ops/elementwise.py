@@ -24,7 +24,8 @@ MUL: reference (mul.cc Prepare: real = fl(fl(s1*s2)/so) in float32, QuantizeMult
   (non-NEON) loop is the reference formula. (aarch64 XNNPACK uses "rndnu" MUL params instead: not
   covered here.)
 REQUANTIZE (QUANTIZE int8 -> int8, written by the converter before CONCATENATION/MAXIMUM/MINIMUM
-  inputs whose scale differs): reference (quantize.cc, reference_ops::Requantize): multiplier of
+  inputs whose scale differs, or after the first of a chain of pass-through layers feeding such a join:
+  see ``lowering._join_scale_heads``): reference (quantize.cc, reference_ops::Requantize): multiplier of
   double(si)/double(so), y = MultiplyByQuantizedMultiplier(x - zi) + zo, clamped. xnnpack (qs8 convert):
   m = lrintf(256 * fl(si/so)), y = zo + floor(((x - zi) * m + 128) / 256), clamped; ratios outside
   [1/256, 128] run on the builtin kernel (optimized_ops::Requantize, the reference loop on x86).
