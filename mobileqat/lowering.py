@@ -20,7 +20,8 @@ from mobileqat import runtime as rt
 from mobileqat._tf import keras, tfmot
 from mobileqat.layers import FoldedConvBN, HardSigmoid, HardSwish
 from mobileqat.ops import KERNELS
-from mobileqat.quantizers import MIN_RANGE, ActivationQuantizer, FixedRangeQuantizer
+from mobileqat.quantizers import (MIN_RANGE, ActivationQuantizer, FixedRangeQuantizer, WeightQuantizer,
+                                  weight_fake_quant_range)
 
 _qk = tfmot.quantization.keras
 _ARITHMETIC = {"reference": "mobileqat.integer", "xnnpack": "mobileqat.integer_xnnpack"}
@@ -154,12 +155,20 @@ def quantization_params(rmin, rmax, num_bits=8, narrow_range=False):
 
 
 def _require_8bit(quantizer, where):
-    """Lowering reproduces the converter's 8-bit grids only; fewer bits come with the low-bit work."""
+    """Activations: lowering reproduces the converter's 8-bit activation grids only."""
     bits = getattr(quantizer, "num_bits", 8)
     if bits != 8:
         raise ValueError(f"{where}: {type(quantizer).__name__} has num_bits={bits}; the integer-exact path covers "
-                         "8-bit quantizers only (use the float simulation for lower bit widths).")
+                         "8-bit activation quantizers only (use the float simulation for lower bit widths).")
     return quantizer
+
+
+def _weight_max(quantizer, qvars, where):
+    """The symmetric range (float32, per channel or scalar) of the 8-bit FakeQuant a WeightQuantizer
+    applies: max|w| for 8 bits, the n-bit step times 127 below (``weight_fake_quant_range``)."""
+    if not isinstance(quantizer, WeightQuantizer):
+        raise ValueError(f"{where}: lowering does not know the weight quantizer {type(quantizer).__name__}.")
+    return weight_fake_quant_range(np.float32(qvars["max_var"].numpy()), quantizer.num_bits)
 
 
 def _weight_quantization(wrapper, where):
@@ -280,9 +289,8 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
     if isinstance(inner, FoldedConvBN):
         if inner.depthwise and inner.depth_multiplier != 1:
             raise ValueError(f"{where}: depth_multiplier {inner.depth_multiplier} has no int8 op here yet.")
-        _require_8bit(inner.weight_quantizer, where)
         w = inner.weight_quantizer(inner.folded_float_kernel(), False, inner._wq_vars).numpy()
-        amax = inner._wq_vars["max_var"].numpy()
+        amax = _weight_max(inner.weight_quantizer, inner._wq_vars, where)
         q, scales, scales_d = _quantize_weights(w, amax, per_channel=inner.weight_quantizer.per_channel)
         if not inner.weight_quantizer.per_channel:
             scales_d = np.full(q.shape[-1], scales_d[0])
@@ -293,9 +301,9 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
             padding=inner.padding.upper(), activation=_activation(inner)))
     if type(inner) is keras.layers.Conv2D:  # a convolution with no BatchNormalization to fold: its own bias
         kernel, quantizer, qvars = _weight_quantization(wrapper, where)
-        _require_8bit(quantizer, where)
         w = quantizer(kernel, False, qvars).numpy()
-        q, scales, scales_d = _quantize_weights(w, qvars["max_var"].numpy(), per_channel=quantizer.per_channel)
+        q, scales, scales_d = _quantize_weights(w, _weight_max(quantizer, qvars, where),
+                                                per_channel=quantizer.per_channel)
         if not quantizer.per_channel:
             scales_d = np.full(q.shape[-1], scales_d[0])
         bias = inner.bias.numpy() if inner.use_bias else np.zeros(q.shape[-1], np.float32)
@@ -305,9 +313,9 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
             padding=inner.padding.upper(), activation=_activation(inner)))
     if type(inner) is keras.layers.Dense:
         kernel, quantizer, qvars = _weight_quantization(wrapper, where)
-        _require_8bit(quantizer, where)
         w = quantizer(kernel, False, qvars).numpy()
-        q, scales, scales_d = _quantize_weights(w, qvars["max_var"].numpy(), per_channel=quantizer.per_channel)
+        q, scales, scales_d = _quantize_weights(w, _weight_max(quantizer, qvars, where),
+                                                per_channel=quantizer.per_channel)
         bias = inner.bias.numpy() if inner.use_bias else np.zeros(q.shape[-1], np.float32)
         return IntOp("fully_connected", (srcs[0],), name, dict(
             weights=q.T.copy(), filter_scales=scales, bias=_quantize_bias(bias, double_scale[srcs[0]], scales_d[0]),
@@ -378,14 +386,13 @@ def _lower_pooling(wrapper, inner, srcs, where):
 def _lower_transpose_conv(wrapper, inner, srcs, double_scale, where):
     """Conv2DTranspose -> TRANSPOSE_CONV: per-tensor int8 weights, kernel (kh, kw, out, in) -> OHWI."""
     kernel, quantizer, qvars = _weight_quantization(wrapper, where)
-    _require_8bit(quantizer, where)
     if quantizer.per_channel:
         raise ValueError(f"{where}: per-channel weights; the converter writes Conv2DTranspose per-tensor only.")
     size = tuple(wrapper.output_shape[1:3])
     if None in size:
         raise ValueError(f"{where}: output size {size} is not fixed; lowering needs static spatial sizes.")
     w = quantizer(kernel, False, qvars).numpy()
-    q, scales, scales_d = _quantize_weights(w, qvars["max_var"].numpy(), per_channel=False)
+    q, scales, scales_d = _quantize_weights(w, _weight_max(quantizer, qvars, where), per_channel=False)
     bias = (_quantize_bias(inner.bias.numpy(), double_scale[srcs[0]], scales_d[0]) if inner.use_bias else None)
     return IntOp("transpose_conv", (srcs[0],), wrapper.name, dict(
         weights=q.transpose(2, 0, 1, 3).copy(), filter_scales=scales, bias=bias, stride=tuple(inner.strides),

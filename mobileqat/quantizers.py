@@ -7,7 +7,13 @@ scale = (max - min) / (qmax - qmin), zero point rounded to an integer, straight-
 gradient inside the range and zero outside.
 
 - ``WeightQuantizer``: symmetric, per-channel (last axis) or per-tensor, range = max|w| of
-  the current weights (recorded in variables so that inference and export use it).
+  the current weights (recorded in variables so that inference and export use it). Below 8 bits
+  the weights are clipped to max|w| and fake-quantized by an 8-bit FakeQuant whose step is the
+  n-bit step (``weight_fake_quant_range``): the same grid as an n-bit FakeQuant, but the converter
+  writes an ordinary int8 op whose codes stay in [-(2^(n-1)-1), 2^(n-1)-1]. (From an n-bit FakeQuant
+  TF 2.21's converter writes the same int8 tensor but marks CONV_2D / DEPTHWISE_CONV_2D version 7 and
+  FULLY_CONNECTED version 10, the int4-filter versions, which the reference kernels refuse:
+  "Didn't find op for builtin opcode 'DEPTHWISE_CONV_2D' version '7'".)
 - ``ActivationQuantizer``: asymmetric, range = exponential moving average of batch min/max,
   started from the first batch (not from an arbitrary +-6), always containing 0.
 - ``FixedRangeQuantizer``: a range fixed by the runtime (softmax output: [0, 255/256]).
@@ -22,6 +28,19 @@ def _check_bits(num_bits):
     if not isinstance(num_bits, int) or not 2 <= num_bits <= 8:
         raise ValueError(f"num_bits={num_bits!r} is not supported: use an integer from 2 to 8.")
     return num_bits
+
+
+def weight_fake_quant_range(amax, num_bits):
+    """The symmetric 8-bit FakeQuant maximum (float32) whose narrow grid has the step of a ``num_bits``
+    narrow grid over [-amax, amax]: amax * (127 / (2^(num_bits-1) - 1)), one float32 multiply (so that
+    numpy reproduces the graph's float32 value bit for bit). amax itself for 8 bits."""
+    import numpy as np
+    if num_bits == 8:
+        return amax
+    factor = np.float32(127.0 / (2 ** (num_bits - 1) - 1))
+    if isinstance(amax, (np.ndarray, np.floating, float)):
+        return np.float32(amax) * factor
+    return amax * tf.constant(factor)
 
 
 def _smart_cond(pred, true_fn, false_fn):
@@ -66,6 +85,10 @@ class WeightQuantizer(_Base):
 
     def __init__(self, num_bits=8, per_channel=True, narrow_range=True):
         self.num_bits = _check_bits(num_bits)
+        if self.num_bits < 8 and not narrow_range:
+            raise ValueError(f"WeightQuantizer(num_bits={num_bits}, narrow_range=False): weights below 8 bits "
+                             "use the narrow symmetric grid (TFLite's int8 weights are narrow): drop "
+                             "narrow_range=False.")
         self.per_channel = bool(per_channel)
         self.narrow_range = bool(narrow_range)
 
@@ -86,6 +109,10 @@ class WeightQuantizer(_Base):
             return max_var.assign(amax)
 
         amax = _smart_cond(training, record_range, lambda: tf.identity(max_var))
+        if self.num_bits < 8:  # the n-bit grid inside the int8 grid (module docstring)
+            inputs = tf.clip_by_value(inputs, -amax, amax)
+            top = weight_fake_quant_range(amax, self.num_bits)
+            return fake_quant(inputs, -top, top, 8, True, self.per_channel)
         if self.narrow_range:
             amin = -amax
         else:  # two's complement: the grid reaches one more step below zero
