@@ -506,7 +506,7 @@ _SCHEME_WEIGHTED = _WEIGHTED + (L.DepthwiseConv2D,)  # layers of the rewritten m
 
 
 def _scheme_plan(model, rewritten, scheme):
-    """{layer name: (QuantScheme, rule index or None, user class)} for the user's layers with weights in
+    """{layer name: (QuantScheme, rule index or None, user class, added by a rewrite)} for the user's layers with weights in
     ``rewritten`` (``schemes.user_weighted_layers``), and None: (the scheme of every other layer, ...).
     Layers a rewrite added with weights (a BatchNormalization's or Rescaling's fixed 1x1 depthwise: one
     weight per channel) keep 8-bit weights under the default scheme."""
@@ -517,19 +517,20 @@ def _scheme_plan(model, rewritten, scheme):
     others = [(la.name, transforms.rewritten_from(la)) for la in rewritten.layers if la.name not in names]
     assigned = _schemes.assign(rules, layers, others)
     classes = dict(layers)
-    plan = {n: (s, i, classes[n]) for n, (s, i) in assigned.items()}
+    plan = {n: (s, i, classes[n], False) for n, (s, i) in assigned.items()}
     helper = dataclasses.replace(rules.default, weight_bits=8)
     for la in rewritten.layers:
         if type(la) in _SCHEME_WEIGHTED and la.name not in plan:
-            plan[la.name] = (helper, None, transforms.rewritten_from(la))
-    plan[None] = (rules.default, None, None)
+            plan[la.name] = (helper, None, transforms.rewritten_from(la), True)
+    plan[None] = (rules.default, None, None, False)
     return plan
 
 
 def scheme_plan(model, scheme="w8a8"):
     """Which scheme ``quantize(model, scheme)`` gives each layer with weights, as plain data:
     {layer name: {"class": the class the user wrote, "scheme": QuantScheme fields, "rule": index of
-    the rule that chose it or None (the default)}}, in graph order. Raises ValueError as ``quantize`` does
+    the rule that chose it or None (the default)}}, in graph order; a layer with weights that a rewrite
+    added (a fixed 1x1 depthwise) also has "added_by_rewrite": True (8-bit weights). Raises ValueError as ``quantize`` does
     for rules that cannot apply."""
     scheme = _schemes.as_scheme_or_rules(scheme)
     problems, rewritten = _audit(model)
@@ -537,7 +538,8 @@ def scheme_plan(model, scheme="w8a8"):
         raise _refusal(model, problems)
     plan = _scheme_plan(model, rewritten, scheme)
     order = [la.name for la in rewritten.layers if la.name in plan]
-    return {n: {"class": plan[n][2], "scheme": plan[n][0].to_dict(), "rule": plan[n][1]} for n in order}
+    return {n: {"class": plan[n][2], "scheme": plan[n][0].to_dict(), "rule": plan[n][1],
+                **({"added_by_rewrite": True} if plan[n][3] else {})} for n in order}
 
 
 def load_qat_model(path):
