@@ -10,10 +10,12 @@ gradient inside the range and zero outside.
   the current weights (recorded in variables so that inference and export use it). Below 8 bits
   the weights are clipped to max|w| and fake-quantized by an 8-bit FakeQuant whose step is the
   n-bit step (``weight_fake_quant_range``): the same grid as an n-bit FakeQuant, but the converter
-  writes an ordinary int8 op whose codes stay in [-(2^(n-1)-1), 2^(n-1)-1]. (From an n-bit FakeQuant
-  TF 2.21's converter writes the same int8 tensor but marks CONV_2D / DEPTHWISE_CONV_2D version 7 and
-  FULLY_CONNECTED version 10, the int4-filter versions, which the reference kernels refuse:
-  "Didn't find op for builtin opcode 'DEPTHWISE_CONV_2D' version '7'".)
+  writes an ordinary int8 op whose codes stay in [-(2^(n-1)-1), 2^(n-1)-1]. (From a 3- or 4-bit
+  FakeQuant, measured, TF 2.21's converter writes packed INT4 weights with CONV_2D / DEPTHWISE_CONV_2D
+  version 7 and FULLY_CONNECTED version 10; the reference kernels have no int4 DEPTHWISE_CONV_2D
+  ("Didn't find op for builtin opcode 'DEPTHWISE_CONV_2D' version '7'") and XNNPACK delegates only
+  the int4 FULLY_CONNECTED. ``export_tflite(..., packed_int4=True)`` asks for packed INT4 where that
+  runs: 4-bit-or-fewer Dense layers.)
 - ``ActivationQuantizer``: asymmetric, range = exponential moving average of batch min/max,
   started from the first batch (not from an arbitrary +-6), always containing 0.
 - ``FixedRangeQuantizer``: a range fixed by the runtime (softmax output: [0, 255/256]).
