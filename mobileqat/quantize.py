@@ -55,7 +55,7 @@ def quantize_config_for(layer, scheme):
     if type(layer) is L.Dense:
         # The converter cannot write per-channel FULLY_CONNECTED weights from a QAT graph
         # ("'tfl.transpose' op has mismatched quantized axes"): Dense weights are per-tensor.
-        return QuantizeConfig(["kernel"], scheme.dense_weight_quantizer(), aq())
+        return QuantizeConfig(["kernel"], scheme.fully_connected_weight_quantizer(int(layer.input_shape[-1])), aq())
     if type(layer) is L.Conv2D:
         return QuantizeConfig(["kernel"], wq(), aq())
     if type(layer) is L.Conv2DTranspose:

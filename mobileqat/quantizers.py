@@ -14,8 +14,8 @@ gradient inside the range and zero outside.
   FakeQuant, measured, TF 2.21's converter writes packed INT4 weights with CONV_2D / DEPTHWISE_CONV_2D
   version 7 and FULLY_CONNECTED version 10; the reference kernels have no int4 DEPTHWISE_CONV_2D
   ("Didn't find op for builtin opcode 'DEPTHWISE_CONV_2D' version '7'") and XNNPACK delegates only
-  the int4 FULLY_CONNECTED. ``export_tflite(..., packed_int4=True)`` asks for packed INT4 where that
-  runs: 4-bit-or-fewer Dense layers.)
+  the int4 FULLY_CONNECTED. ``packed_int4=True`` asks for that FakeQuant, and packed INT4, where it
+  runs: ``QuantScheme(packed_int4=True)`` gives it to 4-bit Dense layers.)
 - ``ActivationQuantizer``: asymmetric, range = exponential moving average of batch min/max,
   started from the first batch (not from an arbitrary +-6), always containing 0.
 - ``FixedRangeQuantizer``: a range fixed by the runtime (softmax output: [0, 255/256]).
@@ -83,10 +83,17 @@ class WeightQuantizer(_Base):
       num_bits: 2..8. With narrow_range the integer grid is [-(2^(b-1)-1), 2^(b-1)-1], zero point 0.
       per_channel: one scale per output channel (last axis of the tensor it is given).
       narrow_range: TFLite requires it for int8 weights.
+      packed_int4: num_bits == 4 only: a 4-bit FakeQuant, which the converter writes as packed INT4
+        weights (two codes a byte); for Dense layers (FULLY_CONNECTED, which the reference kernels and
+        XNNPACK run with int4 weights). Otherwise weights below 8 bits are int8 tensors on the n-bit grid.
     """
 
-    def __init__(self, num_bits=8, per_channel=True, narrow_range=True):
+    def __init__(self, num_bits=8, per_channel=True, narrow_range=True, packed_int4=False):
         self.num_bits = _check_bits(num_bits)
+        self.packed_int4 = bool(packed_int4)
+        if self.packed_int4 and self.num_bits != 4:  # 2 bits measured: the file is 1 LSB off the twin
+            raise ValueError(f"WeightQuantizer(num_bits={num_bits}, packed_int4=True): packed INT4 is written and "
+                             "lowered for 4-bit weights only; use num_bits=4 or packed_int4=False.")
         if self.num_bits < 8 and not narrow_range:
             raise ValueError(f"WeightQuantizer(num_bits={num_bits}, narrow_range=False): weights below 8 bits "
                              "use the narrow symmetric grid (TFLite's int8 weights are narrow): drop "
@@ -111,7 +118,7 @@ class WeightQuantizer(_Base):
             return max_var.assign(amax)
 
         amax = _smart_cond(training, record_range, lambda: tf.identity(max_var))
-        if self.num_bits < 8:  # the n-bit grid inside the int8 grid (module docstring)
+        if self.num_bits < 8 and not self.packed_int4:  # the n-bit grid inside the int8 grid (module docstring)
             inputs = tf.clip_by_value(inputs, -amax, amax)
             top = weight_fake_quant_range(amax, self.num_bits)
             return fake_quant(inputs, -top, top, 8, True, self.per_channel)
@@ -123,7 +130,10 @@ class WeightQuantizer(_Base):
         return fake_quant(inputs, amin, amax, self.num_bits, self.narrow_range, self.per_channel)
 
     def get_config(self):
-        return {"num_bits": self.num_bits, "per_channel": self.per_channel, "narrow_range": self.narrow_range}
+        config = {"num_bits": self.num_bits, "per_channel": self.per_channel, "narrow_range": self.narrow_range}
+        if self.packed_int4:
+            config["packed_int4"] = True
+        return config
 
 
 # The narrowest activation range written (scale ~ MIN_RANGE / 255). A dead ReLU branch (a squeeze-excite

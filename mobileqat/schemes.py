@@ -42,6 +42,10 @@ class QuantScheme:
       holds int8 tensors whose codes lie on the b-bit grid (``WeightQuantizer``).
     activation_bits: 8 (int8 activations, asymmetric, per tensor).
     ema_decay: decay of the activation range's moving average.
+    packed_int4: Dense layers with weight_bits == 4 and an even input count get packed INT4 weights in the file (FULLY_CONNECTED
+      with int4 weights runs on the reference kernels and XNNPACK; half the bytes of int8). Other
+      layers keep int8 tensors on the 4-bit grid (int4 CONV_2D is not delegated to XNNPACK, int4
+      DEPTHWISE_CONV_2D not in the reference kernels).
     Dense and Conv2DTranspose weights are per-tensor whatever ``per_channel`` says (the converter
     cannot write them per channel from a QAT graph).
     """
@@ -51,6 +55,7 @@ class QuantScheme:
     activation_bits: int = 8
     per_channel: bool = True
     ema_decay: float = 0.99
+    packed_int4: bool = False
 
     def __post_init__(self):
         if not isinstance(self.weight_bits, int) or not 2 <= self.weight_bits <= 8:
@@ -66,6 +71,12 @@ class QuantScheme:
         """Per-tensor: TFLite's converter cannot take per-channel FULLY_CONNECTED weights from QAT."""
         return WeightQuantizer(self.weight_bits, per_channel=False, narrow_range=True)
 
+    def fully_connected_weight_quantizer(self, inputs):
+        """Dense with ``inputs`` input features: per-tensor (as ``dense_weight_quantizer``), packed INT4 when
+        ``packed_int4``, 4 bits and an even input count (XNNPACK refuses int4 FULLY_CONNECTED with an odd one)."""
+        return WeightQuantizer(self.weight_bits, per_channel=False, narrow_range=True,
+                               packed_int4=self.packed_int4 and self.weight_bits == 4 and inputs % 2 == 0)
+
     def activation_quantizer(self):
         return ActivationQuantizer(self.activation_bits, ema_decay=self.ema_decay)
 
@@ -75,7 +86,8 @@ class QuantScheme:
 
 PRESETS = {
     "w8a8": QuantScheme("w8a8", 8, 8),
-    "w4a8": QuantScheme("w4a8", 4, 8),
+    # 4-bit weights: int8 tensors on the 4-bit grid, packed INT4 for Dense (FULLY_CONNECTED, which XNNPACK runs)
+    "w4a8": QuantScheme("w4a8", 4, 8, packed_int4=True),
 }
 _FIELDS = {f.name for f in dataclasses.fields(QuantScheme)}
 MATCH_KEYS = ("name", "regex", "type", "position")

@@ -65,7 +65,12 @@ def test_n_bit_straight_through_gradient_inside_range_zero_outside():
 
 
 def test_presets_and_scheme_validation():
-    assert schemes.get_scheme("w4a8") == schemes.QuantScheme("w4a8", 4, 8)
+    assert schemes.get_scheme("w4a8") == schemes.QuantScheme("w4a8", 4, 8, packed_int4=True)
+    assert schemes.get_scheme("w4a8").fully_connected_weight_quantizer(8).packed_int4
+    assert not schemes.get_scheme("w4a8").fully_connected_weight_quantizer(7).packed_int4  # XNNPACK: even only
+    assert not schemes.get_scheme({"weight_bits": 2, "packed_int4": True}).fully_connected_weight_quantizer(8).packed_int4
+    with pytest.raises(ValueError, match="packed INT4 is written and lowered for 4-bit weights only"):
+        WeightQuantizer(3, packed_int4=True)
     assert schemes.get_scheme({"weight_bits": 5}).weight_bits == 5
     with pytest.raises(ValueError, match="weight_bits=9.*2 to 8"):
         schemes.QuantScheme("x", 9, 8)
