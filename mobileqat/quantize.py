@@ -55,7 +55,8 @@ def quantize_config_for(layer, scheme):
     if type(layer) is L.Dense:
         # The converter cannot write per-channel FULLY_CONNECTED weights from a QAT graph
         # ("'tfl.transpose' op has mismatched quantized axes"): Dense weights are per-tensor.
-        return QuantizeConfig(["kernel"], scheme.fully_connected_weight_quantizer(int(layer.input_shape[-1])), aq())
+        inputs = int(layer.kernel.shape[0]) if layer.built else 1  # unbuilt: unknown, never packed
+        return QuantizeConfig(["kernel"], scheme.fully_connected_weight_quantizer(inputs), aq())
     if type(layer) is L.Conv2D:
         return QuantizeConfig(["kernel"], wq(), aq())
     if type(layer) is L.Conv2DTranspose:
