@@ -12,10 +12,9 @@ import time
 
 import numpy as np
 
-import mobileqat as mq
-from mobileqat import architectures, export, harness, lowering
-from mobileqat.quantize import quantize, scheme_plan
-from mobileqat.runtime import TFLiteModel, xnnpack_coverage
+from mobileqat import architectures, export, harness
+from mobileqat.quantize import quantize
+from mobileqat.runtime import xnnpack_coverage
 
 MIXED = {"default": "w4a8", "rules": [{"match": {"position": "first"}, "scheme": "w8a8"},
                                       {"match": {"position": "last"}, "scheme": "w8a8"}]}
@@ -41,16 +40,11 @@ def main():
         t = time.perf_counter()
         export.export_tflite(qat, path)
         convert_s = time.perf_counter() - t
-        twin = lowering.lower(qat)
-        lsb = {}
-        for rt in ("reference", "xnnpack"):
-            m = TFLiteModel(path, rt)
-            codes = m.quantize_input(x[:4])
-            out = np.concatenate([m.invoke_raw(codes[i:i + 1]) for i in range(len(codes))])
-            lsb[rt] = int(np.abs(out.astype(int) - twin.run(codes, rt)).max())
+        val = harness.validate(path, x[:4], model=qat)  # in worker processes: a runtime may abort
+        lsb = {rt: r.get("max_lsb_diff", r.get("error")) for rt, r in val["runtimes"].items()}
         bench = harness.benchmark(path, runtimes=("xnnpack",), runs=args.runs)
         rows[name] = {"scheme": scheme, **export.weight_summary(path), "xnnpack_ops": xnnpack_coverage(path),
-                      "latency_ms_xnnpack": bench["latency_ms"].get("xnnpack"), "twin_max_lsb_4_images": lsb,
+                      "latency_ms_xnnpack": bench["latency_ms"].get("xnnpack"), "twin_max_lsb_4_images": lsb, "integer_path_error": val.get("integer_path_error"),
                       "convert_s": round(convert_s, 1)}
         print(name, json.dumps(rows[name]), flush=True)
     with open(args.out, "w") as f:
