@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 _API = {
     "quantize": "mobileqat.quantize", "quantize_scope": "mobileqat.quantize",
     "QuantScheme": "mobileqat.schemes", "get_scheme": "mobileqat.schemes",
+    "SchemeRules": "mobileqat.schemes", "load_rules": "mobileqat.schemes", "scheme_plan": "mobileqat.quantize",
     "FoldedConvBN": "mobileqat.layers", "QuantizeConfig": "mobileqat.layers",
     "WeightQuantizer": "mobileqat.quantizers", "ActivationQuantizer": "mobileqat.quantizers",
     "FixedRangeQuantizer": "mobileqat.quantizers",
@@ -52,8 +53,17 @@ __all__ = sorted(_API) + ["architectures", "debug", "integer", "integer_xnnpack"
 def __getattr__(name):
     if name in _API:
         value = getattr(importlib.import_module(_API[name]), name)
+        _unshadow()
         globals()[name] = value
         return value
     if name in _SUBMODULES:
         return importlib.import_module(f"mobileqat.{name}")
     raise AttributeError(f"module 'mobileqat' has no attribute {name!r}")
+
+
+def _unshadow():
+    """Importing the submodule mobileqat.quantize sets the package attribute ``quantize`` to the module;
+    drop such attributes so that ``mobileqat.quantize`` stays the function (looked up again here)."""
+    for api in ("quantize",):
+        if isinstance(globals().get(api), type(sys)):
+            del globals()[api]

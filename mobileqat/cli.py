@@ -51,6 +51,12 @@ def _add_run_options(p, defaults):
                    help="float training peak learning rate (Adam, cosine decay to 0)")
     p.add_argument("--qat-learning-rate", type=RATE, default=defaults.qat_learning_rate,
                    help="QAT fine-tuning peak learning rate")
+    p.add_argument("--scheme", default=defaults.scheme, metavar="w8a8|w4a8|RULES.json",
+                   help="QAT scheme: a preset (w8a8: int8 weights and activations; w4a8: 4-bit per-channel weights "
+                        "in int8 tensors, int8 activations) or a JSON file of mixed-precision rules, e.g. "
+                        '{"default": "w4a8", "rules": [{"match": {"position": "first"}, "scheme": "w8a8"}, '
+                        '{"match": {"position": "last"}, "scheme": "w8a8"}]} (match keys: name (glob), regex, '
+                        "type, position). Default %(default)s")
     p.add_argument("--io-type", default=defaults.io_type, choices=["int8", "uint8"])
     p.add_argument("--threads", type=THREADS, default=defaults.threads, help="interpreter threads")
     p.add_argument("--bench-runs", type=COUNT, default=defaults.bench_runs)
@@ -76,7 +82,9 @@ def _config(args, **extra):
     fields = dict(model=given("model"), alpha=given("alpha"), epochs=given("epochs"), qat_epochs=args.qat_epochs,
                   batch_size=args.batch_size, learning_rate=given("learning_rate"),
                   qat_learning_rate=args.qat_learning_rate, io_type=args.io_type, threads=args.threads,
-                  bench_runs=args.bench_runs, seed=args.seed, verbose=0 if args.quiet else 1)
+                  bench_runs=args.bench_runs, seed=args.seed, verbose=0 if args.quiet else 1, scheme=args.scheme)
+    from mobileqat.schemes import as_scheme_or_rules
+    as_scheme_or_rules(args.scheme)  # an unknown preset or a bad rules file stops here, before any work
     return RunConfig(**{**fields, **extra})
 
 

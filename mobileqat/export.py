@@ -137,3 +137,51 @@ def tensor_types(model):
     return {"input": np.dtype(it.get_input_details()[0]["dtype"]).name,
             "output": np.dtype(it.get_output_details()[0]["dtype"]).name,
             "float_ops": float_ops}
+
+
+# weight operand of each op that has one (TFLite operator input index)
+_WEIGHT_INPUT = {"CONV_2D": 1, "DEPTHWISE_CONV_2D": 1, "FULLY_CONNECTED": 1, "TRANSPOSE_CONV": 1}
+
+
+def weight_summary(model):
+    """What a .tflite (path or bytes) carries, for reports: {"bytes", "gzip_bytes" (gzip level 9, what an
+    app download roughly carries), "weight_tensors" (weight operands of CONV_2D, DEPTHWISE_CONV_2D,
+    FULLY_CONNECTED, TRANSPOSE_CONV), "grids" {"<n>-bit in int8": count of int8 weight tensors whose codes
+    all lie in [-(2^(n-1)-1), 2^(n-1)-1] and not in the (n-1)-bit range; "int4 packed": INT4 tensors;
+    other types by name}}. A symmetric max|w| range puts some code of every 8-bit channel at +-127, so
+    an 8-bit tensor counts as 8-bit; a b-bit tensor's codes reach +-(2^(b-1)-1)."""
+    import gzip
+
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+    data = bytes(model) if isinstance(model, (bytes, bytearray)) else open(os.fspath(model), "rb").read()
+    root = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
+    ops = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    types = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    grids, seen = {}, set()
+    for g, sub in enumerate(root.subgraphs):
+        for op in sub.operators:
+            code = root.operatorCodes[op.opcodeIndex]
+            name = ops.get(max(code.builtinCode, code.deprecatedBuiltinCode))
+            if name not in _WEIGHT_INPUT or len(op.inputs) <= _WEIGHT_INPUT[name]:
+                continue
+            index = op.inputs[_WEIGHT_INPUT[name]]
+            if index < 0 or (g, index) in seen:
+                continue
+            seen.add((g, index))
+            tensor = sub.tensors[index]
+            buffer = root.buffers[tensor.buffer].data if tensor.buffer < len(root.buffers) else None
+            if buffer is None or len(buffer) == 0:
+                continue  # not a constant (computed weights)
+            kind = types.get(tensor.type, str(tensor.type))
+            if kind == "INT8":
+                peak = int(np.abs(np.frombuffer(bytes(buffer), np.int8).astype(np.int16)).max())
+                bits = max(2, int(np.ceil(np.log2(peak + 1))) + 1)
+                key = f"{bits}-bit in int8"
+            elif kind == "INT4":
+                key = "int4 packed"
+            else:
+                key = kind.lower()
+            grids[key] = grids.get(key, 0) + 1
+    return {"bytes": len(data), "gzip_bytes": len(gzip.compress(data, 9, mtime=0)),
+            "weight_tensors": sum(grids.values()), "grids": dict(sorted(grids.items()))}

@@ -20,7 +20,8 @@ from mobileqat import runtime as rt
 from mobileqat._tf import keras, tfmot
 from mobileqat.layers import FoldedConvBN, HardSigmoid, HardSwish
 from mobileqat.ops import KERNELS
-from mobileqat.quantizers import MIN_RANGE, ActivationQuantizer, FixedRangeQuantizer
+from mobileqat.quantizers import (MIN_RANGE, ActivationQuantizer, FixedRangeQuantizer, WeightQuantizer,
+                                  weight_fake_quant_range)
 
 _qk = tfmot.quantization.keras
 _ARITHMETIC = {"reference": "mobileqat.integer", "xnnpack": "mobileqat.integer_xnnpack"}
@@ -154,12 +155,31 @@ def quantization_params(rmin, rmax, num_bits=8, narrow_range=False):
 
 
 def _require_8bit(quantizer, where):
-    """Lowering reproduces the converter's 8-bit grids only; fewer bits come with the low-bit work."""
+    """Activations: lowering reproduces the converter's 8-bit activation grids only."""
     bits = getattr(quantizer, "num_bits", 8)
     if bits != 8:
         raise ValueError(f"{where}: {type(quantizer).__name__} has num_bits={bits}; the integer-exact path covers "
-                         "8-bit quantizers only (use the float simulation for lower bit widths).")
+                         "8-bit activation quantizers only (use the float simulation for lower bit widths).")
     return quantizer
+
+
+def _weight_max(quantizer, qvars, where, packed_ok=False):
+    """The symmetric range (float32, per channel or scalar) of the 8-bit FakeQuant a WeightQuantizer
+    applies: max|w| for 8 bits, the n-bit step times 127 below (``weight_fake_quant_range``)."""
+    if not isinstance(quantizer, WeightQuantizer):
+        raise ValueError(f"{where}: lowering does not know the weight quantizer {type(quantizer).__name__}.")
+    if quantizer.packed_int4 and not packed_ok:
+        raise ValueError(f"{where}: packed INT4 weights (WeightQuantizer(packed_int4=True)) are lowered for Dense "
+                         "layers only (the reference kernels have no int4 DEPTHWISE_CONV_2D and XNNPACK delegates "
+                         "int4 FULLY_CONNECTED only); quantize with a QuantScheme, which packs Dense layers only.")
+    if quantizer.packed_int4:  # an n-bit FakeQuant: the converter's scale is that of the n-bit grid
+        return np.float32(qvars["max_var"].numpy())
+    return weight_fake_quant_range(np.float32(qvars["max_var"].numpy()), quantizer.num_bits)
+
+
+def _fake_quant_bits(quantizer):
+    """The bit width of the FakeQuant a weight quantizer emits: n for packed INT4, else 8."""
+    return quantizer.num_bits if getattr(quantizer, "packed_int4", False) else 8
 
 
 def _weight_quantization(wrapper, where):
@@ -192,14 +212,15 @@ def _input_range(layer):
     return np.float32(v["min_var"].numpy()), np.float32(v["max_var"].numpy())
 
 
-def _quantize_weights(w_fq, amax, per_channel):
+def _quantize_weights(w_fq, amax, per_channel, bits=8):
     """Fake-quantized float32 weights (..., C_out) and their symmetric ranges -> int8 codes, float32
     scales (C_out,) and the double scales the converter uses for the bias. The converter folds the
     FakeQuant op first and quantizes its output (already on the grid), so codes are exact integers."""
-    scales = np.array([quantization_params(-a, a, 8, narrow_range=True)[0]
+    scales = np.array([quantization_params(-a, a, bits, narrow_range=True)[0]
                        for a in np.atleast_1d(np.float32(amax))], np.float64)
     v = np.asarray(w_fq, np.float64) / (scales if per_channel else scales[0])
-    q = np.clip(np.sign(v) * np.floor(np.abs(v) + 0.5), -127, 127).astype(np.int8)
+    top = 2 ** (bits - 1) - 1
+    q = np.clip(np.sign(v) * np.floor(np.abs(v) + 0.5), -top, top).astype(np.int8)
     return q, scales.astype(np.float32), scales
 
 
@@ -283,9 +304,8 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
     if isinstance(inner, FoldedConvBN):
         if inner.depthwise and inner.depth_multiplier != 1:
             raise ValueError(f"{where}: depth_multiplier {inner.depth_multiplier} has no int8 op here yet.")
-        _require_8bit(inner.weight_quantizer, where)
         w = inner.weight_quantizer(inner.folded_float_kernel(), False, inner._wq_vars).numpy()
-        amax = inner._wq_vars["max_var"].numpy()
+        amax = _weight_max(inner.weight_quantizer, inner._wq_vars, where)
         q, scales, scales_d = _quantize_weights(w, amax, per_channel=inner.weight_quantizer.per_channel)
         if not inner.weight_quantizer.per_channel:
             scales_d = np.full(q.shape[-1], scales_d[0])
@@ -296,9 +316,9 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
             padding=inner.padding.upper(), activation=_activation(inner)))
     if type(inner) is keras.layers.Conv2D:  # a convolution with no BatchNormalization to fold: its own bias
         kernel, quantizer, qvars = _weight_quantization(wrapper, where)
-        _require_8bit(quantizer, where)
         w = quantizer(kernel, False, qvars).numpy()
-        q, scales, scales_d = _quantize_weights(w, qvars["max_var"].numpy(), per_channel=quantizer.per_channel)
+        q, scales, scales_d = _quantize_weights(w, _weight_max(quantizer, qvars, where),
+                                                per_channel=quantizer.per_channel)
         if not quantizer.per_channel:
             scales_d = np.full(q.shape[-1], scales_d[0])
         bias = inner.bias.numpy() if inner.use_bias else np.zeros(q.shape[-1], np.float32)
@@ -308,10 +328,15 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
             padding=inner.padding.upper(), activation=_activation(inner)))
     if type(inner) is keras.layers.Dense:
         kernel, quantizer, qvars = _weight_quantization(wrapper, where)
-        _require_8bit(quantizer, where)
         w = quantizer(kernel, False, qvars).numpy()
-        q, scales, scales_d = _quantize_weights(w, qvars["max_var"].numpy(), per_channel=quantizer.per_channel)
+        q, scales, scales_d = _quantize_weights(w, _weight_max(quantizer, qvars, where, packed_ok=True),
+                                                per_channel=quantizer.per_channel, bits=_fake_quant_bits(quantizer))
         bias = inner.bias.numpy() if inner.use_bias else np.zeros(q.shape[-1], np.float32)
+        if quantizer.packed_int4 and q.shape[0] % 2:
+            raise ValueError(f"{where}: packed INT4 weights with {q.shape[0]} (odd) inputs: XNNPACK leaves that "
+                             "FULLY_CONNECTED to the builtin kernel, whose result the integer path does not reproduce "
+                             "(1 LSB measured); quantize with a QuantScheme, which packs Dense layers with an even "
+                             "input count only.")
         return IntOp("fully_connected", (srcs[0],), name, dict(
             weights=q.T.copy(), filter_scales=scales, bias=_quantize_bias(bias, double_scale[srcs[0]], scales_d[0]),
             activation=_activation(inner)))
@@ -381,14 +406,13 @@ def _lower_pooling(wrapper, inner, srcs, where):
 def _lower_transpose_conv(wrapper, inner, srcs, double_scale, where):
     """Conv2DTranspose -> TRANSPOSE_CONV: per-tensor int8 weights, kernel (kh, kw, out, in) -> OHWI."""
     kernel, quantizer, qvars = _weight_quantization(wrapper, where)
-    _require_8bit(quantizer, where)
     if quantizer.per_channel:
         raise ValueError(f"{where}: per-channel weights; the converter writes Conv2DTranspose per-tensor only.")
     size = tuple(wrapper.output_shape[1:3])
     if None in size:
         raise ValueError(f"{where}: output size {size} is not fixed; lowering needs static spatial sizes.")
     w = quantizer(kernel, False, qvars).numpy()
-    q, scales, scales_d = _quantize_weights(w, qvars["max_var"].numpy(), per_channel=False)
+    q, scales, scales_d = _quantize_weights(w, _weight_max(quantizer, qvars, where), per_channel=False)
     bias = (_quantize_bias(inner.bias.numpy(), double_scale[srcs[0]], scales_d[0]) if inner.use_bias else None)
     return IntOp("transpose_conv", (srcs[0],), wrapper.name, dict(
         weights=q.transpose(2, 0, 1, 3).copy(), filter_scales=scales, bias=bias, stride=tuple(inner.strides),

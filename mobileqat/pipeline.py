@@ -14,11 +14,11 @@ from typing import Optional
 
 import numpy as np
 
-from mobileqat import architectures, debug, export, harness, report as report_mod, training
+from mobileqat import architectures, debug, export, harness, report as report_mod, schemes, training
 from mobileqat._tf import keras
 from mobileqat.data import ImageFolderStream, calibration_subset
 from mobileqat.export import save_keras_model
-from mobileqat.quantize import load_qat_model, quantize
+from mobileqat.quantize import load_qat_model, quantize, scheme_plan
 from mobileqat.stages import RunFolder, data_fingerprint, stage_key
 
 
@@ -44,6 +44,9 @@ class RunConfig:
     augment: Optional[tuple] = None  # streamed data only: names from data.AUGMENTATIONS, for training
     cache: bool = False  # streamed data only: decoded training images cached in out_dir/cache
     eval_chunk_mb: int = 128  # streamed data only: test images held at once (float32), for the harness
+    # the QAT scheme: a preset ("w8a8", "w4a8"), the path of a JSON rules file, or rules / a QuantScheme
+    # (mobileqat.schemes); report.json records it and the scheme of every layer with weights
+    scheme: object = "w8a8"
 
 
 def _log(cfg, msg):
@@ -82,6 +85,10 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig(), float_model=None, qat_model=
     if (cfg.augment or cfg.cache) and not streamed:
         raise ValueError("augment and cache apply to image folders read with mobileqat.data.image_folder_stream; "
                          "pass one, or leave them unset for in-memory data.")
+    scheme, scheme_data = _scheme(cfg.scheme)
+    # rules that cannot apply stop the run now, before any training (an untrained copy has the same layers)
+    layer_schemes = scheme_plan(float_model if user else architectures.build(
+        cfg.model, dataset.input_shape, dataset.classes, alpha=alpha), scheme)
     folder = RunFolder(out_dir)
     out_dir = folder.path
     folder.start()
@@ -127,12 +134,14 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig(), float_model=None, qat_model=
                                             calibration_images=cfg.calibration_images),
           (paths["float"], paths["ptq_int8"]), export_float, cfg, "export: float and PTQ int8")
 
+    default_scheme = scheme == schemes.PRESETS["w8a8"]
     qat_key = stage_key(float=float_key, qat_epochs=cfg.qat_epochs, qat_learning_rate=cfg.qat_learning_rate,
                         **({"batch_size": cfg.batch_size, "seed": cfg.seed} if user else {}),
-                        **({"augment": augment} if augment else {}))
+                        **({"augment": augment} if augment else {}),
+                        **({} if default_scheme else {"scheme": scheme.to_dict()}))
     qat_model, qat_fit = _trained(
         folder, "qat", qat_key, os.path.join(out_dir, "qat_model.h5"), load=load_qat_model,
-        build=lambda: prebuilt_qat if prebuilt_qat is not None else quantize(float_model, "w8a8"),
+        build=lambda: prebuilt_qat if prebuilt_qat is not None and default_scheme else quantize(float_model, scheme),
         train=lambda m, ckpt: training.fit(m, *training_data(cfg.seed + 1), cfg.qat_epochs, cfg.batch_size,
                                            cfg.qat_learning_rate, from_logits=from_logits, checkpoint_dir=ckpt,
                                            seed=cfg.seed + 1, verbose=cfg.verbose),
@@ -166,9 +175,12 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig(), float_model=None, qat_model=
         entry = {"accuracy": val["runtimes"].get("xnnpack", {}).get("accuracy"),
                  "accuracy_reference": val["runtimes"].get("reference", {}).get("accuracy"),
                  "tflite_bytes": val["tflite_bytes"], "latency_ms": bench["latency_ms"]}
+        if kind != "float":  # bytes, gzip bytes, weight tensors by grid
+            entry["weights"] = export.weight_summary(paths[kind])
         if kind == "float":
             entry["keras_accuracy"] = float_keras_acc
         if kind == "qat_int8":
+            entry["scheme"] = {"given": scheme_data, "layers": layer_schemes}
             entry["sim_accuracy"] = val.get("sim_accuracy")
             entry["integer_sim_accuracy"] = val.get("integer_accuracy")
             entry["fidelity"] = fidelity_summary(val)
@@ -205,7 +217,7 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig(), float_model=None, qat_model=
                    "qat_float_step_time": ratio(qat_fit["step_s"], float_fit["step_s"])},
         "accuracy_drop_points": {kind: _drop_points(variants["float"]["accuracy"], variants[kind]["accuracy"])
                                  for kind in ("ptq_int8", "qat_int8")},
-        "config": dataclasses.asdict(cfg),
+        "config": dict(dataclasses.asdict(cfg), scheme=scheme_data),
         "training": {"float": float_fit["history"], "qat": qat_fit["history"]},
         "errors": errors,
     }
@@ -213,6 +225,19 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig(), float_model=None, qat_model=
     if cache:
         shutil.rmtree(os.path.dirname(cache), ignore_errors=True)  # every stage that reads it has finished
     return report
+
+
+def _scheme(given):
+    """(QuantScheme or SchemeRules, plain data for the report) of ``RunConfig.scheme``: a preset by name,
+    otherwise its fields / rules (and the file they were read from). The QAT stage is keyed by the
+    content (``to_dict``), not by a file's path."""
+    scheme = schemes.as_scheme_or_rules(given)
+    data = scheme.to_dict()
+    if isinstance(given, (str, os.PathLike)) and not (isinstance(given, str) and given in schemes.PRESETS):
+        data = {"file": os.path.abspath(os.fspath(given)), **data}
+    elif isinstance(given, str):
+        data = given  # a preset, by name
+    return scheme, data
 
 
 def _counts(dataset):

@@ -16,7 +16,7 @@ from mobileqat import transforms
 from mobileqat._tf import keras, tf, tfmot
 from mobileqat.layers import FoldedConvBN, HardSigmoid, HardSigmoidQuantizeConfig, HardSwish, QuantizeConfig
 from mobileqat.quantizers import FixedRangeQuantizer
-from mobileqat.schemes import get_scheme
+from mobileqat import schemes as _schemes
 
 _qk = tfmot.quantization.keras
 L = keras.layers
@@ -55,7 +55,8 @@ def quantize_config_for(layer, scheme):
     if type(layer) is L.Dense:
         # The converter cannot write per-channel FULLY_CONNECTED weights from a QAT graph
         # ("'tfl.transpose' op has mismatched quantized axes"): Dense weights are per-tensor.
-        return QuantizeConfig(["kernel"], scheme.dense_weight_quantizer(), aq())
+        inputs = int(layer.kernel.shape[0]) if layer.built else 1  # unbuilt: unknown, never packed
+        return QuantizeConfig(["kernel"], scheme.fully_connected_weight_quantizer(inputs), aq())
     if type(layer) is L.Conv2D:
         return QuantizeConfig(["kernel"], wq(), aq())
     if type(layer) is L.Conv2DTranspose:
@@ -444,7 +445,10 @@ def quantize(model, scheme="w8a8", keep_float=()):
     """Return a QAT copy of ``model`` (float Keras model, functional or Sequential).
 
     Conv/DepthwiseConv + BN (+ReLU/ReLU6) become ``FoldedConvBN``; weights are fake-quantized
-    per channel, activations per tensor, as ``scheme`` says. The original model is untouched.
+    per channel, activations per tensor, as ``scheme`` says: a preset name ("w8a8", "w4a8"), a
+    ``QuantScheme``, or mixed-precision rules (a list of rules, a {"default", "rules"} dict, a
+    ``SchemeRules`` or the path of a JSON rules file; ``mobileqat.schemes``). Rules that cannot apply
+    raise ValueError naming them; ``scheme_plan(model, scheme)`` shows which layer gets which scheme. The original model is untouched.
     Raises ValueError naming every layer that cannot be quantized, its class and the fix (``audit``).
 
     keep_float: layer names (or True: every layer the audit refuses) to keep in float instead of
@@ -453,7 +457,7 @@ def quantize(model, scheme="w8a8", keep_float=()):
     DEQUANTIZE/QUANTIZE (``export_tflite(..., allow_float_ops=True)``) or as int8 ops where it has them;
     ``mobileqat.lower`` names them (no integer twin for such a model yet).
     """
-    scheme = get_scheme(scheme)
+    scheme = _schemes.as_scheme_or_rules(scheme)
     if not isinstance(model, keras.Model):
         raise TypeError(f"quantize() takes a tf_keras Model, got {type(model).__name__}. If it is a Keras 3 "
                         "model, build it with tf_keras (import mobileqat before tensorflow).")
@@ -470,15 +474,19 @@ def quantize(model, scheme="w8a8", keep_float=()):
                       f"keep_float asks; their weights and computation are not fake-quantized:\n{lines}",
                       stacklevel=2)
     kept_names = {p.name for p in kept}
-    folded = transforms.fold_batchnorm(rewritten, weight_quantizer=scheme.weight_quantizer())
+    plan = _scheme_plan(model, rewritten, scheme)
+    scheme_of = lambda name: plan[name][0] if name in plan else plan[None][0]  # noqa: E731
+    folded = transforms.fold_batchnorm(rewritten, weight_quantizer={
+        layer.name: scheme_of(layer.name).weight_quantizer() for layer in rewritten.layers
+        if type(layer) in transforms.FOLDABLE_CONVS})
     configs = {}
     for layer in folded.layers:
         if isinstance(layer, L.InputLayer):
             continue
         if layer.name in kept_names:  # float inside, fake-quantized output
-            configs[layer.name] = QuantizeConfig(output_quantizer=scheme.activation_quantizer())
+            configs[layer.name] = QuantizeConfig(output_quantizer=scheme_of(layer.name).activation_quantizer())
             continue
-        configs[layer.name] = quantize_config_for(layer, scheme)
+        configs[layer.name] = quantize_config_for(layer, scheme_of(layer.name))
         if configs[layer.name] is None:  # the audit let it through: a gap in the refusal list
             raise _refusal(model, [Problem("layer", layer.name, type(layer).__name__,
                                            "the audit accepted it but mobileqat has no QuantizeConfig for it",
@@ -494,6 +502,46 @@ def quantize(model, scheme="w8a8", keep_float=()):
     with quantize_scope():
         qat = _qk.quantize_apply(annotated)
     return qat
+
+
+_SCHEME_WEIGHTED = _WEIGHTED + (L.DepthwiseConv2D,)  # layers of the rewritten model a scheme's weight bits reach
+
+
+def _scheme_plan(model, rewritten, scheme):
+    """{layer name: (QuantScheme, rule index or None, user class, added by a rewrite)} for the user's layers with weights in
+    ``rewritten`` (``schemes.user_weighted_layers``), and None: (the scheme of every other layer, ...).
+    Layers a rewrite added with weights (a BatchNormalization's or Rescaling's fixed 1x1 depthwise: one
+    weight per channel) keep 8-bit weights under the default scheme."""
+    import dataclasses
+    rules = scheme if isinstance(scheme, _schemes.SchemeRules) else _schemes.SchemeRules((), scheme, scheme.name)
+    layers = _schemes.user_weighted_layers(model, rewritten, _SCHEME_WEIGHTED)
+    names = {n for n, _ in layers}
+    others = [(la.name, transforms.rewritten_from(la)) for la in rewritten.layers if la.name not in names]
+    assigned = _schemes.assign(rules, layers, others)
+    classes = dict(layers)
+    plan = {n: (s, i, classes[n], False) for n, (s, i) in assigned.items()}
+    helper = dataclasses.replace(rules.default, weight_bits=8)
+    for la in rewritten.layers:
+        if type(la) in _SCHEME_WEIGHTED and la.name not in plan:
+            plan[la.name] = (helper, None, transforms.rewritten_from(la), True)
+    plan[None] = (rules.default, None, None, False)
+    return plan
+
+
+def scheme_plan(model, scheme="w8a8"):
+    """Which scheme ``quantize(model, scheme)`` gives each layer with weights, as plain data:
+    {layer name: {"class": the class the user wrote, "scheme": QuantScheme fields, "rule": index of
+    the rule that chose it or None (the default)}}, in graph order; a layer with weights that a rewrite
+    added (a fixed 1x1 depthwise) also has "added_by_rewrite": True (8-bit weights). Raises ValueError as ``quantize`` does
+    for rules that cannot apply."""
+    scheme = _schemes.as_scheme_or_rules(scheme)
+    problems, rewritten = _audit(model)
+    if rewritten is None:
+        raise _refusal(model, problems)
+    plan = _scheme_plan(model, rewritten, scheme)
+    order = [la.name for la in rewritten.layers if la.name in plan]
+    return {n: {"class": plan[n][2], "scheme": plan[n][0].to_dict(), "rule": plan[n][1],
+                **({"added_by_rewrite": True} if plan[n][3] else {})} for n in order}
 
 
 def load_qat_model(path):

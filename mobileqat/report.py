@@ -53,6 +53,7 @@ def markdown(report):
     for name, v in variants.items():
         lines.append(f"| {name} | {_pct(v.get('accuracy'))} | {_pct(v.get('sim_accuracy', v.get('keras_accuracy')))} | "
                      f"{v.get('tflite_bytes', 0):,} | {_num(v.get('latency_ms', {}).get('xnnpack'))} |")
+    lines += _weights_section(variants)
     qat = variants.get("qat_int8", {})
     fid = qat.get("fidelity")
     if fid:
@@ -119,6 +120,30 @@ def summary_lines(report):
         f"int8/fp32: latency (XNNPACK) {_num(r.get('int8_fp32_latency_xnnpack'))}, size "
         f"{_num(r.get('int8_fp32_size'))}; QAT/float train step {_num(r.get('qat_float_step_time'))}",
     ]
+
+
+def _weights_section(variants):
+    """Bytes, gzip bytes and weight grids of the integer files; the QAT scheme per layer."""
+    rows = [(k, v["weights"]) for k, v in variants.items() if v.get("weights")]
+    if not rows:
+        return []
+    lines = ["", "## Files and weights", "",
+             "| file | bytes | gzip bytes | weight tensors by grid |", "|---|---|---|---|"]
+    for name, w in rows:
+        grids = ", ".join(f"{n} {k}" for k, n in w.get("grids", {}).items()) or "—"
+        lines.append(f"| {name} | {w['bytes']:,} | {w['gzip_bytes']:,} | {grids} |")
+    scheme = variants.get("qat_int8", {}).get("scheme")
+    if scheme:
+        given = scheme.get("given")
+        lines += ["", f"QAT scheme: `{json.dumps(given) if not isinstance(given, str) else given}`.", "",
+                  "| layer | class | weight bits | per channel | rule |", "|---|---|---|---|---|"]
+        for layer, p in scheme.get("layers", {}).items():
+            rule = p.get("rule")
+            rule = "added by a rewrite" if p.get("added_by_rewrite") else ("default" if rule is None else rule)
+            per_channel = p["scheme"]["per_channel"] and p["class"] not in ("Dense", "Conv2DTranspose")
+            lines.append(f"| {layer} | {p['class']} | {p['scheme']['weight_bits']} | {'yes' if per_channel else 'no'} "
+                         f"| {rule} |")
+    return lines
 
 
 def _dash(value):

@@ -146,7 +146,9 @@ def _fold_plan(model, consumers, weight_quantizer):
             filters=None if depthwise else layer.filters, kernel_size=layer.kernel_size,
             strides=layer.strides, padding=layer.padding, depthwise=depthwise,
             depth_multiplier=layer.depth_multiplier if depthwise else 1, activation=activation,
-            momentum=bn.momentum, epsilon=bn.epsilon, weight_quantizer=weight_quantizer,
+            momentum=bn.momentum, epsilon=bn.epsilon,
+            weight_quantizer=(weight_quantizer.get(layer.name) if isinstance(weight_quantizer, dict)
+                              else weight_quantizer),
             batch_statistics=bn.trainable, trainable=layer.trainable or bn.trainable, name=layer.name,
             groups=1 if depthwise else layer.groups)
         mean, var = bn.moving_mean.numpy(), bn.moving_variance.numpy()
@@ -254,6 +256,7 @@ def rewritten_from(layer):
 
 def fold_batchnorm(model, weight_quantizer=None):
     """Conv/DepthwiseConv -> BN [-> ReLU/ReLU6] chains become ``FoldedConvBN`` layers (same function).
+    weight_quantizer: one quantizer for every fold, or {conv layer name: quantizer} (mixed precision).
 
     Chains that fail a row of ``FOLD_CONDITIONS`` are left as they are."""
     _require_graph(model)

@@ -164,16 +164,6 @@ def test_lower_names_the_layer_it_cannot_map():
         lowering.lower(qat)
 
 
-def test_lower_refuses_bit_widths_below_8_by_name():
-    from mobileqat import QuantScheme
-    inp = keras.Input((8, 8, 3))
-    x = L.ReLU(6.0)(L.BatchNormalization(name="bn")(L.Conv2D(4, 3, padding="same", use_bias=False, name="c")(inp)))
-    qat = quantize(keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(x))), QuantScheme("w4a8", 4, 8))
-    qat(np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32), training=True)
-    with pytest.raises(ValueError, match="'quant_c'.*num_bits=4.*8-bit"):
-        lowering.lower(qat)
-
-
 def test_an_op_a_runtime_arithmetic_refuses_falls_back_for_that_runtime(exported, monkeypatch):
     from mobileqat import integer_xnnpack
     qat, paths, x, y = exported
