@@ -53,7 +53,7 @@ def table(out, names):
             r = json.load(f)
         v, m, t = r["variants"], r["model"], r["timings"]
         q, fl, fid = v["qat_int8"], v["float"], v["qat_int8"]["fidelity"]
-        alpha = f"-{m['alpha']:g}" if m.get("alpha") is not None else ""
+        alpha = f" (α {m['alpha']:.2f})" if m.get("alpha") is not None else ""
         twin = (f"{fid['max_lsb_diff']} / {fid['max_lsb_diff_xnnpack']}" if fid.get("simulation") == "integer"
                 else f"not lowered: {fid.get('integer_path_error')}")
         drop = r["accuracy_drop_points"]["qat_int8"]
