@@ -8,12 +8,15 @@ import inspect
 from mobileqat.architectures.efficientnet_lite import efficientnet_lite
 from mobileqat.architectures.mobilenet_v1 import mobilenet_v1
 from mobileqat.architectures.mobilenet_v2 import mobilenet_v2
+from mobileqat.architectures.mobilenet_v3 import mobilenet_v3
 from mobileqat.architectures.resnet_small import resnet_small
 
-BUILDERS = {"mobilenet_v1": mobilenet_v1, "mobilenet_v2": mobilenet_v2, "efficientnet_lite": efficientnet_lite,
-            "resnet_small": resnet_small}
+BUILDERS = {"mobilenet_v1": mobilenet_v1, "mobilenet_v2": mobilenet_v2, "mobilenet_v3": mobilenet_v3,
+            "efficientnet_lite": efficientnet_lite, "resnet_small": resnet_small}
 
 MODELS = {"mobilenet_v1": (mobilenet_v1, {}), "mobilenet_v2": (mobilenet_v2, {}),
+          **{f"mobilenet_v3_{v}{'_minimalistic' if m else ''}": (mobilenet_v3, {"variant": v, "minimalistic": m})
+             for v in ("small", "large") for m in (False, True)},
           **{f"efficientnet_lite_{v}": (efficientnet_lite, {"variant": v}) for v in ("b0", "b1", "b2")},
           **{f"resnet{d}": (resnet_small, {"depth": d}) for d in (20, 32, 56)}}
 
@@ -41,5 +44,5 @@ def build(name, input_shape, classes, alpha=None):
     return builder(**kwargs)
 
 
-__all__ = ["BUILDERS", "MODELS", "build", "efficientnet_lite", "mobilenet_v1", "mobilenet_v2", "resnet_small",
-           "takes_alpha"]
+__all__ = ["BUILDERS", "MODELS", "build", "efficientnet_lite", "mobilenet_v1", "mobilenet_v2", "mobilenet_v3",
+           "resnet_small", "takes_alpha"]
