@@ -23,7 +23,7 @@ demo: install
 	$(BIN)/mobileqat demo --out $(OUT)
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 ARM64_FLAGS ?=
 
