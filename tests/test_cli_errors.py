@@ -82,7 +82,8 @@ def test_images_that_do_not_fit_the_model_exit_2(tiny_files):
 
 
 FLAGS = {  # command prefix, flag, (kind, low, high)
-    "--threads": (["bench", "m.tflite"], int, 1, 256),
+    "--threads": (["export", "m.h5", "--out", "p"], int, 1, 256),
+    "--warmup": (["bench", "m.tflite"], int, 0, None),
     "--runs": (["bench", "m.tflite"], int, 1, None),
     "--test": (["validate", "m.tflite"], int, 1, None),
     "--input-size": (["validate", "m.tflite"], int, 8, 2048),
