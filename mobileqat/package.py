@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from mobileqat import device_check as dc, runtime as rt
+from mobileqat.export import _umask
 from mobileqat.data import (ImageFolderStream, _orientation, _read_image, _shrink, _to_rgb_or_l, normalize,
                             scale_pixels)
 
@@ -280,12 +281,6 @@ def write_package(qat_model, tflite_path, out, dataset, golden=256, report=None,
         raise
     say(f"package: {out} (model sha256 {sha[:16]}..., {len(images)} golden images)")
     return manifest
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _swap_in(tmp, out):

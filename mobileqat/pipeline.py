@@ -17,6 +17,7 @@ import numpy as np
 from mobileqat import architectures, debug, export, harness, report as report_mod, schemes, training
 from mobileqat._tf import keras
 from mobileqat.data import ImageFolderStream, calibration_subset
+from mobileqat.device_check import sha256 as file_sha256
 from mobileqat.export import save_keras_model
 from mobileqat.quantize import load_qat_model, quantize, scheme_plan
 from mobileqat.stages import RunFolder, data_fingerprint, stage_key
@@ -298,14 +299,6 @@ def _merge(values, weights, key):
     return float(np.average(values, weights=weights))
 
 
-def _file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def model_file_info(model, path):
     """report.json's facts about the user's model file: path, sha256, output kind."""
     if os.path.isdir(path):
@@ -314,10 +307,10 @@ def model_file_info(model, path):
             dirs.sort()
             for name in sorted(names):
                 full = os.path.join(root, name)
-                h.update(os.fsencode(os.path.relpath(full, path)) + b"\0" + _file_sha256(full).encode())
+                h.update(os.fsencode(os.path.relpath(full, path)) + b"\0" + file_sha256(full).encode())
         digest = h.hexdigest()
     else:
-        digest = _file_sha256(path)
+        digest = file_sha256(path)
     return {"file": os.path.abspath(path), "sha256": digest,
             "output": "probabilities" if _outputs_probabilities(model) else "logits"}
 
