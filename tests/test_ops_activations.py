@@ -52,18 +52,23 @@ def all_codes():
     return np.concatenate([every, other]).astype(np.int8)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def fit_and_export(model, folder, name):
+    """Quantize ``model`` ((8, 8, 3) -> (8, 8, 3)), fit one epoch on seeded noise, export ``folder/name.tflite``:
+    (qat, path, folder, x)."""
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     x = rng.normal(0, 2, (64, 8, 8, 3)).astype(np.float32)
-    qat = quantize(activation_net())
+    qat = quantize(model)
     qat.compile(keras.optimizers.Adam(1e-2), "mse")
     qat.fit(x, rng.normal(0, 1, (64, 8, 8, 3)), epochs=1, batch_size=16, verbose=0)
-    folder = tmp_path_factory.mktemp("activations")
-    path = str(folder / "act.tflite")
+    path = str(folder / f"{name}.tflite")
     export.export_tflite(qat, path)
     return qat, path, folder, x
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return fit_and_export(activation_net(), tmp_path_factory.mktemp("activations"), "act")
 
 
 def _flatbuffer(path):

@@ -13,9 +13,9 @@ import pytest
 from mobileqat import export, lowering, provenance
 from mobileqat._tf import keras
 from mobileqat.ops import activations as act
-from mobileqat.quantize import load_qat_model, quantize
+from mobileqat.quantize import load_qat_model
 from mobileqat.runtime import TFLiteModel, xnnpack_coverage
-from test_ops_activations import _flatbuffer, all_codes, compare_ops, rewritten, with_input
+from test_ops_activations import _flatbuffer, all_codes, compare_ops, fit_and_export, rewritten, with_input
 
 L = keras.layers
 RUNTIMES = ("reference", "xnnpack")
@@ -32,16 +32,7 @@ def gelu_net():
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    x = rng.normal(0, 2, (64, 8, 8, 3)).astype(np.float32)
-    qat = quantize(gelu_net())
-    qat.compile(keras.optimizers.Adam(1e-2), "mse")
-    qat.fit(x, rng.normal(0, 1, (64, 8, 8, 3)), epochs=1, batch_size=16, verbose=0)
-    folder = tmp_path_factory.mktemp("gelu")
-    path = str(folder / "gelu.tflite")
-    export.export_tflite(qat, path)
-    return qat, path, folder, x
+    return fit_and_export(gelu_net(), tmp_path_factory.mktemp("gelu"), "gelu")
 
 
 def with_approximate(path, dest, approximate):
