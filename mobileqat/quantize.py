@@ -26,9 +26,7 @@ L = keras.layers
 # range of its own only makes the converter add a QUANTIZE (a second rounding) after it.
 # UpSampling2D/Resizing too: RESIZE_* keeps its input's scale (given an output range of its own, the converter
 # writes an extra QUANTIZE to that scale before the resize).
-_PASS_THROUGH = (L.MaxPooling2D, L.AveragePooling2D, L.Reshape, L.Flatten, L.Dropout, L.ZeroPadding2D,
-                 L.Cropping2D, L.GlobalMaxPooling2D, L.SpatialDropout2D, L.GaussianNoise, L.Permute,
-                 L.UpSampling2D, L.Resizing)
+_PASS_THROUGH = transforms.PASS_THROUGH
 # Layers whose output gets its own (moving-average) range.
 _REQUANTIZE = (L.Add, L.Subtract, L.Multiply, L.Concatenate, L.Maximum, L.Minimum,
                L.GlobalAveragePooling2D, HardSwish)
@@ -367,6 +365,7 @@ REWRITES = (
     transforms.split_separable,        # SeparableConv2D -> DepthwiseConv2D + 1x1 Conv2D
     transforms.preprocessing_to_conv,  # Rescaling, Normalization -> fixed 1x1 depthwise scale and offset
     transforms.standalone_batchnorm,   # BN after Add/Concat/pool, depthwise without BN -> foldable pairs
+    transforms.requantize_shared_pass_through,  # a pool output two Concatenates read -> 1x1 scale for one
 )
 
 

@@ -352,6 +352,91 @@ def unshare_layers(model):
     return keras.Model(new_inputs, outputs, name=model.name)
 
 
+# Layers whose int8 op keeps its input's scale (or writes no op): the converter gives their output the scale
+# of the op that reads it where that op forces one (a join), and carries it back up the chain.
+PASS_THROUGH = (L.MaxPooling2D, L.AveragePooling2D, L.Reshape, L.Flatten, L.Dropout, L.ZeroPadding2D,
+                L.Cropping2D, L.GlobalMaxPooling2D, L.SpatialDropout2D, L.GaussianNoise, L.Permute,
+                L.UpSampling2D, L.Resizing)
+SAME_SCALE_JOINS = (L.Concatenate, L.Maximum, L.Minimum)  # int8 ops whose inputs take the output's scale
+
+
+def shared_pass_through(model):
+    """Names of the pass-through layers (``PASS_THROUGH``) whose output, directly or through other
+    pass-through layers, two or more same-scale joins (Concatenate, Maximum, Minimum) read."""
+    nodes, _ = _model_nodes(model)
+    producer = {name: [p.name for p in tf.nest.flatten(node.inbound_layers)] for name, node in nodes.items()}
+    layers = {layer.name: layer for layer in model.layers}
+    reach = {}
+    for join in model.layers:
+        if not isinstance(join, SAME_SCALE_JOINS):
+            continue
+        for v in set(producer[join.name]):
+            while v in nodes and isinstance(layers[v], PASS_THROUGH) and len(producer[v]) == 1:
+                reach.setdefault(v, set()).add(join.name)
+                v = producer[v][0]
+    return {v for v, joins in reach.items() if len(joins) > 1}
+
+
+def requantize_shared_pass_through(model):
+    """A pass-through layer whose output two same-scale joins reach (``shared_pass_through``, e.g. a
+    MaxPooling2D read by two Concatenates) keeps its first reader; the others read it through a fixed
+    identity 1x1 depthwise scale (``<layer>_requantize``, ones, no bias), which ``fold_batchnorm`` makes one
+    int8 DEPTHWISE_CONV_2D with an output range of its own. Same float function.
+
+    The converter gives a join's inputs the join's scale back up such a chain; given two, TF 2.21's converter
+    fails ("'tfl.max_pool_2d' op quantization parameters violate the same scale constraint", measured).
+    Neither an output range of the pass-through layer's own nor one copy of it per reader avoids that
+    (the converter merges identical copies; measured). Outputs of rank other than 4 are left as they are."""
+    _require_graph(model)
+    while True:
+        shared = shared_pass_through(model)
+        _, consumers = _model_nodes(model)
+        users = {v: [c.name for c in consumers.get(v, [])] for v in shared}
+        last = {v for v in shared if len(model.get_layer(v).output_shape) == 4
+                and not any(u in shared for u in users[v])}
+        if not last:
+            return model
+        model = _reroute_readers(model, {v: set(users[v][1:]) for v in last})
+
+
+def _reroute_readers(model, rerouted):
+    """Rebuild ``model``; the readers ``rerouted[v]`` of layer v read ``<v>_requantize`` (an identity 1x1
+    depthwise scale after v, one per v) instead of v."""
+    new_inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t._keras_history.layer.name)
+                  for t in model.inputs]
+    tensors = {id(old): new for old, new in zip(model.inputs, new_inputs)}
+    outputs_of = {}  # id(old output tensor of v) -> v
+    scaled = {}
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        for node in model._nodes_by_depth[depth]:
+            layer = node.layer
+            if isinstance(layer, L.InputLayer):
+                continue
+
+            def mapped(t, reader=layer.name):
+                new = tensors.get(id(t), t)
+                v = outputs_of.get(id(t))
+                if v is None or reader not in rerouted[v]:
+                    return new
+                if v not in scaled:
+                    channels = int(model.get_layer(v).output_shape[-1])
+                    scaled[v] = _affine(f"{v}_requantize", np.ones(channels), np.zeros(channels), False)((new,), {})
+                return scaled[v]
+
+            clone = type(layer).from_config(layer.get_config())
+            args = tf.nest.map_structure(mapped, (node.call_args, node.call_kwargs))
+            out = clone(*args[0], **args[1])
+            clone.set_weights(layer.get_weights())
+            if rewritten_from(layer) != type(clone).__name__:
+                clone._rewritten_from = rewritten_from(layer)
+            for o, n in zip(tf.nest.flatten(node.outputs), tf.nest.flatten(out)):
+                tensors[id(o)] = n
+                if layer.name in rerouted:
+                    outputs_of[id(o)] = layer.name
+    outputs = tf.nest.map_structure(lambda t: tensors[id(t)], model.outputs)
+    return keras.Model(new_inputs, outputs, name=model.name)
+
+
 def flatten_nested(model):
     """A model nested in another (a backbone in a Sequential or functional head, a Sequential block)
     becomes its own layers, called in its place, recursively; names that clash get the nested model's
