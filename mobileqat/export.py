@@ -99,7 +99,10 @@ def convert(model, kind="qat_int8", representative_data=None, io_type="int8", ca
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.inference_input_type = IO_TYPES[io_type]
     converter.inference_output_type = IO_TYPES[io_type]
-    return converter.convert()
+    data = converter.convert()
+    if kind == "qat_int8" and activation_bits(model) == 16:
+        data, _ = tflite_file.int64_biases(data)  # what the int16 DEPTHWISE_CONV_2D kernel takes
+    return data
 
 
 def activation_bits(model):
