@@ -341,6 +341,8 @@ def _int16x8(qat_model, tensors, ops, input_name, output_name, bits):
             params = dict(op.params)
             if params.get("bias") is not None:
                 params["bias"] = np.asarray(params["bias"], np.int64)  # export widens int32 biases to int64
+                if op.kind == "fully_connected" and not params["bias"].any():
+                    params["bias"] = None  # the converter writes no bias tensor, and the builtin kernel then differs
             out.append(IntOp(_INT16_KINDS[op.kind], op.inputs, op.output, params))
         else:
             problems.append(f"layer '{op.output}': {TFLITE_OPS.get(op.kind, op.kind)} has no int16x8 kernel in "

@@ -1,24 +1,27 @@
-"""TFLite int16x8 ops (16-bit activations, 8-bit weights; scheme "w8a16"): reference arithmetic in numpy.
+"""TFLite int16x8 ops (16-bit activations, 8-bit weights; scheme "w8a16"): the arithmetic in numpy.
 
 Activations are int16 with zero point 0, weights int8 (per channel for CONV_2D / DEPTHWISE_CONV_2D,
 per tensor for FULLY_CONNECTED), biases int64 at scale input_scale * weight_scale (``export`` widens the
-converter's int32 biases). XNNPACK delegates no int16x8 op: on LiteRT's default path every op runs
-on the builtin kernels, whose int16x8 paths are the reference ones, so "reference" and "xnnpack" share
-one function per op (measured: the three runtimes give identical codes, ``tests/test_ops_int16.py``).
+converter's int32 biases). XNNPACK delegates no int16x8 op (measured: no DELEGATE node): on LiteRT's
+default path ("xnnpack") every op runs on the builtin kernels. Each kernel's rounding was chosen by
+matching the interpreter's codes op by op, on both paths (``tests/test_ops_int16.py``), not assumed:
+
+  CONV_2D, DEPTHWISE_CONV_2D: int64 accumulator sum(x * w) + bias (no input offset), then
+      MultiplyByQuantizedMultiplier(int64) per channel (16-bit multiplier, one rounding) with
+      QuantizeMultiplier(double(s_in) * double(s_w) / double(s_out)); both paths. (The double-scale
+      ConvPerChannel of newer LiteRT sources is 1 LSB off this build.)
+  FULLY_CONNECTED: reference kernels: round(acc * double(s_in) * double(s_w) / double(s_out)), half away from
+      zero. Default path: the same with an int64 bias; without a bias tensor (the converter drops an all-zero
+      Dense bias) the ruy path: fixed-point multiplier, rounding with ties toward +inf.
+  ADD: the general-rescaling ADD of int8 with a left shift of 15 instead of 20 (add.cc), int32 math.
+  MEAN over H, W: reduce.cc's quantized mean (int32 fixed-point multiplier with 1/count folded in),
+      clamped to int16.
+  SOFTMAX: SoftmaxInt16 (exp over [-10, 0] and 1/(1+x) from 513-entry interpolated tables, gen_lut in
+      double with libm exp), output scale 1/32768, zero point 0.
 
 Sources read (LiteRT): ``tflite/kernels/internal/reference/integer_ops/{conv,fully_connected}.h``,
-``reference/softmax.h`` (SoftmaxInt16), ``internal/common.h`` (gen_lut, LUTLookup,
-MultiplyByQuantizedMultiplier), ``kernels/{add,reduce,softmax}.cc``. Each kernel's rounding was chosen by
-matching the interpreter's codes (see the tests), not assumed:
-
-  CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED: int64 accumulator sum(x * w) + bias (no input offset),
-      then ``_requantize`` (see there), clamp to the fused activation's int16 range.
-  ADD: the general-rescaling ADD of int8 with a left shift of 15 instead of 20 (add.cc), int32 math.
-  MEAN over H, W: reduce.cc's quantized mean with the int16 output range.
-  SOFTMAX: SoftmaxInt16 (exp and 1/(1+x) from 513-entry tables, linear interpolation), output scale
-      1/32768, zero point 0.
-
-Kernel signature as in ``mobileqat.ops``: fn(xs, ins, out, **params) -> int16 array.
+``reference/softmax.h``, ``internal/common.h``. Kernel signature as in ``mobileqat.ops``:
+fn(xs, ins, out, **params) -> int16 array.
 """
 import ctypes
 import ctypes.util
@@ -215,7 +218,10 @@ def _both(fn):
 
 
 def _fully_connected_builtin(xs, ins, out, **params):
-    return fully_connected(xs, ins, out, **dict(params, requantize="ruy"))
+    """The builtin int16 FULLY_CONNECTED: with an int64 bias it scales as the reference kernel does (double,
+    std::round); without a bias tensor it runs through ruy (``_requantize_ruy``). Both measured."""
+    bias = params.get("bias")
+    return fully_connected(xs, ins, out, **dict(params, requantize="ruy" if bias is None else "double"))
 
 
 KERNELS = {"conv2d_i16": _both(conv2d), "depthwise_conv2d_i16": _both(depthwise_conv2d),
