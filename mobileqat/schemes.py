@@ -64,8 +64,8 @@ class QuantScheme:
             raise ValueError(f"QuantScheme '{self.name}': weight_bits={self.weight_bits!r}; use an integer from 2 to 8.")
         if self.activation_bits not in (8, 16):
             raise ValueError(f"QuantScheme '{self.name}': activation_bits={self.activation_bits!r}; mobileqat "
-                             "exports int8 activations (activation_bits=8) or TFLite int16x8 (activation_bits=16, "
-                             "with weight_bits=8).")
+                             "exports int8 activations only, or int16 activations with 8-bit weights (TFLite "
+                             "int16x8): use activation_bits=8, or 16 (preset 'w8a16').")
         if self.activation_bits == 16 and (self.weight_bits != 8 or self.packed_int4):
             raise ValueError(f"QuantScheme '{self.name}': activation_bits=16 with weight_bits={self.weight_bits}"
                              f"{', packed_int4' if self.packed_int4 else ''}; TFLite's int16x8 ops take 8-bit "
