@@ -318,7 +318,8 @@ def lower(qat_model):
 
 # int16x8 (scheme "w8a16"): op kinds with a 16-bit kernel (mobileqat.ops.int16x8), and kinds that move codes
 _INT16_KINDS = {"conv2d": "conv2d_i16", "depthwise_conv2d": "depthwise_conv2d_i16", "add": "add_i16",
-                "fully_connected": "fully_connected_i16", "mean_hw": "mean_hw_i16", "softmax": "softmax_i16"}
+                "fully_connected": "fully_connected_i16", "mean_hw": "mean_hw_i16", "softmax": "softmax_i16",
+                "max_pool2d": "max_pool2d_i16", "average_pool2d": "average_pool2d_i16"}
 _INT16_MOVES = ("identity", "reshape")
 
 

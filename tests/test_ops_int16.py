@@ -163,6 +163,12 @@ def _op_by_op(path, probe, runtime):
             kind, params, xs = "add_i16", dict(activation=_ACT[opt.fusedActivationFunction]), [x, it.get_tensor(ins[1])]
         elif name == "MEAN":
             kind, params, xs = "mean_hw_i16", dict(keepdims=bool(opt.keepDims)), [x]
+        elif name in ("MAX_POOL_2D", "AVERAGE_POOL_2D"):
+            assert opt.fusedActivationFunction == 0
+            kind = "max_pool2d_i16" if name == "MAX_POOL_2D" else "average_pool2d_i16"
+            params = dict(pool=(opt.filterHeight, opt.filterWidth), stride=(opt.strideH, opt.strideW),
+                          padding="SAME" if opt.padding == 0 else "VALID")
+            xs = [x]
         elif name == "SOFTMAX":
             assert opt.beta == 1.0
             kind, params, xs = "softmax_i16", {}, [x]
@@ -185,10 +191,12 @@ def test_each_kernel_equals_the_interpreter_op_by_op(exported, runtime):
 
 
 def no_bias_net():
-    """A plain Conv2D with bias and ReLU, GAP, a Dense without bias (the file's FULLY_CONNECTED has no bias
-    tensor), softmax."""
-    inp = keras.Input((10, 10, 3))
+    """A plain Conv2D with bias and ReLU, max and average pooling, GAP, a Dense without bias (the file's
+    FULLY_CONNECTED has no bias tensor), softmax."""
+    inp = keras.Input((11, 11, 3))
     x = L.Conv2D(12, 3, activation="relu", name="plain")(inp)
+    x = L.MaxPooling2D(2, padding="same")(x)
+    x = L.AveragePooling2D(3, strides=1, padding="same")(x)
     x = L.Dense(5, use_bias=False, name="logits")(L.GlobalAveragePooling2D()(x))
     return keras.Model(inp, L.Softmax()(x), name="int16_no_bias")
 
@@ -197,13 +205,13 @@ def no_bias_net():
 def no_bias(tmp_path_factory):
     keras.utils.set_random_seed(17)
     rng = np.random.default_rng(17)
-    x = rng.uniform(-1, 1, (64, 10, 10, 3)).astype(np.float32)
+    x = rng.uniform(-1, 1, (64, 11, 11, 3)).astype(np.float32)
     qat = quantize(no_bias_net(), "w8a16")
     for i in range(0, 64, 16):
         qat(x[i:i + 16], training=True)
     path = str(tmp_path_factory.mktemp("int16_no_bias") / "no_bias.tflite")
     export.export_tflite(qat, path)
-    return qat, path, rng.uniform(-1.6, 1.6, (512, 10, 10, 3)).astype(np.float32)
+    return qat, path, rng.uniform(-1.6, 1.6, (512, 11, 11, 3)).astype(np.float32)
 
 
 def test_fully_connected_without_bias_rounds_differently_on_the_two_paths(no_bias):
@@ -213,8 +221,8 @@ def test_fully_connected_without_bias_rounds_differently_on_the_two_paths(no_bia
     twin follows each."""
     qat, path, probe = no_bias
     root, sub, ops, _ = _graph(path)
-    assert [o[0] for o in ops] == ["CONV_2D", "MEAN", "FULLY_CONNECTED", "SOFTMAX"]
-    assert len(ops[2][1]) == 2 or ops[2][1][2] < 0  # no bias tensor
+    assert [o[0] for o in ops] == ["CONV_2D", "MAX_POOL_2D", "AVERAGE_POOL_2D", "MEAN", "FULLY_CONNECTED", "SOFTMAX"]
+    assert len(ops[4][1]) == 2 or ops[4][1][2] < 0  # no bias tensor
     outs = {}
     for runtime in ("reference", "xnnpack"):
         for name, got, expected in _op_by_op(path, probe, runtime):

@@ -16,6 +16,7 @@ matching the interpreter's codes op by op, on both paths (``tests/test_ops_int16
   ADD: the general-rescaling ADD of int8 with a left shift of 15 instead of 20 (add.cc), int32 math.
   MEAN over H, W: reduce.cc's quantized mean (int32 fixed-point multiplier with 1/count folded in),
       clamped to int16.
+  MAX_POOL_2D, AVERAGE_POOL_2D: the int8 arithmetic on int16 codes (same scale in and out).
   SOFTMAX: SoftmaxInt16 (exp over [-10, 0] and 1/(1+x) from 513-entry interpolated tables, gen_lut in
       double with libm exp), output scale 1/32768, zero point 0.
 
@@ -30,6 +31,7 @@ import functools
 import numpy as np
 
 from mobileqat import integer
+from mobileqat.ops import pooling
 
 I16 = (-32768, 32767)
 
@@ -145,6 +147,23 @@ def _mean(x, inq, out, accumulator):
     return np.clip(y + int(out[1]), *I16).astype(np.int16)
 
 
+def max_pool2d(xs, ins, out, pool, stride, padding):
+    """int16 MAX_POOL_2D: max of the raw codes in each window ('SAME' padding skipped); keeps the input's scale."""
+    pooling._same_quantization("MAX_POOL_2D", ins, out)
+    return pooling._windows(xs[0], pool, stride, padding, pad_value=-(1 << 20)).max(axis=(3, 4)).astype(np.int16)
+
+
+def average_pool2d(xs, ins, out, pool, stride, padding):
+    """int16 AVERAGE_POOL_2D: the int8 arithmetic (sum of raw codes over the window positions inside the input,
+    divided by their count, round half away from zero) on int16 codes; keeps the input's scale."""
+    pooling._same_quantization("AVERAGE_POOL_2D", ins, out)
+    acc = pooling._windows(xs[0], pool, stride, padding, pad_value=0).sum(axis=(3, 4))
+    count = pooling._windows(np.ones_like(xs[0]), pool, stride, padding, pad_value=0).sum(axis=(3, 4))
+    half = count // 2
+    y = np.where(acc > 0, (acc + half) // count, -((half - acc) // count))
+    return np.clip(y, *I16).astype(np.int16)
+
+
 # --- SOFTMAX (reference_ops::SoftmaxInt16) -----------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
@@ -226,4 +245,5 @@ def _fully_connected_builtin(xs, ins, out, **params):
 
 KERNELS = {"conv2d_i16": _both(conv2d), "depthwise_conv2d_i16": _both(depthwise_conv2d),
            "fully_connected_i16": {"reference": fully_connected, "xnnpack": _fully_connected_builtin}, "add_i16": _both(add), "mean_hw_i16": _both(mean_hw),
-           "softmax_i16": _both(softmax)}
+           "softmax_i16": _both(softmax), "max_pool2d_i16": _both(max_pool2d),
+           "average_pool2d_i16": _both(average_pool2d)}
