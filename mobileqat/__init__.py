@@ -27,7 +27,7 @@ _API = {
     "SchemeRules": "mobileqat.schemes", "load_rules": "mobileqat.schemes", "scheme_plan": "mobileqat.quantize",
     "FoldedConvBN": "mobileqat.layers", "QuantizeConfig": "mobileqat.layers",
     "WeightQuantizer": "mobileqat.quantizers", "ActivationQuantizer": "mobileqat.quantizers",
-    "FixedRangeQuantizer": "mobileqat.quantizers",
+    "FixedRangeQuantizer": "mobileqat.quantizers", "SymmetricActivationQuantizer": "mobileqat.quantizers",
     "fold_batchnorm": "mobileqat.transforms",
     "export_tflite": "mobileqat.export",
     "debug_fidelity": "mobileqat.debug",

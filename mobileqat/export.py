@@ -12,7 +12,7 @@ from mobileqat import faults, provenance, tflite_file
 from mobileqat._tf import tf
 
 KINDS = ("float", "ptq_int8", "qat_int8")
-IO_TYPES = {"int8": tf.int8, "uint8": tf.uint8, "float32": tf.float32}
+IO_TYPES = {"int8": tf.int8, "uint8": tf.uint8, "int16": tf.int16, "float32": tf.float32}
 
 
 def write_atomic(path, data):
@@ -87,10 +87,30 @@ def convert(model, kind="qat_int8", representative_data=None, io_type="int8", ca
     elif not _has_fake_quant(model):
         raise ValueError(f"model '{model.name}' has no fake-quant layers; qat_int8 export takes a model "
                          "from mobileqat.quantize(...). For a float model use kind='ptq_int8'.")
+    elif activation_bits(model) == 16:  # int16x8: int16 activations, int8 weights
+        if io_type not in ("int16", "float32"):
+            raise ValueError(f"model '{model.name}' has 16-bit activations (scheme 'w8a16'): its file has int16 "
+                             f"input/output, not {io_type}; use io_type='int16' (or 'float32').")
+        converter.target_spec.supported_ops = [
+            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+    elif io_type == "int16":
+        raise ValueError(f"io_type='int16' is for models with 16-bit activations (scheme 'w8a16'); model "
+                         f"'{model.name}' has 8-bit activations: use 'int8' or 'uint8'.")
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.inference_input_type = IO_TYPES[io_type]
     converter.inference_output_type = IO_TYPES[io_type]
-    return converter.convert()
+    data = converter.convert()
+    if kind == "qat_int8" and activation_bits(model) == 16:
+        data, _ = tflite_file.int64_biases(data)  # what the int16 DEPTHWISE_CONV_2D kernel takes
+    return data
+
+
+def activation_bits(model):
+    """16 for a QAT model whose input is fake-quantized at 16 bits (scheme 'w8a16'), else 8."""
+    for layer in model.layers:
+        if type(layer).__name__ == "QuantizeLayer" and getattr(layer.quantizer, "num_bits", 8) == 16:
+            return 16
+    return 8
 
 
 def _has_fake_quant(model):
@@ -101,12 +121,14 @@ def _has_fake_quant(model):
 def export_tflite(model, path, kind="qat_int8", representative_data=None, io_type=None, allow_float_ops=False):
     """Convert ``model`` and write it to ``path`` atomically. Returns the file size in bytes.
 
-    io_type defaults to "float32" for kind="float" and "int8" otherwise. The file's metadata records
+    io_type defaults to "float32" for kind="float", "int16" for a QAT model with 16-bit activations
+    (scheme "w8a16": TFLite int16x8) and "int8" otherwise. The file's metadata records
     the model's fingerprint (``mobileqat.provenance``), so ``validate`` and ``debug`` can tell
     cheaply whether a file belongs to the model they are given. An integer kind that leaves float ops
     raises ValueError, unless ``allow_float_ops`` (layers kept float by ``quantize(keep_float=...)``).
     """
-    io_type = io_type or ("float32" if kind == "float" else "int8")
+    io_type = io_type or ("float32" if kind == "float" else
+                          "int16" if kind == "qat_int8" and activation_bits(model) == 16 else "int8")
     data = convert(model, kind, representative_data, io_type)
     if kind != "float":
         float_ops = tensor_types(data)["float_ops"]

@@ -20,8 +20,8 @@ from mobileqat import runtime as rt
 from mobileqat._tf import keras, tfmot
 from mobileqat.layers import FoldedConvBN, HardSigmoid, HardSwish
 from mobileqat.ops import KERNELS
-from mobileqat.quantizers import (MIN_RANGE, ActivationQuantizer, FixedRangeQuantizer, WeightQuantizer,
-                                  weight_fake_quant_range)
+from mobileqat.quantizers import (MIN_RANGE, ActivationQuantizer, FixedRangeQuantizer, SymmetricActivationQuantizer,
+                                  WeightQuantizer, symmetric_range, weight_fake_quant_range)
 
 _qk = tfmot.quantization.keras
 _ARITHMETIC = {"reference": "mobileqat.integer", "xnnpack": "mobileqat.integer_xnnpack"}
@@ -77,17 +77,19 @@ class IntegerModel:
     int8 codes (``run``) or dequantized floats (``predict``).
     """
 
-    def __init__(self, tensors, ops, input_name, output_name):
+    def __init__(self, tensors, ops, input_name, output_name, dtype=np.int8):
         self.tensors, self.ops = tensors, ops
         self.input, self.output = tensors[input_name], tensors[output_name]
+        self.dtype = np.dtype(dtype)  # int8, or int16 for an int16x8 model (scheme "w8a16")
 
     def quantize_input(self, x):
-        return rt.quantize(x, self.input.scale, self.input.zero_point, np.int8).astype(np.int8)
+        return rt.quantize(x, self.input.scale, self.input.zero_point, self.dtype).astype(self.dtype)
 
     def run(self, codes, runtime="reference", keep_all=False):
-        """int8 input codes (N, H, W, C) -> int8 output codes, or every tensor by name with keep_all."""
+        """Input codes (N, H, W, C) of ``dtype`` (int8, int16 for int16x8) -> output codes, or every tensor
+        by name with keep_all."""
         arith = _arithmetic(runtime)
-        values = {self.input.name: np.asarray(codes, np.int8)}
+        values = {self.input.name: np.asarray(codes, self.dtype)}
         last_use = {name: i for i, op in enumerate(self.ops) for name in op.inputs}
         for i, op in enumerate(self.ops):
             values[op.output] = self._eval(op, values, arith, runtime)
@@ -102,7 +104,7 @@ class IntegerModel:
         x = np.asarray(x, np.float32)
         outs = [self.run(self.quantize_input(x[i:i + batch_size]), runtime)
                 for i in range(0, len(x), batch_size)]
-        codes = np.concatenate(outs) if outs else np.zeros((0,) + tuple(), np.int8)
+        codes = np.concatenate(outs) if outs else np.zeros((0,) + tuple(), self.dtype)
         return (codes.astype(np.float32) - self.output.zero_point) * self.output.scale
 
     def _eval(self, op, values, arith, runtime):
@@ -155,8 +157,12 @@ def quantization_params(rmin, rmax, num_bits=8, narrow_range=False):
 
 
 def _require_8bit(quantizer, where):
-    """Activations: lowering reproduces the converter's 8-bit activation grids only."""
+    """Activations: lowering reproduces the converter's 8-bit activation grids, and 16-bit int16x8 ones
+    (SymmetricActivationQuantizer, a 16-bit FixedRangeQuantizer, tfmot's 16-bit symmetric input quantizer)."""
     bits = getattr(quantizer, "num_bits", 8)
+    if bits == 16 and (isinstance(quantizer, (SymmetricActivationQuantizer, FixedRangeQuantizer))
+                       or type(quantizer).__name__ == "AllValuesQuantizer"):
+        return quantizer
     if bits != 8:
         raise ValueError(f"{where}: {type(quantizer).__name__} has num_bits={bits}; the integer-exact path covers "
                          "8-bit activation quantizers only (use the float simulation for lower bit widths).")
@@ -196,8 +202,14 @@ def _output_range(wrapper):
     if not quantizers:
         return None
     q = _require_8bit(quantizers[0], f"layer '{wrapper.name}'")
+    if isinstance(q, FixedRangeQuantizer) and q.num_bits == 16:
+        return np.float32(q.min_value), np.float32(q.max_value), 16, False
     if isinstance(q, FixedRangeQuantizer):
         return np.float32(q.min_value), np.float32(q.max_value)
+    if isinstance(q, SymmetricActivationQuantizer):  # [-m, m], 16-bit narrow: zero point 0
+        v = wrapper._output_quantizer_vars
+        m = symmetric_range(v["min_var"].numpy(), v["max_var"].numpy())
+        return -m, m, 16, True
     if isinstance(q, ActivationQuantizer):
         v = wrapper._output_quantizer_vars
         amin = np.float32(v["min_var"].numpy())
@@ -207,9 +219,12 @@ def _output_range(wrapper):
 
 
 def _input_range(layer):
-    _require_8bit(layer.quantizer, f"layer '{layer.name}'")
+    q = _require_8bit(layer.quantizer, f"layer '{layer.name}'")
     v = layer.quantizer_vars
-    return np.float32(v["min_var"].numpy()), np.float32(v["max_var"].numpy())
+    rng = np.float32(v["min_var"].numpy()), np.float32(v["max_var"].numpy())
+    if getattr(q, "num_bits", 8) == 16:  # AllValuesQuantizer(16, symmetric, narrow_range): vars kept symmetric
+        return rng + (16, bool(getattr(q, "narrow_range", True)))
+    return rng
 
 
 def _quantize_weights(w_fq, amax, per_channel, bits=8):
@@ -253,7 +268,7 @@ def lower(qat_model):
 
     Raises ValueError naming any layer that has no int8 op here yet."""
     inbound = _inbound(qat_model)
-    tensors, ops, double_scale = {}, [], {}
+    tensors, ops, double_scale, bits = {}, [], {}, set()
     input_name = output_name = None
     heads = _join_scale_heads(qat_model, inbound)
 
@@ -268,6 +283,7 @@ def lower(qat_model):
         scale, zp = quantization_params(*rng)
         tensors[name] = QTensor(name, np.float32(scale), zp)
         double_scale[name] = scale
+        bits.add(rng[2] if len(rng) > 2 else 8)
 
     for layer in qat_model.layers:
         srcs = inbound[layer.name]
@@ -295,7 +311,48 @@ def lower(qat_model):
         output_name = layer.name
     if input_name is None:
         raise ValueError("the model has no QuantizeLayer at its input; lower a model returned by mobileqat.quantize.")
+    if 16 in bits:
+        return _int16x8(qat_model, tensors, ops, input_name, output_name, bits)
     return IntegerModel(tensors, ops, input_name, output_name)
+
+
+# int16x8 (scheme "w8a16"): op kinds with a 16-bit kernel (mobileqat.ops.int16x8), and kinds that move codes
+_INT16_KINDS = {"conv2d": "conv2d_i16", "depthwise_conv2d": "depthwise_conv2d_i16", "add": "add_i16",
+                "fully_connected": "fully_connected_i16", "mean_hw": "mean_hw_i16", "softmax": "softmax_i16",
+                "max_pool2d": "max_pool2d_i16", "average_pool2d": "average_pool2d_i16"}
+_INT16_MOVES = ("identity", "reshape")
+
+
+def _int16x8(qat_model, tensors, ops, input_name, output_name, bits):
+    """The IntegerModel of an int16x8 model: every tensor 16-bit with zero point 0, every op one with an
+    int16 kernel (int64 biases); raises ValueError naming the layers it cannot reproduce."""
+    problems = []
+    if bits != {16}:
+        eight = sorted(n for n, t in tensors.items() if t.zero_point != 0)
+        problems.append(f"it mixes 8-bit and 16-bit activation ranges ({', '.join(eight[:5])} ...): "
+                        "quantize the float model again with one scheme's activation_bits for every layer")
+    for t in tensors.values():
+        if t.zero_point != 0 and not problems:
+            problems.append(f"tensor '{t.name}' has zero point {t.zero_point}; int16 activations need 0")
+    out = []
+    for op in ops:
+        if op.kind in _INT16_MOVES:
+            out.append(op)
+        elif op.kind in _INT16_KINDS:
+            params = dict(op.params)
+            if params.get("bias") is not None:
+                params["bias"] = np.asarray(params["bias"], np.int64)  # export widens int32 biases to int64
+                if op.kind == "fully_connected" and not params["bias"].any():
+                    params["bias"] = None  # the converter writes no bias tensor, and the builtin kernel then differs
+            out.append(IntOp(_INT16_KINDS[op.kind], op.inputs, op.output, params))
+        else:
+            problems.append(f"layer '{op.output}': {TFLITE_OPS.get(op.kind, op.kind)} has no int16x8 kernel in "
+                            f"mobileqat.ops.int16x8 yet (int16x8 covers {', '.join(sorted(set(TFLITE_OPS[k] for k in _INT16_KINDS)))})")
+    if problems:
+        raise ValueError(f"model '{qat_model.name}' (16-bit activations, TFLite int16x8): the integer-exact path "
+                         "cannot reproduce it: " + "; ".join(problems) + ". Use the float simulation, or "
+                         "8-bit activations ('w8a8').")
+    return IntegerModel(tensors, out, input_name, output_name, dtype=np.int16)
 
 
 def _lower_layer(wrapper, inner, srcs, tensors, double_scale):

@@ -36,6 +36,7 @@ _ACTIVATION_LAYERS = (L.Activation, L.ReLU, L.Softmax)
 _FUSABLE = ("linear", "relu", "relu6")
 # TFLite fixes these int8 output ranges: softmax/sigmoid scale 1/256, zero point -128; tanh 1/128, 0
 _FIXED_OUTPUT = {"softmax": (0.0, 255.0 / 256.0), "sigmoid": (0.0, 255.0 / 256.0), "tanh": (-1.0, 127.0 / 128.0)}
+_FIXED_OUTPUT_16 = (-1.0, 32767.0 / 32768.0)  # 16-bit, zero point 0, scale 1/32768 (TFLite's int16 outputs)
 _OWN_RANGE = _FUSABLE + ("swish", "gelu")  # activation layers whose output gets its own (moving-average) range
 _ACTIVATIONS = set(_OWN_RANGE) | set(_FIXED_OUTPUT)  # what an Activation/ReLU/Softmax layer may apply
 SUPPORTED = ("Conv2D; Conv2DTranspose; Conv2D or DepthwiseConv2D + BatchNormalization [+ ReLU/ReLU6] "
@@ -65,6 +66,8 @@ def quantize_config_for(layer, scheme):
     if isinstance(layer, _ACTIVATION_LAYERS):
         name = transforms.activation_name(layer)
         if name in _FIXED_OUTPUT:
+            if scheme.activation_bits == 16:  # int16x8 softmax/logistic/tanh: scale 1/32768, zero point 0
+                return QuantizeConfig(output_quantizer=FixedRangeQuantizer(*_FIXED_OUTPUT_16, num_bits=16))
             return QuantizeConfig(output_quantizer=FixedRangeQuantizer(*_FIXED_OUTPUT[name]))
         return QuantizeConfig(output_quantizer=aq()) if name in _OWN_RANGE else None
     if isinstance(layer, HardSigmoid):  # output in [0, 1]; relu6(x + 3) on [0, 6] inside
@@ -474,6 +477,7 @@ def quantize(model, scheme="w8a8", keep_float=()):
                       stacklevel=2)
     kept_names = {p.name for p in kept}
     plan = _scheme_plan(model, rewritten, scheme)
+    _activation_bits(plan)
     scheme_of = lambda name: plan[name][0] if name in plan else plan[None][0]  # noqa: E731
     folded = transforms.fold_batchnorm(rewritten, weight_quantizer={
         layer.name: scheme_of(layer.name).weight_quantizer() for layer in rewritten.layers
@@ -500,7 +504,29 @@ def quantize(model, scheme="w8a8", keep_float=()):
     annotated.set_weights(folded.get_weights())
     with quantize_scope():
         qat = _qk.quantize_apply(annotated)
+    if plan[None][0].activation_bits == 16:
+        _int16_input(qat)
     return qat
+
+
+def _activation_bits(plan):
+    """The activation bit width every scheme of ``plan`` shares (int16x8 is a whole-model mode)."""
+    bits = {p[0].activation_bits for p in plan.values()}
+    if len(bits) > 1:
+        names = sorted(f"'{n}' ({p[0].name}: {p[0].activation_bits})" for n, p in plan.items() if n is not None)
+        raise ValueError(f"scheme rules mix activation_bits {sorted(bits)} ({', '.join(names[:6])}); TFLite runs a "
+                         "model with int8 or with int16 activations, not both: give every rule the same "
+                         "activation_bits (e.g. 'w8a16' for all layers, or 8-bit activations everywhere).")
+    return bits.pop()
+
+
+def _int16_input(qat):
+    """tfmot's input QuantizeLayer fake-quantizes at 8 bits, asymmetric; an int16x8 model's input is int16 with
+    zero point 0: the same min/max variables under a 16-bit symmetric narrow AllValuesQuantizer."""
+    for layer in qat.layers:
+        if type(layer).__name__ == "QuantizeLayer" and layer.quantizer is not None:
+            layer.quantizer = _qk.quantizers.AllValuesQuantizer(num_bits=16, per_axis=False, symmetric=True,
+                                                                narrow_range=True)
 
 
 _SCHEME_WEIGHTED = _WEIGHTED + (L.DepthwiseConv2D,)  # layers of the rewritten model a scheme's weight bits reach
@@ -557,5 +583,6 @@ def quantize_scope():
     from mobileqat import layers, quantizers
     objs = {c.__name__: c for c in (layers.FoldedConvBN, layers.QuantizeConfig, layers.HardSwish, layers.HardSigmoid,
                                     layers.HardSigmoidQuantizeConfig, quantizers.WeightQuantizer,
-                                    quantizers.ActivationQuantizer, quantizers.FixedRangeQuantizer)}
+                                    quantizers.ActivationQuantizer, quantizers.FixedRangeQuantizer,
+                                    quantizers.SymmetricActivationQuantizer)}
     return _qk.quantize_scope(objs)

@@ -195,7 +195,7 @@ class FixedRangeQuantizer(_Base):
         if not min_value <= 0.0 <= max_value or min_value == max_value:
             raise ValueError(f"range [{min_value}, {max_value}] must contain 0 and not be empty.")
         self.min_value, self.max_value = float(min_value), float(max_value)
-        self.num_bits = _check_bits(num_bits)
+        self.num_bits = 16 if num_bits == 16 else _check_bits(num_bits)  # 16: int16x8 fixed ranges
 
     def build(self, tensor_shape, name, layer):
         return {}
@@ -206,3 +206,52 @@ class FixedRangeQuantizer(_Base):
 
     def get_config(self):
         return {"min_value": self.min_value, "max_value": self.max_value, "num_bits": self.num_bits}
+
+
+@_serializable
+class SymmetricActivationQuantizer(_Base):
+    """16-bit symmetric activation quantizer (TFLite int16x8: int16 activations need zero point 0).
+
+    Range [-m, m], m = max(|min|, |max|) of an exponential moving average of batch min/max (started from
+    the first batch, as ``ActivationQuantizer``), at least ``MIN_RANGE``; a 16-bit narrow FakeQuant, so the
+    converter writes int16 codes in [-32767, 32767], scale m / 32767, zero point 0.
+
+    Args:
+      num_bits: 16 (the only width TFLite runs with zero-point-0 integer activations besides int8).
+      ema_decay: weight of the old range in each update, 0 <= decay < 1.
+    """
+
+    def __init__(self, num_bits=16, ema_decay=0.99):
+        if num_bits != 16:
+            raise ValueError(f"SymmetricActivationQuantizer(num_bits={num_bits!r}): only 16 (int16x8) is "
+                             "supported; use ActivationQuantizer for 8-bit activations.")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay={ema_decay!r} must lie in [0, 1).")
+        self.num_bits, self.ema_decay = 16, float(ema_decay)
+
+    build = ActivationQuantizer.build
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        min_var, max_var, seen = weights["min_var"], weights["max_var"], weights["seen_var"]
+
+        def update_range():
+            batch_min = tf.minimum(tf.reduce_min(inputs), 0.0)
+            batch_max = tf.maximum(tf.reduce_max(inputs), 0.0)
+            decay = self.ema_decay * seen
+            new_min = min_var.assign(decay * min_var + (1.0 - decay) * batch_min)
+            new_max = max_var.assign(decay * max_var + (1.0 - decay) * batch_max)
+            with tf.control_dependencies([seen.assign(1.0)]):
+                return tf.identity(new_min), tf.identity(new_max)
+
+        amin, amax = _smart_cond(training, update_range, lambda: (tf.identity(min_var), tf.identity(max_var)))
+        m = tf.maximum(tf.maximum(-amin, amax), MIN_RANGE)
+        return fake_quant(inputs, -m, m, 16, narrow_range=True)
+
+    def get_config(self):
+        return {"num_bits": self.num_bits, "ema_decay": self.ema_decay}
+
+
+def symmetric_range(min_value, max_value):
+    """float32 m of ``SymmetricActivationQuantizer``'s range [-m, m] from its variables, as the graph computes it."""
+    import numpy as np
+    return np.float32(max(max(-np.float32(min_value), np.float32(max_value)), np.float32(MIN_RANGE)))

@@ -2,7 +2,7 @@
 choose a scheme per layer (mixed precision).
 
 A ``QuantScheme`` is a frozen description; ``quantize(model, scheme)`` asks it for the quantizers of
-each layer. Presets are looked up by name (``PRESETS``: "w8a8", "w4a8").
+each layer. Presets are looked up by name (``PRESETS``: "w8a8", "w4a8", "w8a16").
 
 Mixed precision is plain data, in Python or a JSON file, e.g. 8-bit first and last layers, 4-bit
 weights elsewhere::
@@ -30,7 +30,7 @@ import json
 import os
 import re
 
-from mobileqat.quantizers import ActivationQuantizer, WeightQuantizer
+from mobileqat.quantizers import ActivationQuantizer, SymmetricActivationQuantizer, WeightQuantizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +40,9 @@ class QuantScheme:
     weight_bits: 2..8. Weights are symmetric (zero point 0, narrow range: codes in
       [-(2^(b-1)-1), 2^(b-1)-1]), per output channel when ``per_channel``. Below 8 bits the file
       holds int8 tensors whose codes lie on the b-bit grid (``WeightQuantizer``).
-    activation_bits: 8 (int8 activations, asymmetric, per tensor).
+    activation_bits: 8 (int8 activations, asymmetric, per tensor) or 16 (TFLite int16x8: int16
+      activations, symmetric with zero point 0, per tensor; 8-bit weights only; int32 bias). A 16-bit
+      model runs on the builtin kernels only: XNNPACK does not delegate int16x8 ops.
     ema_decay: decay of the activation range's moving average.
     packed_int4: Dense layers with weight_bits == 4 and an even input count get packed INT4 weights in the file (FULLY_CONNECTED
       with int4 weights runs on the reference kernels and XNNPACK; half the bytes of int8). Other
@@ -60,9 +62,14 @@ class QuantScheme:
     def __post_init__(self):
         if not isinstance(self.weight_bits, int) or not 2 <= self.weight_bits <= 8:
             raise ValueError(f"QuantScheme '{self.name}': weight_bits={self.weight_bits!r}; use an integer from 2 to 8.")
-        if self.activation_bits != 8:
+        if self.activation_bits not in (8, 16):
             raise ValueError(f"QuantScheme '{self.name}': activation_bits={self.activation_bits!r}; mobileqat "
-                             "exports int8 activations only: use activation_bits=8.")
+                             "exports int8 activations only, or int16 activations with 8-bit weights (TFLite "
+                             "int16x8): use activation_bits=8, or 16 (preset 'w8a16').")
+        if self.activation_bits == 16 and (self.weight_bits != 8 or self.packed_int4):
+            raise ValueError(f"QuantScheme '{self.name}': activation_bits=16 with weight_bits={self.weight_bits}"
+                             f"{', packed_int4' if self.packed_int4 else ''}; TFLite's int16x8 ops take 8-bit "
+                             "weights: use weight_bits=8 (preset 'w8a16').")
 
     def weight_quantizer(self):
         return WeightQuantizer(self.weight_bits, per_channel=self.per_channel, narrow_range=True)
@@ -78,6 +85,8 @@ class QuantScheme:
                                packed_int4=self.packed_int4 and self.weight_bits == 4 and inputs % 2 == 0)
 
     def activation_quantizer(self):
+        if self.activation_bits == 16:
+            return SymmetricActivationQuantizer(16, ema_decay=self.ema_decay)
         return ActivationQuantizer(self.activation_bits, ema_decay=self.ema_decay)
 
     def to_dict(self):
@@ -88,6 +97,8 @@ PRESETS = {
     "w8a8": QuantScheme("w8a8", 8, 8),
     # 4-bit weights: int8 tensors on the 4-bit grid, packed INT4 for Dense (FULLY_CONNECTED, which XNNPACK runs)
     "w4a8": QuantScheme("w4a8", 4, 8, packed_int4=True),
+    # TFLite int16x8: int16 activations (symmetric, zero point 0), int8 per-channel weights
+    "w8a16": QuantScheme("w8a16", 8, 16),
 }
 _FIELDS = {f.name for f in dataclasses.fields(QuantScheme)}
 MATCH_KEYS = ("name", "regex", "type", "position")

@@ -52,3 +52,39 @@ def with_metadata(model_bytes, entries):
         entry.name, entry.buffer = name.encode(), len(model.buffers) - 1
         model.metadata.append(entry)
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+# operators whose third input is a bias, in TFLite's int16x8 kernels
+_BIAS_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+
+
+def int64_biases(model_bytes):
+    """The .tflite bytes with every int32 bias of an int16x8 CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED
+    (int16 input) widened to int64, values and scales unchanged; other ops untouched.
+
+    TF 2.21's converter writes int32 biases from a 16-bit QAT graph (its PTQ path writes int64); the
+    int16 DEPTHWISE_CONV_2D kernel refuses them ("bias->type != kTfLiteInt64"). The int16x8 kernels
+    accumulate in int64 either way, so the widened file computes what the converter meant. Returns
+    (bytes, number of tensors widened)."""
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_bytes))
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    done = 0
+    for sub in model.subgraphs:
+        widened = set()
+        for op in sub.operators:
+            code = model.operatorCodes[op.opcodeIndex]
+            if names.get(max(code.builtinCode, code.deprecatedBuiltinCode)) not in _BIAS_OPS or len(op.inputs) < 3:
+                continue
+            x, b = op.inputs[0], op.inputs[2]
+            if b < 0 or b in widened or sub.tensors[x].type != schema.TensorType.INT16:
+                continue
+            t = sub.tensors[b]
+            if t.type != schema.TensorType.INT32:
+                continue
+            buffer = model.buffers[t.buffer]
+            values = np.frombuffer(bytes(buffer.data), np.int32).astype("<i8")
+            buffer.data = np.frombuffer(values.tobytes(), np.uint8)
+            t.type = schema.TensorType.INT64
+            widened.add(b)
+            done += 1
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), done
