@@ -242,13 +242,14 @@ def calibrate(qat, data, method="minmax", weight_method=None, percentile=99.99, 
     weight_method = _check_method(weight_method or method, "weight_method")
     records = collect_statistics(qat, data, batch_size, max_samples, seed)
     report = {"method": method, "weight_method": weight_method, "activations": {}, "weights": {}}
+    owner = {v.ref(): layer.name for layer in qat.layers for v in layer.weights}
     for r in records:
         q, v = r["quantizer"], r["variables"]
         if r["kind"] == "weight":
             amax = weight_range(r["values"], weight_method, q.num_bits, q.per_channel, percentile, grid)
             v["max_var"].assign(np.reshape(amax, v["max_var"].shape))
             q.fixed_range = True
-            report["weights"][_name(v["max_var"])] = np.atleast_1d(amax).tolist()
+            report["weights"][owner.get(v["max_var"].ref(), _name(v["max_var"]))] = np.atleast_1d(amax).tolist()
         else:
             lo, hi = activation_range(r["values"], method, percentile, q.num_bits, grid)
             if method == "minmax":  # the exact extremes, not the subsample's
@@ -257,7 +258,7 @@ def calibrate(qat, data, method="minmax", weight_method=None, percentile=99.99, 
             v["max_var"].assign(hi)
             if "seen_var" in v:
                 v["seen_var"].assign(1.0)
-            report["activations"][_name(v["min_var"])] = [float(lo), float(hi)]
+            report["activations"][owner.get(v["min_var"].ref(), _name(v["min_var"]))] = [float(lo), float(hi)]
     if bias_correction:
         report.update(correct_biases(qat, _images(qat, data), batch_size))
     return report
