@@ -27,6 +27,10 @@ def main(argv=None):
     p.add_argument("--calibration", type=int, default=256)
     p.add_argument("--twin-images", type=int, default=64)
     p.add_argument("--percentile", type=float, default=99.99)
+    p.add_argument("--schemes", nargs="+", default=["w8a8", "w4a8"])
+    p.add_argument("--methods", nargs="+", default=["minmax", "percentile", "mse"])
+    p.add_argument("--no-baselines", action="store_true", help="skip the float and converter PTQ files")
+    p.add_argument("--append", action="store_true", help="add rows to OUT/bench_ptq.json instead of replacing it")
     p.add_argument("--out", default="/tmp/bench_ptq")
     args = p.parse_args(argv)
 
@@ -52,27 +56,29 @@ def main(argv=None):
         probs = TFLiteModel(path, "xnnpack").predict(ds.x_test)
         return float(np.mean(np.argmax(probs, -1) == ds.y_test))
 
-    rows = []
+    json_path = os.path.join(args.out, "bench_ptq.json")
+    rows = json.load(open(json_path))["rows"] if args.append and os.path.exists(json_path) else []
 
     def add(name, scheme, path, seconds, extra=None):
         row = {"variant": name, "scheme": scheme, "accuracy": accuracy(path), "bytes": os.path.getsize(path),
                "seconds": round(seconds, 1), **(extra or {})}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        with open(os.path.join(args.out, "bench_ptq.json"), "w") as f:
+        with open(json_path, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=1)
 
-    t = time.time()
-    path = os.path.join(args.out, "float.tflite")
-    export.export_tflite(model, path, "float")
-    add("float", "-", path, time.time() - t)
-    t = time.time()
-    path = os.path.join(args.out, "converter_ptq_w8a8.tflite")
-    export.export_tflite(model, path, "ptq_int8", calib)
-    add("converter PTQ (min-max)", "w8a8", path, time.time() - t)
+    if not args.no_baselines:
+        t = time.time()
+        path = os.path.join(args.out, "float.tflite")
+        export.export_tflite(model, path, "float")
+        add("float", "-", path, time.time() - t)
+        t = time.time()
+        path = os.path.join(args.out, "converter_ptq_w8a8.tflite")
+        export.export_tflite(model, path, "ptq_int8", calib)
+        add("converter PTQ (min-max)", "w8a8", path, time.time() - t)
 
-    for scheme in ("w8a8", "w4a8"):
-        for method in ("minmax", "percentile", "mse"):
+    for scheme in args.schemes:
+        for method in args.methods:
             for bc in (False, True):
                 t = time.time()
                 qat = mq.ptq(model, calib, scheme, method=method, bias_correction=bc, percentile=args.percentile)
@@ -89,7 +95,7 @@ def main(argv=None):
                 add(f"mobileqat PTQ {method}" + (" + bias corr." if bc else ""), scheme, path, seconds,
                     {"twin_max_lsb": lsb})
 
-    float_acc = rows[0]["accuracy"]
+    float_acc = [r for r in rows if r["variant"] == "float"][0]["accuracy"]
     print("\n| variant | scheme | accuracy (XNNPACK) | vs float (points) | bytes | twin max LSB ref / XNNPACK |")
     print("|---|---|---|---|---|---|")
     for r in rows:
