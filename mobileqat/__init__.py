@@ -36,14 +36,14 @@ _API = {
     "Dataset": "mobileqat.data", "synthetic_shapes": "mobileqat.data", "load_image_folder": "mobileqat.data",
     "calibration_subset": "mobileqat.data", "image_folder_stream": "mobileqat.data",
     "ImageFolderStream": "mobileqat.data", "load_model_file": "mobileqat.pipeline",
-    "fit": "mobileqat.training",
+    "fit": "mobileqat.training", "ptq": "mobileqat.calibration", "calibrate": "mobileqat.calibration",
     "run_pipeline": "mobileqat.pipeline", "RunConfig": "mobileqat.pipeline", "load_qat_model": "mobileqat.quantize",
     "save_keras_model": "mobileqat.export",
     "audit": "mobileqat.quantize", "FileMismatchError": "mobileqat.provenance", "fingerprint": "mobileqat.provenance",
     "write_package": "mobileqat.package", "export_package": "mobileqat.package",
     "check_tflite": "mobileqat.runtime", "InvalidModelError": "mobileqat.runtime", "RuntimeFailure": "mobileqat.runtime",
 }
-_SUBMODULES = {"architectures", "ops", "data", "debug", "integer", "integer_xnnpack", "lowering", "export", "harness", "layers", "quantizers", "quantize", "schemes",
+_SUBMODULES = {"architectures", "calibration", "ops", "data", "debug", "integer", "integer_xnnpack", "lowering", "export", "harness", "layers", "quantizers", "quantize", "schemes",
                "transforms", "training", "pipeline", "report", "runtime", "cli", "provenance", "stages",
                "tflite_file", "faults", "package", "device_check"}
 

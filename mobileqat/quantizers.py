@@ -86,9 +86,11 @@ class WeightQuantizer(_Base):
       packed_int4: num_bits == 4 only: a 4-bit FakeQuant, which the converter writes as packed INT4
         weights (two codes a byte); for Dense layers (FULLY_CONNECTED, which the reference kernels and
         XNNPACK run with int4 weights). Otherwise weights below 8 bits are int8 tensors on the n-bit grid.
+      fixed_range: keep the range in ``max_var`` (set by ``mobileqat.calibration``, possibly clipping)
+        instead of recording max|w| on every training step; weights beyond it are clipped.
     """
 
-    def __init__(self, num_bits=8, per_channel=True, narrow_range=True, packed_int4=False):
+    def __init__(self, num_bits=8, per_channel=True, narrow_range=True, packed_int4=False, fixed_range=False):
         self.num_bits = _check_bits(num_bits)
         self.packed_int4 = bool(packed_int4)
         if self.packed_int4 and self.num_bits != 4:  # 2 bits measured: the file is 1 LSB off the twin
@@ -100,6 +102,7 @@ class WeightQuantizer(_Base):
                              "narrow_range=False.")
         self.per_channel = bool(per_channel)
         self.narrow_range = bool(narrow_range)
+        self.fixed_range = bool(fixed_range)
 
     def build(self, tensor_shape, name, layer):
         shape = (int(tensor_shape[-1]),) if self.per_channel else ()
@@ -117,7 +120,10 @@ class WeightQuantizer(_Base):
             amax = tf.maximum(amax, 1e-8)  # a degenerate scale cannot be prepared by TFLite
             return max_var.assign(amax)
 
-        amax = _smart_cond(training, record_range, lambda: tf.identity(max_var))
+        if self.fixed_range:
+            amax = tf.identity(max_var)  # weights beyond it are clipped (by the FakeQuant, or below)
+        else:
+            amax = _smart_cond(training, record_range, lambda: tf.identity(max_var))
         if self.num_bits < 8 and not self.packed_int4:  # the n-bit grid inside the int8 grid (module docstring)
             inputs = tf.clip_by_value(inputs, -amax, amax)
             top = weight_fake_quant_range(amax, self.num_bits)
@@ -133,6 +139,8 @@ class WeightQuantizer(_Base):
         config = {"num_bits": self.num_bits, "per_channel": self.per_channel, "narrow_range": self.narrow_range}
         if self.packed_int4:
             config["packed_int4"] = True
+        if self.fixed_range:
+            config["fixed_range"] = True
         return config
 
 
