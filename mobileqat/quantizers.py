@@ -19,7 +19,12 @@ gradient inside the range and zero outside.
 - ``ActivationQuantizer``: asymmetric, range = exponential moving average of batch min/max,
   started from the first batch (not from an arbitrary +-6), always containing 0.
 - ``FixedRangeQuantizer``: a range fixed by the runtime (softmax output: [0, 255/256]).
+- Learned (trainable) ranges, each with its paper's gradients (``tf.custom_gradient``) around the same FakeQuant op:
+  ``LSQWeightQuantizer`` (learned step size, Esser et al. 2020), ``LSQActivationQuantizer`` (learned step and
+  offset, LSQ+), ``PACTQuantizer`` (learned clipping level of ReLU outputs, Choi et al. 2018).
 """
+import types
+
 from mobileqat._tf import keras, tf, tfmot
 
 _Quantizer = tfmot.quantization.keras.quantizers.Quantizer
@@ -219,10 +224,32 @@ class FixedRangeQuantizer(_Base):
 MIN_WEIGHT_STEP = 1e-10  # floor of a learned weight step: a dead channel (all zeros) still gets a preparable scale
 
 
+def _owner(layer):
+    """Where a learned quantizer keeps its variables: the layer a tfmot QuantizeWrapper wraps, else ``layer``.
+    tfmot's QuantizeWrapperV2 orders its trainable weights by whether the inner layer was built before the
+    wrapper (yes after ``quantize``, no when a saved model is loaded), so trainable variables of the wrapper's
+    own would come first in one case and last in the other, and .h5 weights would load into the wrong
+    variables; held by the inner layer they keep one order."""
+    inner = getattr(layer, "layer", None)
+    return inner if inner is not None and hasattr(layer, "quantize_config") else layer
+
+
+def _variables(**variables):
+    """The variables a learned quantizer's ``build`` returns, by attribute (``qvars.step``). Not a dict: tfmot stores
+    what ``build`` returns on its wrapper, and Keras would track the variables of a dict there as the wrapper's own
+    (see ``_owner``); a namespace is opaque to that tracking."""
+    return types.SimpleNamespace(**variables)
+
+
 def _learned_weight(layer, name, shape, init, trainable, regularizer=None):
     # MEAN aggregation: a variable assigned in call (the data initialisation) under a tf.distribute strategy
-    return layer.add_weight(name, shape=shape, initializer=keras.initializers.Constant(init), trainable=trainable,
+    return _owner(layer).add_weight(name, shape=shape, initializer=keras.initializers.Constant(init), trainable=trainable,
                             regularizer=regularizer, aggregation=tf.VariableAggregation.MEAN)
+
+
+def _flag(layer, name):
+    """0 until the quantizer has been initialised from the data, then 1."""
+    return _owner(layer).add_weight(name, shape=(), trainable=False, initializer=keras.initializers.Constant(0.0))
 
 
 def _init_once(training, flag, init_fn):
@@ -272,9 +299,8 @@ class LSQWeightQuantizer(_Base):
 
     def build(self, tensor_shape, name, layer):
         shape = (int(tensor_shape[-1]),) if self.per_channel else ()
-        return {"step": _learned_weight(layer, name + "_lsq_step", shape, 1.0 / self.qp, True),
-                "initialized": layer.add_weight(name + "_lsq_initialized", shape=(), trainable=False,
-                                                initializer=keras.initializers.Constant(0.0))}
+        return _variables(step=_learned_weight(layer, name + "_lsq_step", shape, 1.0 / self.qp, True),
+                          initialized=_flag(layer, name + "_lsq_initialized"))
 
     def _axes(self, rank):
         return list(range(rank - 1)) if self.per_channel else None
@@ -286,12 +312,12 @@ class LSQWeightQuantizer(_Base):
 
     def initialize(self, w, qvars):
         """Set the step from the weights ``w`` now (eager), as the first training call would."""
-        qvars["step"].assign(self.initial_step(tf.convert_to_tensor(w)))
-        qvars["initialized"].assign(1.0)
+        qvars.step.assign(self.initial_step(tf.convert_to_tensor(w)))
+        qvars.initialized.assign(1.0)
 
     def __call__(self, inputs, training, weights, **kwargs):
-        step_var = weights["step"]
-        ready = _init_once(training, weights["initialized"],
+        step_var = weights.step
+        ready = _init_once(training, weights.initialized,
                            lambda: [step_var.assign(self.initial_step(inputs))])
         with tf.control_dependencies([ready]):
             s = tf.maximum(step_var.read_value(), MIN_WEIGHT_STEP)
@@ -324,7 +350,7 @@ class LSQWeightQuantizer(_Base):
     def fake_quant_range(self, qvars):
         """(min, max) float32 numpy of the FakeQuant applied (per channel or scalar)."""
         import numpy as np
-        s = np.maximum(np.float32(qvars["step"].numpy()), np.float32(MIN_WEIGHT_STEP))
+        s = np.maximum(np.float32(qvars.step.numpy()), np.float32(MIN_WEIGHT_STEP))
         top = s * np.float32(self._fq_top)
         return -top, top
 
@@ -366,23 +392,22 @@ class LSQActivationQuantizer(_Base):
         self.qp = 2 ** self.num_bits - 1
 
     def build(self, tensor_shape, name, layer):
-        return {"step": _learned_weight(layer, name + "_lsq_step", (), 1.0 / self.qp, True),
-                "offset": _learned_weight(layer, name + "_lsq_offset", (), 0.0, True),
-                "initialized": layer.add_weight(name + "_lsq_initialized", shape=(), trainable=False,
-                                                initializer=keras.initializers.Constant(0.0))}
+        return _variables(step=_learned_weight(layer, name + "_lsq_step", (), 1.0 / self.qp, True),
+                          offset=_learned_weight(layer, name + "_lsq_offset", (), 0.0, True),
+                          initialized=_flag(layer, name + "_lsq_initialized"))
 
     def _min_step(self):
         return MIN_RANGE / self.qp
 
     def __call__(self, inputs, training, weights, **kwargs):
-        step_var, offset_var = weights["step"], weights["offset"]
+        step_var, offset_var = weights.step, weights.offset
 
         def init():
             lo = tf.minimum(tf.reduce_min(inputs), 0.0)
             hi = tf.maximum(tf.reduce_max(inputs), 0.0)
             return [offset_var.assign(lo), step_var.assign((hi - lo) / float(self.qp))]
 
-        ready = _init_once(training, weights["initialized"], init)
+        ready = _init_once(training, weights.initialized, init)
         with tf.control_dependencies([ready]):
             s = tf.maximum(step_var.read_value(), self._min_step())
             beta = offset_var.read_value()
@@ -413,8 +438,8 @@ class LSQActivationQuantizer(_Base):
     def fake_quant_range(self, qvars):
         """(min, max) float32 numpy of the FakeQuant applied: (beta, beta + (2^b - 1) s)."""
         import numpy as np
-        s = np.maximum(np.float32(qvars["step"].numpy()), np.float32(self._min_step()))
-        beta = np.float32(qvars["offset"].numpy())
+        s = np.maximum(np.float32(qvars.step.numpy()), np.float32(self._min_step()))
+        beta = np.float32(qvars.offset.numpy())
         return beta, np.float32(beta + s * np.float32(self.qp))
 
     def get_config(self):
@@ -440,13 +465,12 @@ class PACTQuantizer(_Base):
 
     def build(self, tensor_shape, name, layer):
         reg = keras.regularizers.L2(self.l2) if self.l2 > 0 else None
-        return {"alpha": _learned_weight(layer, name + "_pact_alpha", (), 1.0, True, regularizer=reg),
-                "initialized": layer.add_weight(name + "_pact_initialized", shape=(), trainable=False,
-                                                initializer=keras.initializers.Constant(0.0))}
+        return _variables(alpha=_learned_weight(layer, name + "_pact_alpha", (), 1.0, True, regularizer=reg),
+                          initialized=_flag(layer, name + "_pact_initialized"))
 
     def __call__(self, inputs, training, weights, **kwargs):
-        alpha_var = weights["alpha"]
-        ready = _init_once(training, weights["initialized"],
+        alpha_var = weights.alpha
+        ready = _init_once(training, weights.initialized,
                            lambda: [alpha_var.assign(tf.maximum(tf.reduce_max(inputs), MIN_RANGE))])
         with tf.control_dependencies([ready]):
             alpha = tf.maximum(alpha_var.read_value(), MIN_RANGE)
@@ -467,7 +491,7 @@ class PACTQuantizer(_Base):
     def fake_quant_range(self, qvars):
         """(0, alpha) float32 numpy of the FakeQuant applied."""
         import numpy as np
-        return np.float32(0.0), np.maximum(np.float32(qvars["alpha"].numpy()), np.float32(MIN_RANGE))
+        return np.float32(0.0), np.maximum(np.float32(qvars.alpha.numpy()), np.float32(MIN_RANGE))
 
     def get_config(self):
         config = {"num_bits": self.num_bits}
