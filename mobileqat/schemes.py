@@ -2,7 +2,8 @@
 choose a scheme per layer (mixed precision).
 
 A ``QuantScheme`` is a frozen description; ``quantize(model, scheme)`` asks it for the quantizers of
-each layer. Presets are looked up by name (``PRESETS``: "w8a8", "w4a8").
+each layer. Presets are looked up by name (``PRESETS``: "w8a8", "w4a8", "w4a8_lsq"). Learned quantizers are
+fields like any other: ``{"weight_bits": 4, "weight_method": "lsq", "activation_method": "pact"}``.
 
 Mixed precision is plain data, in Python or a JSON file, e.g. 8-bit first and last layers, 4-bit
 weights elsewhere::

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import numpy_fake_quant
 
-from mobileqat import export, lowering, provenance
+from mobileqat import debug, export, lowering, provenance
 from mobileqat._tf import keras, tf
 from mobileqat.quantize import load_qat_model, quantize, scheme_plan
 from mobileqat.quantizers import (ActivationQuantizer, LSQActivationQuantizer, LSQWeightQuantizer, PACTQuantizer,
@@ -317,6 +317,7 @@ def test_the_file_holds_the_learned_scales_and_the_4_bit_grid(trained):
                 assert zp == -128 and file_out["scales"][0] == np.float32(np.float64(oq[1].alpha.numpy()) / 255)
             else:  # LSQ+: the step within float32 rounding
                 assert file_out["scales"][0] == pytest.approx(oq[1].step.numpy(), rel=1e-5)
+            assert debug.keras_quant_params(qat.get_layer(op.output)) == (file_out["scales"][0], zp)  # the debugger
             checked_a.add(name)
         if wq is None or "weights" not in op.params:
             continue
