@@ -28,6 +28,8 @@ _API = {
     "FoldedConvBN": "mobileqat.layers", "QuantizeConfig": "mobileqat.layers",
     "WeightQuantizer": "mobileqat.quantizers", "ActivationQuantizer": "mobileqat.quantizers",
     "FixedRangeQuantizer": "mobileqat.quantizers", "SymmetricActivationQuantizer": "mobileqat.quantizers",
+    "LSQWeightQuantizer": "mobileqat.quantizers",
+    "LSQActivationQuantizer": "mobileqat.quantizers", "PACTQuantizer": "mobileqat.quantizers",
     "fold_batchnorm": "mobileqat.transforms",
     "export_tflite": "mobileqat.export",
     "debug_fidelity": "mobileqat.debug",

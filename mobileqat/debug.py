@@ -32,7 +32,9 @@ def keras_quant_params(layer):
     from mobileqat.lowering import quantization_params
     config = quantizer.get_config()
     bits = config.get("num_bits", 8)
-    if weights and "min_var" in weights:
+    if hasattr(quantizer, "fake_quant_range"):  # learned ranges (LSQ, PACT)
+        scale, zp = quantization_params(*quantizer.fake_quant_range(weights), bits)
+    elif weights and "min_var" in weights:
         scale, zp = quantization_params(weights["min_var"].numpy(), weights["max_var"].numpy(), bits)
     elif "min_value" in config:
         scale, zp = quantization_params(config["min_value"], config["max_value"], bits)

@@ -18,6 +18,7 @@ offset that a rewrite expressed as a 1x1 depthwise FoldedConvBN (Rescaling, Norm
 The QuantizeConfigs say which tensors of a layer are fake-quantized (tfmot's contract).
 """
 from mobileqat._tf import keras, tf, tfmot
+from mobileqat import quantizers
 from mobileqat.quantizers import ActivationQuantizer, FixedRangeQuantizer, SymmetricActivationQuantizer, WeightQuantizer
 
 _serializable = keras.utils.register_keras_serializable(package="mobileqat")
@@ -190,8 +191,7 @@ def _serialize(q):
     return keras.utils.serialize_keras_object(q) if q is not None else None
 
 
-_QUANTIZERS = {c.__name__: c for c in (WeightQuantizer, ActivationQuantizer, FixedRangeQuantizer,
-                                       SymmetricActivationQuantizer)}
+_QUANTIZERS = {c.__name__: c for c in quantizers.ALL}
 
 
 def _deserialize(q):

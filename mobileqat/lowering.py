@@ -172,6 +172,11 @@ def _require_8bit(quantizer, where):
 def _weight_max(quantizer, qvars, where, packed_ok=False):
     """The symmetric range (float32, per channel or scalar) of the 8-bit FakeQuant a WeightQuantizer
     applies: max|w| for 8 bits, the n-bit step times 127 below (``weight_fake_quant_range``)."""
+    if hasattr(quantizer, "fake_quant_range") and not isinstance(quantizer, WeightQuantizer):  # learned (LSQ)
+        if quantizer.packed_int4 and not packed_ok:
+            raise ValueError(f"{where}: packed INT4 weights are lowered for Dense layers only; quantize with a "
+                             "QuantScheme, which packs Dense layers only.")
+        return quantizer.fake_quant_range(qvars)[1]
     if not isinstance(quantizer, WeightQuantizer):
         raise ValueError(f"{where}: lowering does not know the weight quantizer {type(quantizer).__name__}.")
     if quantizer.packed_int4 and not packed_ok:
@@ -185,6 +190,8 @@ def _weight_max(quantizer, qvars, where, packed_ok=False):
 
 def _fake_quant_bits(quantizer):
     """The bit width of the FakeQuant a weight quantizer emits: n for packed INT4, else 8."""
+    if hasattr(quantizer, "fake_quant_bits"):
+        return quantizer.fake_quant_bits()
     return quantizer.num_bits if getattr(quantizer, "packed_int4", False) else 8
 
 
@@ -215,6 +222,8 @@ def _output_range(wrapper):
         amin = np.float32(v["min_var"].numpy())
         amax = np.float32(max(np.float32(v["max_var"].numpy()), np.float32(amin + np.float32(MIN_RANGE))))
         return amin, amax
+    if hasattr(q, "fake_quant_range"):  # learned ranges (LSQ, PACT)
+        return tuple(np.float32(v) for v in q.fake_quant_range(wrapper._output_quantizer_vars))
     raise ValueError(f"layer '{wrapper.name}': lowering does not know the output quantizer {type(q).__name__}.")
 
 

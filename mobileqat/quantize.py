@@ -48,7 +48,8 @@ SUPPORTED = ("Conv2D; Conv2DTranspose; Conv2D or DepthwiseConv2D + BatchNormaliz
 def quantize_config_for(layer, scheme):
     """The QuantizeConfig of ``layer`` (a layer of the folded model) under ``scheme``, or None when mobileqat
     has none for it. ``audit`` says, before folding, why a layer gets none and what to do instead."""
-    wq, aq = scheme.weight_quantizer, scheme.activation_quantizer
+    wq = scheme.weight_quantizer
+    aq = lambda: scheme.activation_quantizer(layer)  # noqa: E731  (PACT needs to know the output is >= 0)
     if isinstance(layer, FoldedConvBN):
         return QuantizeConfig(output_quantizer=aq())
     if type(layer) is L.Dense:
@@ -487,7 +488,7 @@ def quantize(model, scheme="w8a8", keep_float=()):
         if isinstance(layer, L.InputLayer):
             continue
         if layer.name in kept_names:  # float inside, fake-quantized output
-            configs[layer.name] = QuantizeConfig(output_quantizer=scheme_of(layer.name).activation_quantizer())
+            configs[layer.name] = QuantizeConfig(output_quantizer=scheme_of(layer.name).activation_quantizer(layer))
             continue
         configs[layer.name] = quantize_config_for(layer, scheme_of(layer.name))
         if configs[layer.name] is None:  # the audit let it through: a gap in the refusal list
@@ -506,6 +507,10 @@ def quantize(model, scheme="w8a8", keep_float=()):
         qat = _qk.quantize_apply(annotated)
     if plan[None][0].activation_bits == 16:
         _int16_input(qat)
+    for layer in qat.layers:  # learned weight steps (LSQ) start from the weights, as the paper's initialisation
+        for weight, quantizer, qvars in getattr(layer, "_weight_vars", ()):
+            if hasattr(quantizer, "initialize"):
+                quantizer.initialize(weight, qvars)
     return qat
 
 
@@ -582,7 +587,5 @@ def quantize_scope():
     """tfmot's quantize_scope with mobileqat's objects (they are also registered with Keras)."""
     from mobileqat import layers, quantizers
     objs = {c.__name__: c for c in (layers.FoldedConvBN, layers.QuantizeConfig, layers.HardSwish, layers.HardSigmoid,
-                                    layers.HardSigmoidQuantizeConfig, quantizers.WeightQuantizer,
-                                    quantizers.ActivationQuantizer, quantizers.FixedRangeQuantizer,
-                                    quantizers.SymmetricActivationQuantizer)}
+                                    layers.HardSigmoidQuantizeConfig) + quantizers.ALL}
     return _qk.quantize_scope(objs)

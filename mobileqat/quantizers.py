@@ -19,7 +19,12 @@ gradient inside the range and zero outside.
 - ``ActivationQuantizer``: asymmetric, range = exponential moving average of batch min/max,
   started from the first batch (not from an arbitrary +-6), always containing 0.
 - ``FixedRangeQuantizer``: a range fixed by the runtime (softmax output: [0, 255/256]).
+- Learned (trainable) ranges, each with its paper's gradients (``tf.custom_gradient``) around the same FakeQuant op:
+  ``LSQWeightQuantizer`` (learned step size, Esser et al. 2020), ``LSQActivationQuantizer`` (learned step and
+  offset, LSQ+), ``PACTQuantizer`` (learned clipping level of ReLU outputs, Choi et al. 2018).
 """
+import types
+
 from mobileqat._tf import keras, tf, tfmot
 
 _Quantizer = tfmot.quantization.keras.quantizers.Quantizer
@@ -263,3 +268,293 @@ def symmetric_range(min_value, max_value):
     """float32 m of ``SymmetricActivationQuantizer``'s range [-m, m] from its variables, as the graph computes it."""
     import numpy as np
     return np.float32(max(max(-np.float32(min_value), np.float32(max_value)), np.float32(MIN_RANGE)))
+# --- Learned quantizers: LSQ (Esser et al. 2020), LSQ+ offset (Bhalgat et al. 2020), PACT (Choi et al. 2018) ---
+#
+# Each emits the same TF FakeQuant op as the min-max quantizers (so that the converter writes the learned scale
+# into the file), with min/max derived from the learned parameters, wrapped in ``tf.custom_gradient`` so that
+# training sees the paper's gradients instead of FakeQuant's. ``fake_quant_range(qvars)`` gives, in numpy float32
+# (the same float32 operations as the graph), the min/max of that FakeQuant: ``mobileqat.lower`` reads it, and the
+# converter's scale follows from it as for any FakeQuant (``lowering.quantization_params``).
+
+MIN_WEIGHT_STEP = 1e-10  # floor of a learned weight step: a dead channel (all zeros) still gets a preparable scale
+
+
+def _owner(layer):
+    """Where a learned quantizer keeps its variables: the layer a tfmot QuantizeWrapper wraps, else ``layer``.
+    tfmot's QuantizeWrapperV2 orders its trainable weights by whether the inner layer was built before the
+    wrapper (yes after ``quantize``, no when a saved model is loaded), so trainable variables of the wrapper's
+    own would come first in one case and last in the other, and .h5 weights would load into the wrong
+    variables; held by the inner layer they keep one order."""
+    inner = getattr(layer, "layer", None)
+    return inner if inner is not None and hasattr(layer, "quantize_config") else layer
+
+
+def _variables(**variables):
+    """The variables a learned quantizer's ``build`` returns, by attribute (``qvars.step``). Not a dict: tfmot stores
+    what ``build`` returns on its wrapper, and Keras would track the variables of a dict there as the wrapper's own
+    (see ``_owner``); a namespace is opaque to that tracking."""
+    return types.SimpleNamespace(**variables)
+
+
+def _learned_weight(layer, name, shape, init, trainable, regularizer=None):
+    # MEAN aggregation: a variable assigned in call (the data initialisation) under a tf.distribute strategy
+    return _owner(layer).add_weight(name, shape=shape, initializer=keras.initializers.Constant(init), trainable=trainable,
+                            regularizer=regularizer, aggregation=tf.VariableAggregation.MEAN)
+
+
+def _flag(layer, name):
+    """0 until the quantizer has been initialised from the data, then 1."""
+    return _owner(layer).add_weight(name, shape=(), trainable=False, initializer=keras.initializers.Constant(0.0))
+
+
+def _init_once(training, flag, init_fn):
+    """In training, run ``init_fn`` (assignments from the data) on the first call only (``flag`` 0 -> 1).
+    Returns a tensor to depend on."""
+    def first():
+        with tf.control_dependencies(init_fn()):
+            with tf.control_dependencies([flag.assign(1.0)]):
+                return tf.constant(1.0)
+    return _smart_cond(training, lambda: tf.cond(flag > 0.5, lambda: tf.constant(0.0), first),
+                       lambda: tf.constant(0.0))
+
+
+@_serializable
+class LSQWeightQuantizer(_Base):
+    """LSQ weight quantizer: a learned step size s, per output channel (last axis) or per tensor.
+
+    Forward: w_q = s * clip(round(w / s), -Qp, Qp), Qp = 2^(b-1) - 1 (narrow symmetric grid, zero point 0),
+    emitted as an 8-bit narrow FakeQuant on [-127 s, 127 s] after a clip to [-Qp s, Qp s] (below 8 bits the
+    file holds int8 tensors on the b-bit grid, as ``WeightQuantizer``), or, with ``packed_int4``, a 4-bit
+    FakeQuant on [-7 s, 7 s] (packed INT4 Dense).
+    The file's scale is fl32(fl32(127 s) / 127) (fl32(fl32(7 s) / 7) packed): the converter and TF's FakeQuant
+    both divide the float32 range back by the grid size. It equals s bit for bit for most s and is otherwise one
+    float32 ulp away (relative 6e-8); ``steps(qvars)`` gives it.
+    Gradients (paper, eq. 3 and 4): w gets the straight-through estimate inside [-Qp s, Qp s] and 0 outside; s gets
+    g * sum(dy * (round(w/s) - w/s)) inside, -Qp below, +Qp above, with g = 1 / sqrt(N * Qp), N the number of
+    weights sharing the step (per channel: kh * kw * C_in).
+    Initialisation: s = 2 mean|w| / sqrt(Qp) (per channel), from the weights at the first training-mode call (for
+    a folded conv + BN: when ``quantize`` loads the folded weights; for Conv2D/Dense: ``quantize`` calls
+    ``initialize``). Variables: ``step`` (trainable), ``initialized`` (0/1).
+    """
+
+    def __init__(self, num_bits=8, per_channel=True, packed_int4=False):
+        self.num_bits = _check_bits(num_bits)
+        self.per_channel = bool(per_channel)
+        self.packed_int4 = bool(packed_int4)
+        if self.packed_int4 and self.num_bits != 4:
+            raise ValueError(f"LSQWeightQuantizer(num_bits={num_bits}, packed_int4=True): packed INT4 is written and "
+                             "lowered for 4-bit weights only; use num_bits=4 or packed_int4=False.")
+        self.narrow_range = True
+        self.qp = 2 ** (self.num_bits - 1) - 1
+
+    @property
+    def _fq_top(self):
+        """Grid end of the FakeQuant emitted: 127 (8-bit FakeQuant), or 7 (4-bit, packed)."""
+        return self.qp if self.packed_int4 else 127
+
+    def build(self, tensor_shape, name, layer):
+        shape = (int(tensor_shape[-1]),) if self.per_channel else ()
+        return _variables(step=_learned_weight(layer, name + "_lsq_step", shape, 1.0 / self.qp, True),
+                          initialized=_flag(layer, name + "_lsq_initialized"))
+
+    def _axes(self, rank):
+        return list(range(rank - 1)) if self.per_channel else None
+
+    def initial_step(self, w):
+        """2 mean|w| / sqrt(Qp), per channel or per tensor (the paper's initialisation)."""
+        mean = tf.reduce_mean(tf.abs(w), axis=self._axes(w.shape.rank))
+        return tf.maximum(2.0 * mean / tf.sqrt(float(self.qp)), MIN_WEIGHT_STEP)
+
+    def initialize(self, w, qvars):
+        """Set the step from the weights ``w`` now (eager), as the first training call would."""
+        qvars.step.assign(self.initial_step(tf.convert_to_tensor(w)))
+        qvars.initialized.assign(1.0)
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        step_var = weights.step
+        ready = _init_once(training, weights.initialized,
+                           lambda: [step_var.assign(self.initial_step(inputs))])
+        with tf.control_dependencies([ready]):
+            s = tf.maximum(step_var.read_value(), MIN_WEIGHT_STEP)
+        return self._quantize(inputs, s)
+
+    def _quantize(self, w, s):
+        qp, per_channel, bits = float(self.qp), self.per_channel, self.num_bits
+        fq_top, fq_bits = float(self._fq_top), (self.num_bits if self.packed_int4 else 8)
+        n = w.shape.num_elements() // (int(w.shape[-1]) if per_channel else 1)
+        g = 1.0 / float(n * qp) ** 0.5
+        axes = self._axes(w.shape.rank)
+
+        @tf.custom_gradient
+        def lsq(w, s):
+            top = s * fq_top
+            clipped = w if bits == 8 or self.packed_int4 else tf.clip_by_value(w, -s * qp, s * qp)
+            y = fake_quant(clipped, -top, top, fq_bits, True, per_channel)
+
+            def grad(dy):
+                u = w / s
+                inside = tf.logical_and(u >= -qp, u <= qp)
+                dw = tf.where(inside, dy, tf.zeros_like(dy))
+                ds_elem = tf.where(inside, (y - w) / s, tf.sign(u) * qp)
+                ds = g * tf.reduce_sum(dy * ds_elem, axis=axes)
+                return dw, ds
+            return y, grad
+
+        return lsq(w, s)
+
+    def fake_quant_range(self, qvars):
+        """(min, max) float32 numpy of the FakeQuant applied (per channel or scalar)."""
+        import numpy as np
+        s = np.maximum(np.float32(qvars.step.numpy()), np.float32(MIN_WEIGHT_STEP))
+        top = s * np.float32(self._fq_top)
+        return -top, top
+
+    def fake_quant_bits(self):
+        return self.num_bits if self.packed_int4 else 8
+
+    def steps(self, qvars):
+        """The scale(s) the file holds, float32 numpy: fl32(fl32(127 s) / 127) (or / 7 packed)."""
+        import numpy as np
+        return self.fake_quant_range(qvars)[1] / np.float32(self._fq_top)
+
+    def get_config(self):
+        config = {"num_bits": self.num_bits, "per_channel": self.per_channel}
+        if self.packed_int4:
+            config["packed_int4"] = True
+        return config
+
+
+@_serializable
+class LSQActivationQuantizer(_Base):
+    """LSQ activation quantizer with a learned offset (LSQ+): per tensor, asymmetric, as TFLite's int8 activations.
+
+    Forward: x_q = s * clip(round((x - beta) / s), 0, 2^b - 1) + beta, emitted as a FakeQuant on
+    [beta, beta + (2^b - 1) s] (float32). The int8 file needs an integer zero point: FakeQuant and the converter
+    both round -beta / s to the nearest integer (clamped to the grid, so the range always holds 0), i.e. the offset
+    used is beta snapped to a multiple of the step; the file's scale is that FakeQuant's (within float32 rounding of
+    s). Chosen over the unsigned LSQ form because the outputs quantized here are often signed (projection convs,
+    adds, logits).
+    Gradients: x gets the straight-through estimate inside the range; s gets g * sum(dy * (x_q - x) / s) inside,
+    0 below, 2^b - 1 above; beta gets g * sum(dy) outside the range, 0 inside; g = 1 / sqrt(N * (2^b - 1)), N the
+    number of features of one example.
+    Initialisation (LSQ+'s min/max form): from the first training batch, beta = min(x_min, 0) and
+    s = (max(x_max, 0) - beta) / (2^b - 1), the range the min-max quantizer starts from.
+    Variables: ``step``, ``offset`` (trainable), ``initialized``.
+    """
+
+    def __init__(self, num_bits=8):
+        self.num_bits = _check_bits(num_bits)
+        self.qp = 2 ** self.num_bits - 1
+
+    def build(self, tensor_shape, name, layer):
+        return _variables(step=_learned_weight(layer, name + "_lsq_step", (), 1.0 / self.qp, True),
+                          offset=_learned_weight(layer, name + "_lsq_offset", (), 0.0, True),
+                          initialized=_flag(layer, name + "_lsq_initialized"))
+
+    def _min_step(self):
+        return MIN_RANGE / self.qp
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        step_var, offset_var = weights.step, weights.offset
+
+        def init():
+            lo = tf.minimum(tf.reduce_min(inputs), 0.0)
+            hi = tf.maximum(tf.reduce_max(inputs), 0.0)
+            return [offset_var.assign(lo), step_var.assign((hi - lo) / float(self.qp))]
+
+        ready = _init_once(training, weights.initialized, init)
+        with tf.control_dependencies([ready]):
+            s = tf.maximum(step_var.read_value(), self._min_step())
+            beta = offset_var.read_value()
+        return self._quantize(inputs, s, beta)
+
+    def _quantize(self, x, s, beta):
+        qp, bits = float(self.qp), self.num_bits
+        n = max(1, x.shape[1:].num_elements() or 1) if x.shape.rank else 1
+        g = 1.0 / float(n * qp) ** 0.5
+
+        @tf.custom_gradient
+        def lsq(x, s, beta):
+            y = fake_quant(x, beta, beta + s * qp, bits)
+
+            def grad(dy):
+                u = (x - beta) / s
+                below, above = u < 0.0, u > qp
+                inside = tf.logical_not(tf.logical_or(below, above))
+                zeros = tf.zeros_like(dy)
+                dx = tf.where(inside, dy, zeros)
+                ds = g * tf.reduce_sum(dy * tf.where(inside, (y - x) / s, tf.where(above, qp + zeros, zeros)))
+                dbeta = g * tf.reduce_sum(tf.where(inside, zeros, dy))
+                return dx, ds, dbeta
+            return y, grad
+
+        return lsq(x, s, beta)
+
+    def fake_quant_range(self, qvars):
+        """(min, max) float32 numpy of the FakeQuant applied: (beta, beta + (2^b - 1) s)."""
+        import numpy as np
+        s = np.maximum(np.float32(qvars.step.numpy()), np.float32(self._min_step()))
+        beta = np.float32(qvars.offset.numpy())
+        return beta, np.float32(beta + s * np.float32(self.qp))
+
+    def get_config(self):
+        return {"num_bits": self.num_bits}
+
+
+@_serializable
+class PACTQuantizer(_Base):
+    """PACT: a learned clipping level alpha for non-negative activations (after ReLU / ReLU6).
+
+    Forward: y = clip(x, 0, alpha) quantized on [0, alpha] (one FakeQuant on [0, alpha]: int8 scale
+    fl32(alpha / (2^b - 1)), zero point -128). Gradients (paper, eq. 3): x gets 1 on [0, alpha), 0 elsewhere; alpha
+    gets sum(dy) over x >= alpha. ``l2``: the paper's L2 regularisation of alpha (adds l2 * alpha^2 to the loss;
+    0 turns it off). Initialisation: alpha = max of the first training batch (at least ``MIN_RANGE``).
+    Variables: ``alpha`` (trainable), ``initialized``.
+    """
+
+    def __init__(self, num_bits=8, l2=0.0):
+        self.num_bits = _check_bits(num_bits)
+        if not l2 >= 0.0:
+            raise ValueError(f"PACTQuantizer(l2={l2!r}): the L2 weight of alpha must be >= 0 (0 turns it off).")
+        self.l2 = float(l2)
+
+    def build(self, tensor_shape, name, layer):
+        reg = keras.regularizers.L2(self.l2) if self.l2 > 0 else None
+        return _variables(alpha=_learned_weight(layer, name + "_pact_alpha", (), 1.0, True, regularizer=reg),
+                          initialized=_flag(layer, name + "_pact_initialized"))
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        alpha_var = weights.alpha
+        ready = _init_once(training, weights.initialized,
+                           lambda: [alpha_var.assign(tf.maximum(tf.reduce_max(inputs), MIN_RANGE))])
+        with tf.control_dependencies([ready]):
+            alpha = tf.maximum(alpha_var.read_value(), MIN_RANGE)
+        bits = self.num_bits
+
+        @tf.custom_gradient
+        def pact(x, alpha):
+            y = fake_quant(x, tf.zeros_like(alpha), alpha, bits)
+
+            def grad(dy):
+                zeros = tf.zeros_like(dy)
+                dx = tf.where(tf.logical_and(x >= 0.0, x < alpha), dy, zeros)
+                return dx, tf.reduce_sum(tf.where(x >= alpha, dy, zeros))
+            return y, grad
+
+        return pact(inputs, alpha)
+
+    def fake_quant_range(self, qvars):
+        """(0, alpha) float32 numpy of the FakeQuant applied."""
+        import numpy as np
+        return np.float32(0.0), np.maximum(np.float32(qvars.alpha.numpy()), np.float32(MIN_RANGE))
+
+    def get_config(self):
+        config = {"num_bits": self.num_bits}
+        if self.l2:
+            config["l2"] = self.l2
+        return config
+
+
+# every quantizer class, for loaders that look classes up by name (legacy .h5, tfmot's quantize_scope)
+ALL = (WeightQuantizer, ActivationQuantizer, FixedRangeQuantizer, SymmetricActivationQuantizer, LSQWeightQuantizer,
+       LSQActivationQuantizer, PACTQuantizer)

@@ -2,7 +2,8 @@
 choose a scheme per layer (mixed precision).
 
 A ``QuantScheme`` is a frozen description; ``quantize(model, scheme)`` asks it for the quantizers of
-each layer. Presets are looked up by name (``PRESETS``: "w8a8", "w4a8", "w8a16").
+each layer. Presets are looked up by name (``PRESETS``: "w8a8", "w4a8", "w8a16", "w4a8_lsq"). Learned quantizers are
+fields like any other: ``{"weight_bits": 4, "weight_method": "lsq", "activation_method": "pact"}``.
 
 Mixed precision is plain data, in Python or a JSON file, e.g. 8-bit first and last layers, 4-bit
 weights elsewhere::
@@ -30,7 +31,11 @@ import json
 import os
 import re
 
-from mobileqat.quantizers import ActivationQuantizer, SymmetricActivationQuantizer, WeightQuantizer
+from mobileqat.quantizers import (ActivationQuantizer, LSQActivationQuantizer, LSQWeightQuantizer, PACTQuantizer,
+                                  SymmetricActivationQuantizer, WeightQuantizer)
+
+WEIGHT_METHODS = ("minmax", "lsq")
+ACTIVATION_METHODS = ("ema", "pact", "lsq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +55,13 @@ class QuantScheme:
       DEPTHWISE_CONV_2D not in the reference kernels).
     Dense and Conv2DTranspose weights are per-tensor whatever ``per_channel`` says (the converter
     cannot write them per channel from a QAT graph).
+    weight_method: "minmax" (range = max|w|, ``WeightQuantizer``) or "lsq" (learned step size,
+      ``LSQWeightQuantizer``).
+    activation_method: "ema" (moving-average min/max, ``ActivationQuantizer``), "lsq" (learned step and offset,
+      ``LSQActivationQuantizer``) or "pact" (learned clipping level, ``PACTQuantizer``) on the outputs that are
+      non-negative by construction (a fused or standalone ReLU / ReLU6, as in the paper); the other outputs of a
+      "pact" scheme, which may be negative, keep "ema".
+    pact_l2: L2 weight on PACT's alpha (0: none).
     """
 
     name: str = "w8a8"
@@ -58,8 +70,20 @@ class QuantScheme:
     per_channel: bool = True
     ema_decay: float = 0.99
     packed_int4: bool = False
+    weight_method: str = "minmax"
+    activation_method: str = "ema"
+    pact_l2: float = 0.0
 
     def __post_init__(self):
+        if self.weight_method not in WEIGHT_METHODS:
+            raise ValueError(f"QuantScheme '{self.name}': weight_method={self.weight_method!r}; use one of "
+                             f"{list(WEIGHT_METHODS)}.")
+        if self.activation_method not in ACTIVATION_METHODS:
+            raise ValueError(f"QuantScheme '{self.name}': activation_method={self.activation_method!r}; use one of "
+                             f"{list(ACTIVATION_METHODS)}.")
+        if not isinstance(self.pact_l2, (int, float)) or isinstance(self.pact_l2, bool) or not self.pact_l2 >= 0:
+            raise ValueError(f"QuantScheme '{self.name}': pact_l2={self.pact_l2!r}; use a number >= 0 (0: no L2 on "
+                             "PACT's alpha).")
         if not isinstance(self.weight_bits, int) or not 2 <= self.weight_bits <= 8:
             raise ValueError(f"QuantScheme '{self.name}': weight_bits={self.weight_bits!r}; use an integer from 2 to 8.")
         if self.activation_bits not in (8, 16):
@@ -71,26 +95,46 @@ class QuantScheme:
                              f"{', packed_int4' if self.packed_int4 else ''}; TFLite's int16x8 ops take 8-bit "
                              "weights: use weight_bits=8 (preset 'w8a16').")
 
+    def _weights(self, per_channel, packed_int4=False):
+        if self.weight_method == "lsq":
+            return LSQWeightQuantizer(self.weight_bits, per_channel=per_channel, packed_int4=packed_int4)
+        return WeightQuantizer(self.weight_bits, per_channel=per_channel, narrow_range=True, packed_int4=packed_int4)
+
     def weight_quantizer(self):
-        return WeightQuantizer(self.weight_bits, per_channel=self.per_channel, narrow_range=True)
+        return self._weights(self.per_channel)
 
     def dense_weight_quantizer(self):
         """Per-tensor: TFLite's converter cannot take per-channel FULLY_CONNECTED weights from QAT."""
-        return WeightQuantizer(self.weight_bits, per_channel=False, narrow_range=True)
+        return self._weights(False)
 
     def fully_connected_weight_quantizer(self, inputs):
         """Dense with ``inputs`` input features: per-tensor (as ``dense_weight_quantizer``), packed INT4 when
         ``packed_int4``, 4 bits and an even input count (XNNPACK refuses int4 FULLY_CONNECTED with an odd one)."""
-        return WeightQuantizer(self.weight_bits, per_channel=False, narrow_range=True,
-                               packed_int4=self.packed_int4 and self.weight_bits == 4 and inputs % 2 == 0)
+        return self._weights(False, self.packed_int4 and self.weight_bits == 4 and inputs % 2 == 0)
 
-    def activation_quantizer(self):
+    def activation_quantizer(self, layer=None):
+        """The output quantizer of ``layer`` (a layer of the folded model; None: a tensor of unknown sign)."""
         if self.activation_bits == 16:
             return SymmetricActivationQuantizer(16, ema_decay=self.ema_decay)
+        if self.activation_method == "lsq":
+            return LSQActivationQuantizer(self.activation_bits)
+        if self.activation_method == "pact" and layer is not None and nonnegative_output(layer):
+            return PACTQuantizer(self.activation_bits, l2=self.pact_l2)
         return ActivationQuantizer(self.activation_bits, ema_decay=self.ema_decay)
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+def nonnegative_output(layer):
+    """True when ``layer``'s output is >= 0 by construction: its own activation (fused into a conv, Dense or
+    ``FoldedConvBN``, or an Activation/ReLU layer) is ReLU or ReLU6."""
+    from mobileqat import transforms
+    from mobileqat._tf import keras
+    if isinstance(layer, (keras.layers.Activation, keras.layers.ReLU)):
+        return transforms.activation_name(layer) in ("relu", "relu6", "relu_n")
+    activation = getattr(layer, "activation", None)
+    return activation is not None and transforms.function_name(activation) in ("relu", "relu6")
 
 
 PRESETS = {
@@ -99,6 +143,8 @@ PRESETS = {
     "w4a8": QuantScheme("w4a8", 4, 8, packed_int4=True),
     # TFLite int16x8: int16 activations (symmetric, zero point 0), int8 per-channel weights
     "w8a16": QuantScheme("w8a16", 8, 16),
+    # the same with learned step sizes (LSQ) for weights and activations
+    "w4a8_lsq": QuantScheme("w4a8_lsq", 4, 8, packed_int4=True, weight_method="lsq", activation_method="lsq"),
 }
 _FIELDS = {f.name for f in dataclasses.fields(QuantScheme)}
 MATCH_KEYS = ("name", "regex", "type", "position")
