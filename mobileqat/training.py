@@ -29,8 +29,11 @@ class StepTimer(keras.callbacks.Callback):
 
 
 def fit(model, x, y, epochs, batch_size=64, learning_rate=1e-3, from_logits=False, checkpoint_dir=None,
-        validation_data=None, seed=0, verbose=1):
+        validation_data=None, seed=0, verbose=1, warmup=0.0, callbacks=()):
     """Compile ``model`` (Adam, cosine decay to 0, sparse cross-entropy) and train it.
+
+    warmup: fraction of the steps (0 <= warmup < 1) over which the learning rate rises linearly from 0 to
+    ``learning_rate`` before the cosine decay. callbacks: more Keras callbacks (e.g. the QAT schedules below).
 
     x: (N, H, W, C) float32 images, y: (N,) int labels; or x a tf.data.Dataset of (images, labels)
     batches with a known number of batches (e.g. ``ImageFolderStream.dataset``), y None and batch_size
@@ -47,12 +50,19 @@ def fit(model, x, y, epochs, batch_size=64, learning_rate=1e-3, from_logits=Fals
         steps = batches * max(1, epochs)
     else:
         steps = int(np.ceil(len(x) / batch_size)) * max(1, epochs)
-    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=steps)
+    if not 0.0 <= warmup < 1.0:
+        raise ValueError(f"fit: warmup={warmup!r} is a fraction of the training steps; use 0 <= warmup < 1.")
+    warm = int(round(warmup * steps))
+    if warm:
+        schedule = keras.optimizers.schedules.CosineDecay(0.0, decay_steps=steps - warm, warmup_target=learning_rate,
+                                                          warmup_steps=warm)
+    else:
+        schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=steps)
     model.compile(optimizer=keras.optimizers.Adam(schedule),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits),
                   metrics=["accuracy"])
     timer = StepTimer()
-    callbacks = [timer]
+    callbacks = [timer, *callbacks]
     if checkpoint_dir is not None:
         callbacks.append(keras.callbacks.BackupAndRestore(os.fspath(checkpoint_dir)))
     keras.utils.set_random_seed(seed)

@@ -75,3 +75,85 @@ def test_quantization_delay_trains_the_float_model_then_quantizes():
 def test_quantization_delay_refuses_a_negative_delay():
     with pytest.raises(ValueError, match="steps=-1"):
         training.QuantizationDelay(-1)
+
+
+def _folded_layer(folding, seed=0):
+    """A built 1x1 FoldedConvBN (3 -> 5 channels, 8-bit per-channel weights) with random BN statistics."""
+    rng = np.random.default_rng(seed)
+    layer = FoldedConvBN(5, kernel_size=1, weight_quantizer=WeightQuantizer(8), folding=folding, momentum=0.9)
+    layer.build((None, 6, 6, 3))
+    layer.load_conv_bn(rng.normal(size=(1, 1, 3, 5)), rng.uniform(0.5, 2, 5), rng.normal(size=5),
+                       rng.normal(size=5) * 0.1, rng.uniform(0.5, 2, 5))
+    return layer, rng.normal(size=(4, 6, 6, 3)).astype(np.float32)
+
+
+def test_single_conv_folding_is_pytorchs_approximate_forward_in_numpy():
+    from conftest import numpy_fake_quant
+    layer, x = _folded_layer("single_conv")
+    k, g, b, mm, mv = (v.numpy().astype(np.float64) for v in (layer.kernel, layer.gamma, layer.beta,
+                                                                 layer.moving_mean, layer.moving_variance))
+    eps = layer.epsilon
+    scale = g / np.sqrt(mv + eps)
+    folded = k[0, 0] * scale  # (3, 5)
+    amax = np.abs(folded).max(axis=0)
+    wq = numpy_fake_quant(folded, -amax, amax, 8, narrow_range=True)
+    z = np.einsum("nhwc,co->nhwo", x.astype(np.float64), wq) / scale
+    mean, var = z.mean(axis=(0, 1, 2)), z.var(axis=(0, 1, 2))
+    expected = (z - mean) * g / np.sqrt(var + eps) + b
+    np.testing.assert_allclose(layer(x, training=True).numpy(), expected, atol=2e-5)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), 0.9 * mm + 0.1 * mean, atol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), 0.9 * mv + 0.1 * var, atol=1e-5)
+
+
+def test_both_foldings_infer_alike_and_train_on_batch_statistics():
+    two, x = _folded_layer("two_pass")
+    one, _ = _folded_layer("single_conv")
+    np.testing.assert_array_equal(two(x, training=False).numpy(), one(x, training=False).numpy())
+    # training mode: the single conv normalises by the statistics of its own (quantized-weight) output, so per
+    # channel the output has mean beta and std gamma (less the epsilon's share); the two-pass form by those of the float conv, so only up to
+    # the weights' quantization error
+    for layer, tol in ((one, 1e-5), (two, 1e-3)):
+        y = layer(x, training=True).numpy()
+        np.testing.assert_allclose(y.mean(axis=(0, 1, 2)), layer.beta.numpy(), atol=tol)
+        np.testing.assert_allclose(y.std(axis=(0, 1, 2)), np.abs(layer.gamma.numpy()), rtol=3e-3)
+
+
+def test_folding_option_round_trips_config_and_h5(tmp_path):
+    layer, _ = _folded_layer("single_conv")
+    assert FoldedConvBN.from_config(layer.get_config()).folding == "single_conv"
+    with pytest.raises(ValueError, match="folding='one'"):
+        FoldedConvBN(4, folding="one")
+    qat = training.set_bn_folding(quantize(net()), "single_conv")
+    x, y = data(16)
+    qat(x, training=True)
+    qat.save(tmp_path / "m.h5")
+    loaded = load_qat_model(tmp_path / "m.h5")
+    assert [layer.folding for layer in training.folded_layers(loaded)] == ["single_conv"] * 2
+    np.testing.assert_array_equal(loaded(x).numpy(), qat(x).numpy())
+
+
+def test_freeze_batch_norm_fixes_the_statistics_from_its_step():
+    x, y = data()
+    q = _sgd(quantize(net()))
+    freeze = training.FreezeBatchNorm(2)
+    folded = training.folded_layers(q)
+    assert len(folded) == 2 and all(layer.batch_statistics for layer in folded)
+
+    class Stats(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.seen.append(folded[0].moving_mean.numpy().copy())
+    stats, rec = Stats(), _Record(freeze)
+    q.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[freeze, rec, stats])
+    assert rec.states == [False, False, True, True]
+    assert not np.array_equal(stats.seen[0], stats.seen[1])  # batch statistics update the moving ones
+    np.testing.assert_array_equal(stats.seen[1], stats.seen[2])  # frozen from step 2 on
+    np.testing.assert_array_equal(stats.seen[2], stats.seen[3])
+    assert all(not layer.batch_statistics and not layer.get_config()["batch_statistics"] for layer in folded)
+    # one convolution with the moving statistics, in training as at inference
+    inner = folded[0]
+    z = q.layers[1](x)  # the input quantizer's output feeds the first folded layer
+    np.testing.assert_allclose(inner(z, training=True).numpy(), inner(z, training=False).numpy(), atol=1e-6)
