@@ -157,3 +157,57 @@ def test_freeze_batch_norm_fixes_the_statistics_from_its_step():
     inner = folded[0]
     z = q.layers[1](x)  # the input quantizer's output feeds the first folded layer
     np.testing.assert_allclose(inner(z, training=True).numpy(), inner(z, training=False).numpy(), atol=1e-6)
+
+
+def _weight_codes(layer, quantizer, bits):
+    """The layer's fake-quantized folded kernel in units of the ``bits``-bit step of its recorded range."""
+    w = layer.folded_kernel(training=False).numpy().reshape(-1, quantizer_channels(layer))
+    amax = [v for v in layer.weights if v.name.endswith("kernel_max:0")][0].numpy()
+    return w / (amax / (2 ** (bits - 1) - 1))
+
+
+def quantizer_channels(layer):
+    return int(layer.folded_kernel().shape[-1]) if not layer.depthwise else int(np.prod(layer.kernel.shape[2:]))
+
+
+@pytest.mark.parametrize("runtime", ["reference", "xnnpack"])
+def test_bit_schedule_trains_8_6_4_and_the_4_bit_file_lowers_at_0_lsb(bit_scheduled, runtime):
+    qat, path, x, codes_by_step = bit_scheduled
+    assert [bits for bits, _ in codes_by_step] == [8, 8, 6, 6, 4, 4]
+    for bits, codes in codes_by_step:  # the conv weights lie on each step's grid, and use it
+        np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)
+        top = 2 ** (bits - 1) - 1
+        assert np.abs(np.round(codes)).max() == top, bits
+    assert all(q.train_bits is None for q in training.quantizers_of(qat) if isinstance(q, WeightQuantizer))
+    m = TFLiteModel(path, runtime)
+    codes = m.quantize_input(x)
+    out = np.concatenate([m.invoke_raw(codes[i:i + 1]) for i in range(len(codes))])
+    np.testing.assert_array_equal(lowering.lower(qat).run(codes, runtime), out)
+
+
+@pytest.fixture(scope="module")
+def bit_scheduled(tmp_path_factory):
+    x, y = data()
+    qat = _sgd(quantize(net(), "w4a8"))
+    schedule = training.BitSchedule("8:0,6:2,4:4")
+    conv = training.folded_layers(qat)[0]
+    seen = []
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append((schedule.state, _weight_codes(conv, conv.weight_quantizer, schedule.state)))
+    qat.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[schedule, Probe()])
+    qat.fit(x[:32], y[:32], batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[schedule, Probe()])
+    path = str(tmp_path_factory.mktemp("bits") / "w4.tflite")
+    export.export_tflite(qat, path)
+    return qat, path, x[:24], seen
+
+
+def test_bit_schedule_must_end_at_the_exported_width():
+    x, y = data(16)
+    qat = _sgd(quantize(net(), "w4a8"))
+    with pytest.raises(ValueError, match="ends at 6 bits, but weights are exported on 4 bits"):
+        qat.fit(x, y, epochs=1, verbose=0, callbacks=[training.BitSchedule({0: 8, 1: 6})])
+    for bad, match in (("8:1", "must start at 0"), ("4:0,8:2", "never grow"), ("8-0", "is not BITS:START")):
+        with pytest.raises(ValueError, match=match):
+            training.BitSchedule(bad)
