@@ -321,3 +321,107 @@ class BitSchedule(_StepSchedule):
                           "entry; the model exports (and lowers) its quantizers' own num_bits.")
         self._set(0)  # every quantizer back to its own num_bits
         _retrace(self.model)
+
+
+# --- Distillation ---------------------------------------------------------------------------------------------
+
+def _with_logits(model):
+    """(a model giving (logits, outputs) of ``model``, whether ``outputs`` are probabilities). For a model that
+    ends in a softmax layer (a QAT model's wrapped one too) the logits are that layer's input; a model whose last
+    layer applies softmax itself gives log-probabilities (softmax(log p / T) is the same softened distribution)."""
+    from mobileqat._tf import tf
+    last = model.outputs[0]._keras_history.layer
+    inner = getattr(last, "layer", last)  # tfmot's QuantizeWrapper holds the layer
+    if isinstance(inner, keras.layers.Softmax) or (
+            type(inner) is keras.layers.Activation and getattr(inner.activation, "__name__", None) == "softmax"):
+        return keras.Model(model.inputs, [last.input, model.outputs[0]]), True
+    if getattr(getattr(inner, "activation", None), "__name__", None) == "softmax":
+        return keras.Model(model.inputs, [tf.math.log(tf.maximum(model.outputs[0], 1e-12)), model.outputs[0]]), True
+    return keras.Model(model.inputs, [model.outputs[0], model.outputs[0]]), False
+
+
+def distillation_loss(student_logits, teacher_logits, temperature):
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch; logits (N, classes)."""
+    from mobileqat._tf import tf
+    t = float(temperature)
+    p = tf.nn.softmax(teacher_logits / t, axis=-1)
+    log_q = tf.nn.log_softmax(student_logits / t, axis=-1)
+    log_p = tf.nn.log_softmax(teacher_logits / t, axis=-1)
+    return t * t * tf.reduce_mean(tf.reduce_sum(p * (log_p - log_q), axis=-1))
+
+
+class Distiller(keras.Model):
+    """Train ``student`` (the QAT model) against a frozen ``teacher`` (the float model) and the labels.
+
+    loss = alpha * hard_loss(y, student(x)) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+
+    hard_loss is the loss given to ``compile`` (for the student's own outputs, probabilities or logits, as usual);
+    the KL term uses each model's logits: the input of a final softmax layer, log-probabilities when the last
+    layer applies softmax itself, the outputs otherwise (a logits model). ``compile``/``fit``/``evaluate`` work as
+    for any Keras model; metrics and ``predict`` are the student's. The teacher runs in inference mode and is
+    never updated (only the student's variables train). Save and export ``distiller.student``.
+
+    Args:
+      student, teacher: functional Keras models with one output (N, classes), the same input.
+      temperature: T > 0 softening both distributions (Hinton et al. 2015; the T^2 keeps the gradient scale).
+      alpha: weight of the hard-label loss, 0 <= alpha <= 1.
+    """
+
+    def __init__(self, student, teacher, temperature=4.0, alpha=0.5, **kwargs):
+        super().__init__(**kwargs)
+        if not temperature > 0:
+            raise ValueError(f"Distiller: temperature={temperature!r} must be > 0 (e.g. 4).")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"Distiller: alpha={alpha!r} is the hard-label loss weight; use 0 <= alpha <= 1.")
+        for role, m in (("student", student), ("teacher", teacher)):
+            if len(getattr(m, "outputs", None) or ()) != 1:
+                raise ValueError(f"Distiller: the {role} '{m.name}' must be a functional model with one output "
+                                 "(N, classes).")
+        if tuple(student.output_shape) != tuple(teacher.output_shape):
+            raise ValueError(f"Distiller: student '{student.name}' outputs {student.output_shape}, teacher "
+                             f"'{teacher.name}' {teacher.output_shape}; they must predict the same classes.")
+        self.student, self.teacher = student, teacher
+        self.temperature, self.alpha = float(temperature), float(alpha)
+        self._student_pair, self.student_outputs_probabilities = _with_logits(student)
+        self._teacher_pair, _ = _with_logits(teacher)
+        self._trackers = {k: keras.metrics.Mean(name=k) for k in ("loss", "student_loss", "distillation_loss")}
+
+    def call(self, inputs, training=None):
+        return self.student(inputs, training=training)
+
+    def losses_on(self, x, y, training=False):
+        """{"loss", "student_loss", "distillation_loss"} on one batch (scalars), without updating anything when
+        ``training`` is False."""
+        from mobileqat._tf import tf
+        x, y = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
+        t_logits, _ = self._teacher_pair(x, training=False)
+        s_logits, s_out = self._student_pair(x, training=training)
+        hard = self.compiled_loss(y, s_out, regularization_losses=self.student.losses)
+        soft = distillation_loss(s_logits, t_logits, self.temperature)
+        return {"loss": self.alpha * hard + (1.0 - self.alpha) * soft, "student_loss": hard,
+                "distillation_loss": soft}, s_out
+
+    @property
+    def metrics(self):
+        compiled = self.compiled_metrics.metrics if getattr(self, "compiled_metrics", None) is not None else []
+        return [*self._trackers.values(), *compiled]
+
+    def train_step(self, data):
+        x, y = data[0], data[1]
+        from mobileqat._tf import tf
+        with tf.GradientTape() as tape:
+            losses, s_out = self.losses_on(x, y, training=True)
+        variables = self.student.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(losses["loss"], variables), variables))
+        for name, value in losses.items():
+            self._trackers[name].update_state(value)
+        self.compiled_metrics.update_state(y, s_out)
+        return {m.name: m.result() for m in self.metrics}
+
+    def test_step(self, data):
+        x, y = data[0], data[1]
+        out = self.student(x, training=False)
+        hard = self.compiled_loss(y, out, regularization_losses=self.student.losses)
+        self._trackers["loss"].update_state(hard)  # evaluation: the student's own loss
+        self.compiled_metrics.update_state(y, out)
+        return {m.name: m.result() for m in self.metrics if m.name not in ("student_loss", "distillation_loss")}
