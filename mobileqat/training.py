@@ -369,10 +369,7 @@ class Distiller(keras.Model):
 
     def __init__(self, student, teacher, temperature=4.0, alpha=0.5, **kwargs):
         super().__init__(**kwargs)
-        if not temperature > 0:
-            raise ValueError(f"Distiller: temperature={temperature!r} must be > 0 (e.g. 4).")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"Distiller: alpha={alpha!r} is the hard-label loss weight; use 0 <= alpha <= 1.")
+        self.check_arguments(temperature, alpha)
         for role, m in (("student", student), ("teacher", teacher)):
             if len(getattr(m, "outputs", None) or ()) != 1:
                 raise ValueError(f"Distiller: the {role} '{m.name}' must be a functional model with one output "
@@ -385,6 +382,13 @@ class Distiller(keras.Model):
         self._student_pair, self.student_outputs_probabilities = _with_logits(student)
         self._teacher_pair, _ = _with_logits(teacher)
         self._trackers = {k: keras.metrics.Mean(name=k) for k in ("loss", "student_loss", "distillation_loss")}
+
+    @staticmethod
+    def check_arguments(temperature, alpha):
+        if not temperature > 0:
+            raise ValueError(f"Distiller: temperature={temperature!r} must be > 0 (e.g. 4).")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"Distiller: alpha={alpha!r} is the hard-label loss weight; use 0 <= alpha <= 1.")
 
     def call(self, inputs, training=None):
         return self.student(inputs, training=training)

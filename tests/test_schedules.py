@@ -211,3 +211,45 @@ def test_bit_schedule_must_end_at_the_exported_width():
     for bad, match in (("8:1", "must start at 0"), ("4:0,8:2", "never grow"), ("8-0", "is not BITS:START")):
         with pytest.raises(ValueError, match=match):
             training.BitSchedule(bad)
+
+
+SCHEDULED_RUN = ["--train", 160, "--test", 48, "--epochs", 1, "--qat-epochs", 2, "--alpha", 0.25, "--batch-size", 32,
+                 "--bench-runs", 3, "--golden", 0, "--quiet", "--scheme", "w4a8", "--quant-delay", 2, "--freeze-bn", 7,
+                 "--bit-schedule", "8:0,4:1", "--distill", "3,0.5", "--bn-folding", "single_conv"]
+
+
+def test_mobileqat_run_flags_schedule_distil_and_record_the_recipe(tmp_path):
+    import json
+    from test_cli import mobileqat as cli
+    out = tmp_path / "run"
+    r = cli("demo", "--out", out, *SCHEDULED_RUN)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    recipe = report["training"]["qat_recipe"]
+    assert recipe == {"epochs": 2, "learning_rate": 2e-4, "warmup": 0.1, "quant_delay": 2, "freeze_bn": 7,
+                      "bit_schedule": {"0": 8, "1": 4}, "distill": {"temperature": 3.0, "alpha": 0.5},
+                      "bn_folding": "single_conv"}
+    assert report["config"]["distill"] == [3.0, 0.5] and report["config"]["bit_schedule"] == "8:0,4:1"
+    assert "distillation_loss" in report["training"]["qat"]
+    fid = report["variants"]["qat_int8"]["fidelity"]
+    assert fid["xnnpack_twin_output_max_lsb_diff"] == 0
+    qat = load_qat_model(out / "qat_model.h5")
+    assert all(not layer.batch_statistics and layer.folding == "single_conv" for layer in training.folded_layers(qat))
+
+
+def test_bad_schedule_flags_stop_the_run_before_training(tmp_path, capsys):
+    from mobileqat import cli
+    from mobileqat.data import synthetic_shapes
+    from mobileqat.pipeline import run_pipeline
+    parser = cli.build_parser()
+    for flags, message in ((["--distill", "4"], "expected T,ALPHA"), (["--distill", "4,2"], "ALPHA in [0, 1]")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["demo", "--out", "o", *flags])
+        assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="must start at 0"):
+        cli._config(parser.parse_args(["demo", "--out", "o", "--bit-schedule", "8:1"]))
+    cfg = cli._config(parser.parse_args(["demo", "--out", "o", "--scheme", "w4a8", "--bit-schedule", "8:0,6:1",
+                                         "--alpha", "0.25"]))
+    with pytest.raises(ValueError, match="ends at 6 bits, but the scheme exports 4-bit weights"):
+        run_pipeline(synthetic_shapes(n_train=20, n_test=10), tmp_path / "x", cfg)
+    assert not (tmp_path / "x").exists()
