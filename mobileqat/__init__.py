@@ -39,6 +39,8 @@ _API = {
     "calibration_subset": "mobileqat.data", "image_folder_stream": "mobileqat.data",
     "ImageFolderStream": "mobileqat.data", "load_model_file": "mobileqat.pipeline",
     "fit": "mobileqat.training", "ptq": "mobileqat.calibration", "calibrate": "mobileqat.calibration",
+    "Distiller": "mobileqat.training", "QuantizationDelay": "mobileqat.training",
+    "FreezeBatchNorm": "mobileqat.training", "BitSchedule": "mobileqat.training", "set_bn_folding": "mobileqat.training",
     "run_pipeline": "mobileqat.pipeline", "RunConfig": "mobileqat.pipeline", "load_qat_model": "mobileqat.quantize",
     "save_keras_model": "mobileqat.export",
     "audit": "mobileqat.quantize", "FileMismatchError": "mobileqat.provenance", "fingerprint": "mobileqat.provenance",

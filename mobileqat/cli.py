@@ -36,6 +36,17 @@ RATE = number(float, 1e-12, 10.0)       # learning rates
 FRACTION = number(float, 0.0, 1.0)
 
 
+def _distill_arg(text):
+    """'T,ALPHA' -> (T, ALPHA) for --distill."""
+    try:
+        temperature, alpha = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected T,ALPHA (e.g. 4,0.5), got {text!r}") from None
+    if not (math.isfinite(temperature) and temperature > 0 and 0.0 <= alpha <= 1.0):
+        raise argparse.ArgumentTypeError(f"expected a temperature > 0 and ALPHA in [0, 1], got {text!r}")
+    return (temperature, alpha)
+
+
 def _add_run_options(p, defaults):
     p.add_argument("--out", required=True, help="output folder (report.json, .tflite files, models)")
     from mobileqat.architectures import MODELS, takes_alpha
@@ -51,6 +62,21 @@ def _add_run_options(p, defaults):
                    help="float training peak learning rate (Adam, cosine decay to 0)")
     p.add_argument("--qat-learning-rate", type=RATE, default=defaults.qat_learning_rate,
                    help="QAT fine-tuning peak learning rate")
+    p.add_argument("--qat-warmup", type=number(float, 0.0, 0.99), default=defaults.qat_warmup,
+                   help="fraction of the QAT steps with a linear learning-rate warm-up (default %(default)s)")
+    p.add_argument("--quant-delay", type=number(int, 0), default=defaults.quant_delay, metavar="STEPS",
+                   help="QAT steps trained float (fake quantization off, ranges recorded) before quantizing")
+    p.add_argument("--freeze-bn", type=number(int, 0), default=defaults.freeze_bn, metavar="STEP",
+                   help="QAT step from which folded batch norms use their moving statistics (one convolution)")
+    p.add_argument("--bit-schedule", default=defaults.bit_schedule, metavar="BITS:EPOCH,...",
+                   help="weight bit width by QAT epoch, e.g. 8:0,6:1,4:2 (8-bit in epoch 0, 6-bit in 1, 4-bit from 2); "
+                        "it ends at the scheme's weight bits (e.g. --scheme w4a8)")
+    p.add_argument("--distill", type=_distill_arg, default=defaults.distill, metavar="T,ALPHA",
+                   help="distil the float model into the QAT model: temperature T > 0, hard-label weight ALPHA in "
+                        "[0, 1], e.g. 4,0.5")
+    p.add_argument("--bn-folding", choices=["two_pass", "single_conv"], default=defaults.bn_folding,
+                   help="folded conv+BN in QAT training: two_pass (exact batch statistics, two convolutions) or "
+                        "single_conv (one convolution, PyTorch's approximate form). Default %(default)s")
     p.add_argument("--scheme", default=defaults.scheme, metavar="w8a8|w4a8|RULES.json",
                    help="QAT scheme: a preset (w8a8: int8 weights and activations; w4a8: 4-bit per-channel weights "
                         "in int8 tensors, int8 activations) or a JSON file of mixed-precision rules, e.g. "
@@ -82,10 +108,15 @@ def _config(args, **extra):
     fields = dict(model=given("model"), alpha=given("alpha"), epochs=given("epochs"), qat_epochs=args.qat_epochs,
                   batch_size=args.batch_size, learning_rate=given("learning_rate"),
                   qat_learning_rate=args.qat_learning_rate, io_type=args.io_type, threads=args.threads,
-                  bench_runs=args.bench_runs, seed=args.seed, verbose=0 if args.quiet else 1, scheme=args.scheme)
+                  bench_runs=args.bench_runs, seed=args.seed, verbose=0 if args.quiet else 1, scheme=args.scheme,
+                  qat_warmup=args.qat_warmup, quant_delay=args.quant_delay, freeze_bn=args.freeze_bn,
+                  bit_schedule=args.bit_schedule, distill=args.distill, bn_folding=args.bn_folding)
     from mobileqat.schemes import as_scheme_or_rules
     as_scheme_or_rules(args.scheme)  # an unknown preset or a bad rules file stops here, before any work
-    return RunConfig(**{**fields, **extra})
+    cfg = RunConfig(**{**fields, **extra})
+    from mobileqat.pipeline import qat_schedule
+    qat_schedule(cfg)  # so does a bad --bit-schedule
+    return cfg
 
 
 def _add_pixel_options(p):

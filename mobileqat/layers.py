@@ -11,6 +11,13 @@ sec. 3.2): y = conv(x, Q(w * g / s)) * s / s_B + (beta - mean_B * g / s_B), whil
 quantized weights stay folded with the moving statistics, so training and inference
 quantize the same tensor.
 
+``folding="single_conv"`` trains with one convolution instead of two (PyTorch's fused QAT ConvBn,
+``torch/ao/nn/intrinsic/qat/modules/conv_fused.py``, ``_forward_approximate``): z = conv(x, Q(w * g / s)) / (g / s)
+is normalised by its own batch statistics, y = (z - mean_B(z)) * g / s_B(z) + beta. The weights quantized are the
+same folded tensor; the statistics are those of the quantized-weight convolution (an approximation of the float
+ones). ``folding="two_pass"`` (the default) is the form above, exact batch statistics at the cost of a second
+convolution.
+
 With ``batch_statistics=False`` training uses the moving statistics too (they stay fixed): a frozen
 BatchNormalization (``trainable=False``, as in transfer learning), or a fixed per-channel scale and
 offset that a rewrite expressed as a 1x1 depthwise FoldedConvBN (Rescaling, Normalization).
@@ -23,6 +30,9 @@ from mobileqat.quantizers import ActivationQuantizer, FixedRangeQuantizer, Symme
 
 _serializable = keras.utils.register_keras_serializable(package="mobileqat")
 _QuantizeConfig = tfmot.quantization.keras.QuantizeConfig
+
+
+FOLDINGS = ("two_pass", "single_conv")
 
 
 @_serializable
@@ -41,8 +51,11 @@ class FoldedConvBN(keras.layers.Layer):
     def __init__(self, filters=None, kernel_size=3, strides=1, padding="same", depthwise=False,
                  depth_multiplier=1, activation=None, momentum=0.9, epsilon=1e-3,
                  weight_quantizer=None, kernel_initializer="he_normal", kernel_regularizer=None,
-                 batch_statistics=True, groups=1, **kwargs):
+                 batch_statistics=True, groups=1, folding="two_pass", **kwargs):
         super().__init__(**kwargs)
+        if folding not in FOLDINGS:
+            raise ValueError(f"FoldedConvBN '{self.name}': folding={folding!r}; use one of {FOLDINGS}.")
+        self.folding = folding
         if not depthwise and not filters:
             raise ValueError(f"FoldedConvBN '{self.name}': give filters (a positive integer) or depthwise=True.")
         self.groups = int(groups or 1)
@@ -127,7 +140,8 @@ class FoldedConvBN(keras.layers.Layer):
     def call(self, inputs, training=None):
         if training is None:
             training = keras.backend.learning_phase()
-        train = self._train_step if self.batch_statistics else self._fixed_statistics_step
+        train = (self._fixed_statistics_step if not self.batch_statistics else
+                 self._single_conv_step if self.folding == "single_conv" else self._train_step)
         return tf.__internal__.smart_cond.smart_cond(training, lambda: train(inputs), lambda: self._infer(inputs))
 
     def _infer(self, inputs, training=False):
@@ -147,6 +161,19 @@ class FoldedConvBN(keras.layers.Layer):
         inv_batch = tf.math.rsqrt(var + self.epsilon)
         y = self._conv(inputs, self.folded_kernel(training=True))
         y = y * (inv_batch / inv_moving) + (self.beta - mean * self.gamma * inv_batch)
+        return self.activation(y)
+
+    def _single_conv_step(self, inputs):
+        # One convolution with the quantized folded kernel, unscaled back to conv(x, w) units, then batch norm
+        # with the batch statistics of that output (PyTorch's _forward_approximate).
+        scale = self.gamma * tf.math.rsqrt(self.moving_variance + self.epsilon)
+        safe = tf.where(tf.equal(scale, 0.0), tf.ones_like(scale), scale)  # gamma = 0: that channel is beta
+        z = self._conv(inputs, self.folded_kernel(training=True)) / safe
+        mean, var = tf.nn.moments(z, axes=[0, 1, 2])
+        m = self.momentum
+        self.moving_mean.assign(m * self.moving_mean + (1.0 - m) * tf.stop_gradient(mean))
+        self.moving_variance.assign(m * self.moving_variance + (1.0 - m) * tf.stop_gradient(var))
+        y = (z - mean) * (self.gamma * tf.math.rsqrt(var + self.epsilon)) + self.beta
         return self.activation(y)
 
     def compute_output_shape(self, input_shape):
@@ -175,7 +202,7 @@ class FoldedConvBN(keras.layers.Layer):
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
             kernel_regularizer=keras.regularizers.serialize(self.kernel_regularizer)
             if self.kernel_regularizer is not None else None,
-            batch_statistics=self.batch_statistics, groups=self.groups,
+            batch_statistics=self.batch_statistics, groups=self.groups, folding=self.folding,
         )
         return config
 

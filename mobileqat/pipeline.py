@@ -30,10 +30,19 @@ class RunConfig:
     model: str = "mobilenet_v2"
     alpha: float = 0.35
     epochs: int = 10
-    qat_epochs: int = 3
+    # QAT fine-tuning, the recommended recipe (issue 13): about 10-20 % of the float epochs, a learning rate
+    # about 10x below the float one, a linear warm-up over the first ``qat_warmup`` of the steps
+    qat_epochs: int = 2
     batch_size: int = 64
     learning_rate: float = 2e-3
     qat_learning_rate: float = 2e-4
+    qat_warmup: float = 0.1
+    # QAT schedules (mobileqat.training callbacks); None / 0: off
+    quant_delay: int = 0  # optimizer steps trained float (fake quantization bypassed) before quantizing
+    freeze_bn: Optional[int] = None  # optimizer step from which folded batch norms use their moving statistics
+    bit_schedule: Optional[str] = None  # weight bit width by QAT epoch, "BITS:EPOCH,...", e.g. "8:0,6:1,4:2"
+    distill: Optional[tuple] = None  # (temperature, alpha): the float model teaches the QAT model (Distiller)
+    bn_folding: str = "two_pass"  # FoldedConvBN training form: "two_pass" or "single_conv"
     io_type: str = "int8"
     threads: int = 1
     calibration_images: int = 256
@@ -87,9 +96,16 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig(), float_model=None, qat_model=
         raise ValueError("augment and cache apply to image folders read with mobileqat.data.image_folder_stream; "
                          "pass one, or leave them unset for in-memory data.")
     scheme, scheme_data = _scheme(cfg.scheme)
+    qat_schedule(cfg)  # a bad schedule stops the run now, before any training
     # rules that cannot apply stop the run now, before any training (an untrained copy has the same layers)
     layer_schemes = scheme_plan(float_model if user else architectures.build(
         cfg.model, dataset.input_shape, dataset.classes, alpha=alpha), scheme)
+    if cfg.bit_schedule:  # the schedule must end on the exported weight grids (training.BitSchedule)
+        low = min((int(e["scheme"].get("weight_bits", 8)) for e in layer_schemes.values()), default=8)
+        last = list(training.BitSchedule(cfg.bit_schedule).schedule.values())[-1]
+        if last > low:
+            raise ValueError(f"bit schedule {cfg.bit_schedule!r} ends at {last} bits, but the scheme exports "
+                             f"{low}-bit weights; end it at {low} (e.g. 8:0,6:1,{low}:2) or use a {last}-bit scheme.")
     folder = RunFolder(out_dir)
     out_dir = folder.path
     folder.start()
@@ -136,16 +152,20 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig(), float_model=None, qat_model=
           (paths["float"], paths["ptq_int8"]), export_float, cfg, "export: float and PTQ int8")
 
     default_scheme = scheme == schemes.PRESETS["w8a8"]
+    schedule = qat_schedule(cfg)
     qat_key = stage_key(float=float_key, qat_epochs=cfg.qat_epochs, qat_learning_rate=cfg.qat_learning_rate,
+                        qat_warmup=cfg.qat_warmup, **schedule,
                         **({"batch_size": cfg.batch_size, "seed": cfg.seed} if user else {}),
                         **({"augment": augment} if augment else {}),
                         **({} if default_scheme else {"scheme": scheme.to_dict()}))
     qat_model, qat_fit = _trained(
         folder, "qat", qat_key, os.path.join(out_dir, "qat_model.h5"), load=load_qat_model,
         build=lambda: prebuilt_qat if prebuilt_qat is not None and default_scheme else quantize(float_model, scheme),
-        train=lambda m, ckpt: training.fit(m, *training_data(cfg.seed + 1), cfg.qat_epochs, cfg.batch_size,
-                                           cfg.qat_learning_rate, from_logits=from_logits, checkpoint_dir=ckpt,
-                                           seed=cfg.seed + 1, verbose=cfg.verbose),
+        train=lambda m, ckpt: training.fit(*_qat_trainee(m, float_model, cfg), *training_data(cfg.seed + 1),
+                                           cfg.qat_epochs, cfg.batch_size, cfg.qat_learning_rate,
+                                           from_logits=from_logits, checkpoint_dir=ckpt, seed=cfg.seed + 1,
+                                           verbose=cfg.verbose, warmup=cfg.qat_warmup,
+                                           callbacks=_qat_callbacks(cfg)),
         cfg=cfg, what=f"QAT fine-tune: {cfg.qat_epochs} epochs")
     _once(folder, "export_qat", stage_key(qat=qat_key, io_type=cfg.io_type), (paths["qat_int8"],),
           lambda: export.export_tflite(qat_model, paths["qat_int8"], "qat_int8", io_type=cfg.io_type), cfg,
@@ -219,13 +239,57 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig(), float_model=None, qat_model=
         "accuracy_drop_points": {kind: _drop_points(variants["float"]["accuracy"], variants[kind]["accuracy"])
                                  for kind in ("ptq_int8", "qat_int8")},
         "config": dict(dataclasses.asdict(cfg), scheme=scheme_data),
-        "training": {"float": float_fit["history"], "qat": qat_fit["history"]},
+        "training": {"float": float_fit["history"], "qat": qat_fit["history"],
+                     "qat_recipe": {"epochs": cfg.qat_epochs, "learning_rate": cfg.qat_learning_rate,
+                                    "warmup": cfg.qat_warmup, **schedule}},
         "errors": errors,
     }
     report_mod.write_report(report, out_dir)
     if cache:
         shutil.rmtree(os.path.dirname(cache), ignore_errors=True)  # every stage that reads it has finished
     return report
+
+
+def qat_schedule(cfg):
+    """The QAT schedule settings that differ from "off", checked, for the stage key and report.json."""
+    out = {}
+    if cfg.quant_delay:
+        out["quant_delay"] = int(cfg.quant_delay)
+    if cfg.freeze_bn is not None:
+        out["freeze_bn"] = int(cfg.freeze_bn)
+    if cfg.bit_schedule:
+        out["bit_schedule"] = {str(k): v for k, v in training.BitSchedule(cfg.bit_schedule).schedule.items()}
+    if cfg.distill:
+        temperature, alpha = (float(v) for v in cfg.distill)
+        training.Distiller.check_arguments(temperature, alpha)
+        out["distill"] = {"temperature": temperature, "alpha": alpha}
+    if cfg.bn_folding != "two_pass":
+        from mobileqat.layers import FOLDINGS
+        if cfg.bn_folding not in FOLDINGS:
+            raise ValueError(f"bn_folding={cfg.bn_folding!r}: use one of {FOLDINGS}.")
+        out["bn_folding"] = cfg.bn_folding
+    return out
+
+
+def _qat_callbacks(cfg):
+    callbacks = []
+    if cfg.quant_delay:
+        callbacks.append(training.QuantizationDelay(cfg.quant_delay))
+    if cfg.freeze_bn is not None:
+        callbacks.append(training.FreezeBatchNorm(cfg.freeze_bn))
+    if cfg.bit_schedule:
+        callbacks.append(training.BitSchedule(cfg.bit_schedule, unit="epoch"))
+    return callbacks
+
+
+def _qat_trainee(qat, float_model, cfg):
+    """(the model that training.fit trains,): the QAT model, set to ``cfg.bn_folding``, or with ``cfg.distill``
+    a ``Distiller`` of it with the float model as teacher (the QAT model is what trains either way)."""
+    training.set_bn_folding(qat, cfg.bn_folding)
+    if cfg.distill:
+        temperature, alpha = cfg.distill
+        return (training.Distiller(qat, float_model, temperature=temperature, alpha=alpha),)
+    return (qat,)
 
 
 def _scheme(given):

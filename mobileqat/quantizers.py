@@ -61,7 +61,19 @@ def fake_quant(x, min_value, max_value, num_bits=8, narrow_range=False, per_chan
     return op(x, min_value, max_value, num_bits=num_bits, narrow_range=narrow_range)
 
 
+def _bypassed(inputs, *ranges):
+    """``inputs`` unquantized, after the range updates that ``ranges`` depend on (fake quantization off)."""
+    with tf.control_dependencies(ranges):
+        return tf.identity(inputs)
+
+
 class _Base(_Quantizer):
+    # Training-time switches, set by the schedule callbacks of mobileqat.training while model.fit runs and read
+    # when the train function is traced (never saved): ``bypass`` returns the input unquantized (ranges are still
+    # recorded), ``train_bits`` (WeightQuantizer) quantizes weights on another bit width's grid than ``num_bits``.
+    bypass = False
+    train_bits = None
+
     def get_config(self):
         raise NotImplementedError
 
@@ -129,16 +141,19 @@ class WeightQuantizer(_Base):
             amax = tf.identity(max_var)  # weights beyond it are clipped (by the FakeQuant, or below)
         else:
             amax = _smart_cond(training, record_range, lambda: tf.identity(max_var))
-        if self.num_bits < 8 and not self.packed_int4:  # the n-bit grid inside the int8 grid (module docstring)
+        if self.bypass:
+            return _bypassed(inputs, amax)
+        bits = self.train_bits or self.num_bits
+        if bits < 8 and not (self.packed_int4 and bits == 4):  # the n-bit grid inside the int8 grid (module docstring)
             inputs = tf.clip_by_value(inputs, -amax, amax)
-            top = weight_fake_quant_range(amax, self.num_bits)
+            top = weight_fake_quant_range(amax, bits)
             return fake_quant(inputs, -top, top, 8, True, self.per_channel)
         if self.narrow_range:
             amin = -amax
         else:  # two's complement: the grid reaches one more step below zero
-            levels = 2 ** self.num_bits
+            levels = 2 ** bits
             amin = -amax * (levels / (levels - 2))
-        return fake_quant(inputs, amin, amax, self.num_bits, self.narrow_range, self.per_channel)
+        return fake_quant(inputs, amin, amax, bits, self.narrow_range, self.per_channel)
 
     def get_config(self):
         config = {"num_bits": self.num_bits, "per_channel": self.per_channel, "narrow_range": self.narrow_range}
@@ -194,6 +209,8 @@ class ActivationQuantizer(_Base):
 
         amin, amax = _smart_cond(training, update_range, lambda: (tf.identity(min_var), tf.identity(max_var)))
         amax = tf.maximum(amax, amin + MIN_RANGE)  # a degenerate scale cannot be prepared by TFLite
+        if self.bypass:
+            return _bypassed(inputs, amin, amax)
         return fake_quant(inputs, amin, amax, self.num_bits)
 
     def get_config(self):
@@ -214,6 +231,8 @@ class FixedRangeQuantizer(_Base):
         return {}
 
     def __call__(self, inputs, training, weights, **kwargs):
+        if self.bypass:
+            return tf.identity(inputs)
         return tf.quantization.fake_quant_with_min_max_args(
             inputs, min=self.min_value, max=self.max_value, num_bits=self.num_bits)
 
@@ -258,6 +277,8 @@ class SymmetricActivationQuantizer(_Base):
 
         amin, amax = _smart_cond(training, update_range, lambda: (tf.identity(min_var), tf.identity(max_var)))
         m = tf.maximum(tf.maximum(-amin, amax), MIN_RANGE)
+        if self.bypass:
+            return _bypassed(inputs, m)
         return fake_quant(inputs, -m, m, 16, narrow_range=True)
 
     def get_config(self):
@@ -376,6 +397,8 @@ class LSQWeightQuantizer(_Base):
                            lambda: [step_var.assign(self.initial_step(inputs))])
         with tf.control_dependencies([ready]):
             s = tf.maximum(step_var.read_value(), MIN_WEIGHT_STEP)
+        if self.bypass:
+            return _bypassed(inputs, s)
         return self._quantize(inputs, s)
 
     def _quantize(self, w, s):
@@ -466,6 +489,8 @@ class LSQActivationQuantizer(_Base):
         with tf.control_dependencies([ready]):
             s = tf.maximum(step_var.read_value(), self._min_step())
             beta = offset_var.read_value()
+        if self.bypass:
+            return _bypassed(inputs, s, beta)
         return self._quantize(inputs, s, beta)
 
     def _quantize(self, x, s, beta):
@@ -529,6 +554,8 @@ class PACTQuantizer(_Base):
                            lambda: [alpha_var.assign(tf.maximum(tf.reduce_max(inputs), MIN_RANGE))])
         with tf.control_dependencies([ready]):
             alpha = tf.maximum(alpha_var.read_value(), MIN_RANGE)
+        if self.bypass:
+            return _bypassed(inputs, alpha)
         bits = self.num_bits
 
         @tf.custom_gradient
