@@ -14,7 +14,8 @@ from typing import NamedTuple
 
 from mobileqat import transforms
 from mobileqat._tf import keras, tf, tfmot
-from mobileqat.layers import FoldedConvBN, HardSigmoid, HardSigmoidQuantizeConfig, HardSwish, QuantizeConfig
+from mobileqat.layers import (FoldedConvBN, HardSigmoid, HardSigmoidQuantizeConfig, HardSwish, LayerNormCore,
+                              LayerNormQuantizeConfig, QuantizeConfig)
 from mobileqat.quantizers import FixedRangeQuantizer
 from mobileqat import schemes as _schemes
 
@@ -71,6 +72,8 @@ def quantize_config_for(layer, scheme):
         return QuantizeConfig(output_quantizer=aq()) if name in _OWN_RANGE else None
     if isinstance(layer, HardSigmoid):  # output in [0, 1]; relu6(x + 3) on [0, 6] inside
         return HardSigmoidQuantizeConfig(output_quantizer=FixedRangeQuantizer(0.0, 1.0))
+    if isinstance(layer, LayerNormCore):  # every intermediate tensor on its own range, inside the layer
+        return LayerNormQuantizeConfig(output_quantizer=aq())
     if isinstance(layer, _REQUANTIZE):
         return QuantizeConfig(output_quantizer=aq())
     if isinstance(layer, _PASS_THROUGH):
@@ -80,7 +83,7 @@ def quantize_config_for(layer, scheme):
 
 def _has_integer_mapping(layer):
     """The layer types quantize_config_for maps, those quantized folded, and model inputs."""
-    return (type(layer) in _WEIGHTED or isinstance(layer, (L.InputLayer, FoldedConvBN, HardSigmoid) + _FOLDED_ONLY
+    return (type(layer) in _WEIGHTED or isinstance(layer, (L.InputLayer, FoldedConvBN, HardSigmoid, LayerNormCore) + _FOLDED_ONLY
                                                    + _ACTIVATION_LAYERS + _REQUANTIZE + _PASS_THROUGH))
 
 
@@ -557,6 +560,7 @@ def quantize_scope():
     """tfmot's quantize_scope with mobileqat's objects (they are also registered with Keras)."""
     from mobileqat import layers, quantizers
     objs = {c.__name__: c for c in (layers.FoldedConvBN, layers.QuantizeConfig, layers.HardSwish, layers.HardSigmoid,
-                                    layers.HardSigmoidQuantizeConfig, quantizers.WeightQuantizer,
+                                    layers.HardSigmoidQuantizeConfig, layers.LayerNormCore,
+                                    layers.LayerNormQuantizeConfig, quantizers.WeightQuantizer,
                                     quantizers.ActivationQuantizer, quantizers.FixedRangeQuantizer)}
     return _qk.quantize_scope(objs)
