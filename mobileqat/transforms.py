@@ -7,7 +7,7 @@ chain by one ``FoldedConvBN`` carrying the same weights and statistics, when eve
 import numpy as np
 
 from mobileqat._tf import keras, tf
-from mobileqat.layers import FoldedConvBN, HardSigmoid, HardSwish
+from mobileqat.layers import FoldedConvBN, HardSigmoid, HardSwish, LayerNormCore
 
 FOLDABLE_CONVS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)  # exact types: not Conv2DTranspose
 
@@ -525,6 +525,47 @@ def _affine(name, scale, offset, trainable):
                         np.zeros(channels, np.float32), np.ones(channels, np.float32)])
         return out
     return call
+
+
+def layer_norm_axis_ok(layer):
+    """True for a LayerNormalization ``layer_norm_to_core`` rewrites: over the last axis only, of a rank 2-4
+    input with a known channel count."""
+    shape = layer.input_shape
+    if not isinstance(layer, L.LayerNormalization) or not isinstance(shape, tuple) or not 2 <= len(shape) <= 4:
+        return False
+    axes = [a % len(shape) for a in (layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis])]
+    return axes == [len(shape) - 1] and shape[-1] is not None and None not in shape[1:]
+
+
+def layer_norm_to_core(model, skip=()):
+    """LayerNormalization over the last axis (ConvNeXt's stem, blocks, downsampling and head) becomes a
+    ``LayerNormCore`` (``<name>``: (x - mean) * rsqrt(var + eps), six int8 ops) and its gamma and beta a
+    1x1 DepthwiseConv2D with a fixed BatchNormalization (``<name>_affine``, ``<name>_affine_bn``), which
+    ``fold_batchnorm`` makes one int8 DEPTHWISE_CONV_2D (gamma trains; beta stays fixed). A (N, C) or
+    (N, T, C) input is reshaped to (N, 1, T, C) around them. Layers named in ``skip`` (``quantize``'s
+    keep_float) stay as they are."""
+    skip = {skip} if isinstance(skip, str) else set(skip)
+
+    def replace(layer):
+        if layer.name in skip or not layer_norm_axis_ok(layer):
+            return None
+        shape = tuple(layer.input_shape[1:])
+        channels = int(shape[-1])
+        gamma = layer.gamma.numpy() if layer.scale else np.ones(channels, np.float32)
+        beta = layer.beta.numpy() if layer.center else np.zeros(channels, np.float32)
+        core = LayerNormCore(epsilon=layer.epsilon, name=layer.name)
+        affine = _affine(f"{layer.name}_affine", gamma, beta, trainable=layer.trainable)
+
+        def call(args, kwargs):
+            x = args[0]
+            if len(shape) != 3:
+                x = L.Reshape((1, int(np.prod(shape[:-1], dtype=np.int64)), channels), name=f"{layer.name}_to_4d")(x)
+            y = affine((core(x),), {})
+            if len(shape) != 3:
+                y = L.Reshape(shape, name=f"{layer.name}_from_4d")(y)
+            return y
+        return call
+    return _rewrite(model, replace)
 
 
 def preprocessing_to_conv(model):

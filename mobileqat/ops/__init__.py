@@ -15,7 +15,7 @@ the signature
 """
 import importlib
 
-FAMILIES = ("pooling", "elementwise", "activations", "resize")
+FAMILIES = ("pooling", "elementwise", "activations", "resize", "normalization")
 
 KERNELS = {}
 for _family in FAMILIES:
