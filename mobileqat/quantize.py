@@ -198,7 +198,7 @@ def no_integer_mapping(layer, graph):
         cls = type(layer).__name__
         what = {"TFOpLambda": f"a TensorFlow op (tf.{getattr(layer, 'symbol', None)}) called on a Keras tensor",
                 "Lambda": "a Lambda layer (Python code)",
-                "LayerNormalization": f"LayerNormalization over axis {getattr(layer, 'axis', None)} of a "
+                "LayerNormalization": f"LayerNormalization over axis {list(getattr(layer, 'axis', None) or [])} of a "
                                       "rank-{} input (mobileqat writes LayerNormalization over the last axis of a "
                                       "rank 2-4 input with known sizes as int8 ops)".format(
                                           len(layer.input_shape) if isinstance(layer.input_shape, tuple) else "?")

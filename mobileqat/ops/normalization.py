@@ -104,7 +104,7 @@ def inv_sqrt_multiplier(value):
 
 @functools.lru_cache(maxsize=4096)
 def rsqrt_table(input_scale, input_zero_point, output_scale, output_zero_point):
-    """The int8 RSQRT output of each input code -128..127 (int16 -1 marks codes below the zero point,
+    """The int8 RSQRT output of each input code -128..127 (int16; -999 marks codes below the zero point,
     which the kernel refuses), as RsqrtEvalQuantizedInt8 computes it."""
     prod = F32(np.sqrt(F32(input_scale), dtype=F32) * F32(output_scale))  # std::sqrt(float), float product
     mult, shift = quantize_multiplier(1.0 / float(prod))
@@ -112,7 +112,7 @@ def rsqrt_table(input_scale, input_zero_point, output_scale, output_zero_point):
     for i, q in enumerate(range(-128, 128)):
         v = q - int(input_zero_point)
         if v < 0:
-            table[i] = -1
+            table[i] = -999
             continue
         if v == 0:
             table[i] = 127
