@@ -364,6 +364,7 @@ REWRITES = (
     transforms.flatten_nested,         # backbone nested in a head -> one flat graph
     transforms.hard_activations,       # MobileNetV3's TFOpLambda hard-swish/-sigmoid -> HardSwish/HardSigmoid
     transforms.tf_ops_to_layers,       # x + y, x * y, tf.nn.relu on Keras tensors -> Add, Multiply, ReLU
+    transforms.drop_linear_activations,  # Activation('linear') -> nothing (its users take its input)
     transforms.split_activations,      # Conv/Dense(activation=softmax|sigmoid|swish) -> layer + Activation
     transforms.split_merges,           # Add/Multiply/Maximum/Minimum of n > 2 inputs -> a chain of pairs
     transforms.grouped_to_depthwise,   # Conv2D(groups == channels) -> DepthwiseConv2D
@@ -372,7 +373,8 @@ REWRITES = (
     transforms.fuse_relu,              # Conv2D/Dense -> ReLU(6) layer: the activation fused, as in the file
     transforms.split_separable,        # SeparableConv2D -> DepthwiseConv2D + 1x1 Conv2D
     transforms.preprocessing_to_conv,  # Rescaling, Normalization -> fixed 1x1 depthwise scale and offset
-    transforms.layer_norm_to_core,     # LayerNormalization(axis=-1) -> LayerNormCore + 1x1 depthwise gamma, beta
+    transforms.layer_norm_to_core,     # LayerNormalization(axis=-1) -> LayerNormCore; gamma, beta into the next
+                                       # Dense/Conv2D, else a 1x1 depthwise
     transforms.standalone_batchnorm,   # BN after Add/Concat/pool, depthwise without BN -> foldable pairs
 )
 

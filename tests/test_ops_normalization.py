@@ -20,7 +20,7 @@ from test_ops_activations import _flatbuffer, compare_ops, fit_and_export
 
 L = keras.layers
 RUNTIMES = ("reference", "xnnpack")
-LN_KINDS = ("mean_last", "sub", "mul", "rsqrt", "depthwise_conv2d", "conv2d")
+LN_KINDS = ("mean_last", "sub", "mul", "rsqrt", "depthwise_conv2d", "conv2d", "add")
 
 
 def _random_affine(layer, seed):
@@ -36,7 +36,8 @@ def ln_net():
     ln = L.LayerNormalization(epsilon=1e-6, name="ln")
     n = ln(c)
     _random_affine(ln, 0)
-    return keras.Model(inp, L.Conv2D(3, 1, name="head")(n), name="ln_net")
+    out = L.Add(name="add")([L.Conv2D(3, 1, name="head_a")(n), L.Conv2D(3, 1, name="head_b")(n)])
+    return keras.Model(inp, out, name="ln_net")  # two users: gamma, beta in a 1x1 depthwise
 
 
 @pytest.fixture(scope="module")
@@ -102,14 +103,14 @@ def _op_names(path):
 
 def test_the_file_is_int8_with_six_ops_per_layer_norm(exported):
     qat, path, _, _ = exported
-    assert _op_names(path) == ["CONV_2D", "MEAN", "SUB", "MUL", "MEAN", "RSQRT", "MUL", "DEPTHWISE_CONV_2D",
-                               "CONV_2D"]
+    assert _op_names(path)[:8] == ["CONV_2D", "MEAN", "SUB", "MUL", "MEAN", "RSQRT", "MUL", "DEPTHWISE_CONV_2D"]
+    assert sorted(_op_names(path)[8:]) == ["ADD", "CONV_2D", "CONV_2D"]
     types = export.tensor_types(path)
     assert (types["input"], types["output"], types["float_ops"]) == ("int8", "int8", [])
     assert xnnpack_coverage(path)["left"] == {"RSQRT": 1}  # int8 RSQRT: the builtin kernel on both runtimes
     twin = lowering.lower(qat)
-    assert [op.kind for op in twin.ops] == ["conv2d", "mean_last", "sub", "mul", "mean_last", "rsqrt", "mul",
-                                            "depthwise_conv2d", "conv2d"]
+    assert [op.kind for op in twin.ops][:8] == ["conv2d", "mean_last", "sub", "mul", "mean_last", "rsqrt", "mul",
+                                                "depthwise_conv2d"]
     assert provenance.first_difference(twin, path) is None
 
 
@@ -210,3 +211,37 @@ def test_mean_over_channels_random_codes_at_other_scales(exported, runtime):
         codes[8:16] = rng.integers(100, 128, (8, 8, 8, 16))
         got = norm.KERNELS["mean_last"][runtime]([codes], [ins], out)
         np.testing.assert_array_equal(got, m.invoke_raw(codes), err_msg=f"{runtime} MEAN in {ins} out {out}")
+
+
+@pytest.mark.parametrize("after", ["dense", "conv1x1", "conv_valid", "conv_same", "two_users"])
+def test_gamma_and_beta_fold_into_the_layer_after_where_exact(after):
+    """Into a Dense or a Conv2D with a 1x1 kernel or 'valid' padding that is the only user; otherwise (zero
+    padding would see beta; a second user) a 1x1 depthwise. Same float function either way."""
+    inp = keras.Input((6, 6, 5))
+    ln = L.LayerNormalization(name="ln")
+    n = ln(inp)
+    if after == "dense":
+        out = L.Dense(4, name="next")(n)
+    elif after == "two_users":
+        out = L.Add(name="add")([L.Conv2D(5, 1, name="next")(n), n])
+    else:
+        out = L.Conv2D(4, {"conv1x1": 1}.get(after, 2), strides={"conv1x1": 1}.get(after, 2),
+                       padding="same" if after == "conv_same" else "valid", name="next")(n)
+    model = keras.Model(inp, out)
+    _random_affine(ln, 4)
+    new = rewrite(model)
+    kinds = [type(layer).__name__ for layer in new.layers]
+    folded = after in ("dense", "conv1x1", "conv_valid")
+    assert ("DepthwiseConv2D" in kinds) is not folded and "LayerNormCore" in kinds
+    x = np.random.default_rng(6).normal(0.5, 2.0, (8, 6, 6, 5)).astype(np.float32)
+    np.testing.assert_allclose(new.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-4, atol=1e-4)
+
+
+def test_linear_activations_are_dropped():
+    inp = keras.Input((4, 4, 3))
+    a = L.Activation("linear", name="identity")(L.Conv2D(3, 1, name="c")(inp))
+    model = keras.Model(inp, L.Add(name="add")([a, inp]))
+    new = rewrite(model)
+    assert "identity" not in [layer.name for layer in new.layers]
+    x = np.random.default_rng(8).normal(0, 1, (2, 4, 4, 3)).astype(np.float32)
+    np.testing.assert_array_equal(new.predict(x, verbose=0), model.predict(x, verbose=0))
