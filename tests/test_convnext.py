@@ -98,6 +98,7 @@ def test_keep_float_still_keeps_named_layer_normalizations():
     assert "keeping 9 layer(s)" in message
     inner = [type(getattr(layer, "layer", layer)).__name__ for layer in qat.layers]
     assert inner.count("LayerNormalization") == 9 and "LayerNormCore" not in inner
+    qat(np.random.default_rng(2).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32), training=True)  # ranges
     with pytest.raises(ValueError, match="LayerNormalization"):
         lowering.lower(qat)
 
