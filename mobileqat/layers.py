@@ -308,8 +308,8 @@ class LayerNormCore(keras.layers.Layer):
         r    = rsqrt(var + epsilon)   RSQRT       (N, ..., 1)
         y    = d * r                  MUL         (N, ..., C)
 
-    ``transforms.layer_norm_to_core`` writes a LayerNormalization as this layer followed by a 1x1
-    DepthwiseConv2D (gamma, beta), which folds into one int8 DEPTHWISE_CONV_2D. In a QAT model
+    ``transforms.layer_norm_to_core`` writes a LayerNormalization as this layer, its gamma and beta folded
+    into the Dense/Conv2D after it (or a 1x1 DepthwiseConv2D, one int8 DEPTHWISE_CONV_2D). In a QAT model
     (``LayerNormQuantizeConfig``) mean, d, sq, var and r are fake-quantized, each on its own EMA range
     (``ActivationQuantizer``), y by the wrapper's output quantizer: the converter writes the six ops in int8.
     There epsilon is dropped: var is on an int8 grid whose step is far above any epsilon (an int8 ADD of
