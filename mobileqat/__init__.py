@@ -25,7 +25,7 @@ _API = {
     "quantize": "mobileqat.quantize", "quantize_scope": "mobileqat.quantize",
     "QuantScheme": "mobileqat.schemes", "get_scheme": "mobileqat.schemes",
     "SchemeRules": "mobileqat.schemes", "load_rules": "mobileqat.schemes", "scheme_plan": "mobileqat.quantize",
-    "FoldedConvBN": "mobileqat.layers", "QuantizeConfig": "mobileqat.layers",
+    "FoldedConvBN": "mobileqat.layers", "QuantizeConfig": "mobileqat.layers", "LayerNormCore": "mobileqat.layers",
     "WeightQuantizer": "mobileqat.quantizers", "ActivationQuantizer": "mobileqat.quantizers",
     "FixedRangeQuantizer": "mobileqat.quantizers", "SymmetricActivationQuantizer": "mobileqat.quantizers",
     "LSQWeightQuantizer": "mobileqat.quantizers",

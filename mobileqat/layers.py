@@ -26,7 +26,8 @@ The QuantizeConfigs say which tensors of a layer are fake-quantized (tfmot's con
 """
 from mobileqat._tf import keras, tf, tfmot
 from mobileqat import quantizers
-from mobileqat.quantizers import ActivationQuantizer, FixedRangeQuantizer, SymmetricActivationQuantizer, WeightQuantizer
+from mobileqat.quantizers import (MIN_RANGE, ActivationQuantizer, FixedRangeQuantizer, SymmetricActivationQuantizer,
+                                  WeightQuantizer)
 
 _serializable = keras.utils.register_keras_serializable(package="mobileqat")
 _QuantizeConfig = tfmot.quantization.keras.QuantizeConfig
@@ -323,3 +324,78 @@ class HardSigmoidQuantizeConfig(QuantizeConfig):
 
     def set_quantize_activations(self, layer, quantize_activations):
         layer.relu6_quantizer = FixedRangeQuantizer(*HardSigmoid.RELU6_RANGE)
+
+
+@_serializable
+class LayerNormCore(keras.layers.Layer):
+    """LayerNormalization over the last axis without its scale and offset, as explicit int8-able ops:
+
+        mean = mean(x, -1)            MEAN        (N, ..., 1)
+        d    = x - mean               SUB         (N, ..., C)
+        sq   = d * d                  MUL         (N, ..., C)
+        var  = mean(sq, -1)           MEAN        (N, ..., 1)
+        r    = rsqrt(var + epsilon)   RSQRT       (N, ..., 1)
+        y    = d * r                  MUL         (N, ..., C)
+
+    ``transforms.layer_norm_to_core`` writes a LayerNormalization as this layer, its gamma and beta folded
+    into the Dense/Conv2D after it (or a 1x1 DepthwiseConv2D, one int8 DEPTHWISE_CONV_2D). In a QAT model
+    (``LayerNormQuantizeConfig``) mean, d, sq, var and r are fake-quantized, each on its own EMA range
+    (``ActivationQuantizer``), y by the wrapper's output quantizer: the converter writes the six ops in int8.
+    There epsilon is dropped: var is on an int8 grid whose step is far above any epsilon (an int8 ADD of
+    it would not change a code), and the int8 RSQRT maps var = 0 to its largest output code, as
+    fake-quantizing rsqrt(0) = inf does. In training rsqrt's input is floored at one step of var's grid
+    (a finite gradient; the same clamped output). The range variables exist in the float layer too
+    (unused there), so that a float model and its QAT copy hold the same weights.
+    """
+
+    INTERMEDIATES = ("mean", "centered", "square", "variance", "rsqrt")
+
+    def __init__(self, epsilon=1e-3, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = float(epsilon)
+        self.quantized = False  # set by LayerNormQuantizeConfig in a QAT model
+        self._quantizer = ActivationQuantizer(8)
+
+    def build(self, input_shape):
+        self._qvars = {n: self._quantizer.build((), n, self) for n in self.INTERMEDIATES}
+        super().build(input_shape)
+
+    def call(self, inputs, training=None):
+        mean = tf.reduce_mean(inputs, axis=-1, keepdims=True)
+        if not self.quantized:
+            d = inputs - mean
+            return d * tf.math.rsqrt(tf.reduce_mean(d * d, axis=-1, keepdims=True) + self.epsilon)
+        if training is None:
+            training = keras.backend.learning_phase()
+
+        def fq(name, t):
+            return self._quantizer(t, training, self._qvars[name])
+
+        d = fq("centered", inputs - fq("mean", mean))
+        var = fq("variance", tf.reduce_mean(fq("square", d * d), axis=-1, keepdims=True))
+
+        def floored():  # one step of var's grid (its range starts at 0)
+            v = self._qvars["variance"]
+            step = tf.stop_gradient(tf.maximum(v["max_var"], v["min_var"] + MIN_RANGE) - v["min_var"]) / 255.0
+            return tf.math.rsqrt(tf.maximum(var, step))
+
+        r = tf.__internal__.smart_cond.smart_cond(training, floored, lambda: tf.math.rsqrt(var))
+        return d * fq("rsqrt", r)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(epsilon=self.epsilon)
+        return config
+
+
+@_serializable
+class LayerNormQuantizeConfig(QuantizeConfig):
+    """``QuantizeConfig`` of a ``LayerNormCore``: its output quantizer, and the layer's intermediate tensors
+    fake-quantized on their own EMA ranges (variables of the layer), so that the converter writes every op
+    in int8."""
+
+    def set_quantize_activations(self, layer, quantize_activations):
+        layer.quantized = True

@@ -18,7 +18,7 @@ import numpy as np
 
 from mobileqat import runtime as rt
 from mobileqat._tf import keras, tfmot
-from mobileqat.layers import FoldedConvBN, HardSigmoid, HardSwish
+from mobileqat.layers import FoldedConvBN, HardSigmoid, HardSwish, LayerNormCore
 from mobileqat.ops import KERNELS
 from mobileqat.quantizers import (MIN_RANGE, ActivationQuantizer, FixedRangeQuantizer, SymmetricActivationQuantizer,
                                   WeightQuantizer, symmetric_range, weight_fake_quant_range)
@@ -47,6 +47,8 @@ _FREE_SCALE = {"conv2d", "depthwise_conv2d", "fully_connected", "add", "sub", "m
 # activations (mobileqat.ops.activations)
 TFLITE_OPS.update(gelu="GELU", logistic="LOGISTIC", tanh="TANH", relu="RELU", relu6="RELU6", hard_swish="HARD_SWISH",
                   add_const="ADD", mul_const="MUL", swish_mul="MUL")
+# LayerNormCore (mobileqat.ops.normalization; its SUB and MULs are the elementwise kernels)
+TFLITE_OPS.update(mean_last="MEAN", rsqrt="RSQRT")
 
 
 @dataclasses.dataclass
@@ -367,6 +369,8 @@ def _int16x8(qat_model, tensors, ops, input_name, output_name, bits):
 def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
     name = wrapper.name
     where = f"layer '{name}' ({type(inner).__name__})"
+    if isinstance(inner, LayerNormCore):
+        return _lower_layer_norm(wrapper, inner, srcs, tensors, double_scale)
     if isinstance(inner, FoldedConvBN):
         if inner.depthwise and inner.depth_multiplier != 1:
             raise ValueError(f"{where}: depth_multiplier {inner.depth_multiplier} has no int8 op here yet.")
@@ -444,6 +448,31 @@ def _lower_layer(wrapper, inner, srcs, tensors, double_scale):
                      "UpSampling2D, Resizing, Max/AveragePooling2D, Global{Average,Max}Pooling2D, ZeroPadding2D, "
                      "Cropping2D, softmax, sigmoid, tanh, swish, gelu, ReLU, ReLU6, HardSwish, HardSigmoid, Dropout, "
                      "Reshape/Flatten).")
+
+
+def _lower_layer_norm(wrapper, inner, srcs, tensors, double_scale):
+    """LayerNormCore -> MEAN(-1), SUB, MUL(d, d), MEAN(-1), RSQRT, MUL(d, r), in the file's order; the
+    intermediate tensors (``<layer>/mean``, ...) take the ranges of the layer's own quantizers."""
+    name = wrapper.name
+    if not getattr(inner, "quantized", False) or not hasattr(inner, "_qvars"):
+        raise ValueError(f"layer '{name}' (LayerNormCore): its intermediate tensors are not fake-quantized; "
+                         "quantize the float model again with mobileqat.quantize.")
+    for part in LayerNormCore.INTERMEDIATES:
+        v = inner._qvars[part]
+        amin = np.float32(v["min_var"].numpy())
+        amax = np.float32(max(np.float32(v["max_var"].numpy()), np.float32(amin + np.float32(MIN_RANGE))))
+        if not amin < amax:
+            raise ValueError(f"layer '{name}': the range of its {part} tensor is empty; fit the QAT model first.")
+        scale, zp = quantization_params(amin, amax)
+        t = f"{name}/{part}"
+        tensors[t], double_scale[t] = QTensor(t, np.float32(scale), zp), scale
+    t = {part: f"{name}/{part}" for part in LayerNormCore.INTERMEDIATES}
+    return [IntOp("mean_last", (srcs[0],), t["mean"]),
+            IntOp("sub", (srcs[0], t["mean"]), t["centered"]),
+            IntOp("mul", (t["centered"], t["centered"]), t["square"]),
+            IntOp("mean_last", (t["square"],), t["variance"]),
+            IntOp("rsqrt", (t["variance"],), t["rsqrt"]),
+            IntOp("mul", (t["centered"], t["rsqrt"]), name)]
 
 
 def _lower_pooling(wrapper, inner, srcs, where):

@@ -14,7 +14,8 @@ from typing import NamedTuple
 
 from mobileqat import transforms
 from mobileqat._tf import keras, tf, tfmot
-from mobileqat.layers import FoldedConvBN, HardSigmoid, HardSigmoidQuantizeConfig, HardSwish, QuantizeConfig
+from mobileqat.layers import (FoldedConvBN, HardSigmoid, HardSigmoidQuantizeConfig, HardSwish, LayerNormCore,
+                              LayerNormQuantizeConfig, QuantizeConfig)
 from mobileqat.quantizers import FixedRangeQuantizer
 from mobileqat import schemes as _schemes
 
@@ -73,6 +74,8 @@ def quantize_config_for(layer, scheme):
         return QuantizeConfig(output_quantizer=aq()) if name in _OWN_RANGE else None
     if isinstance(layer, HardSigmoid):  # output in [0, 1]; relu6(x + 3) on [0, 6] inside
         return HardSigmoidQuantizeConfig(output_quantizer=FixedRangeQuantizer(0.0, 1.0))
+    if isinstance(layer, LayerNormCore):  # every intermediate tensor on its own range, inside the layer
+        return LayerNormQuantizeConfig(output_quantizer=aq())
     if isinstance(layer, _REQUANTIZE):
         return QuantizeConfig(output_quantizer=aq())
     if isinstance(layer, _PASS_THROUGH):
@@ -82,7 +85,7 @@ def quantize_config_for(layer, scheme):
 
 def _has_integer_mapping(layer):
     """The layer types quantize_config_for maps, those quantized folded, and model inputs."""
-    return (type(layer) in _WEIGHTED or isinstance(layer, (L.InputLayer, FoldedConvBN, HardSigmoid) + _FOLDED_ONLY
+    return (type(layer) in _WEIGHTED or isinstance(layer, (L.InputLayer, FoldedConvBN, HardSigmoid, LayerNormCore) + _FOLDED_ONLY
                                                    + _ACTIVATION_LAYERS + _REQUANTIZE + _PASS_THROUGH))
 
 
@@ -179,9 +182,9 @@ _NO_MAPPING_FIX = {  # class name -> fix, where a plainer one than "replace it" 
     "Rescaling": "scale the images in the input pipeline, before the model",
     "Normalization": "normalize the images in the input pipeline, before the model",
     "SyncBatchNormalization": "use layers.BatchNormalization",
-    "LayerNormalization": "keep it float: quantize(model, keep_float=True) (or the layer names), then "
-                          "export_tflite(..., allow_float_ops=True); its int8 file then runs it in float between "
-                          "DEQUANTIZE and QUANTIZE, and mobileqat.lower names it (no integer twin for the model)",
+    "LayerNormalization": "normalize over the last axis (axis=-1, the channels): quantize writes that as int8 "
+                          "ops; or keep it float: quantize(model, keep_float=[its name]), then "
+                          "export_tflite(..., allow_float_ops=True) (mobileqat.lower then names it)",
     "LayerScale": "put it directly after a Conv2D/Dense/DepthwiseConv2D with no activation that nothing else "
                   "uses: quantize then folds its per-channel scale into that layer's weights",
     "QuantizeWrapperV2": "the model is already quantized: pass the float model to quantize()",
@@ -197,8 +200,11 @@ def no_integer_mapping(layer, graph):
         cls = type(layer).__name__
         what = {"TFOpLambda": f"a TensorFlow op (tf.{getattr(layer, 'symbol', None)}) called on a Keras tensor",
                 "Lambda": "a Lambda layer (Python code)",
-                "LayerNormalization": "LayerNormalization (mean, variance and rsqrt per position: no int8 "
-                                      "op with a bit-exact integer twin in mobileqat)"}.get(cls, cls)
+                "LayerNormalization": f"LayerNormalization over axis {list(getattr(layer, 'axis', None) or [])} of a "
+                                      "rank-{} input (mobileqat writes LayerNormalization over the last axis of a "
+                                      "rank 2-4 input with known sizes as int8 ops)".format(
+                                          len(layer.input_shape) if isinstance(layer.input_shape, tuple) else "?")
+                }.get(cls, cls)
         return (f"mobileqat has no integer mapping for {what}",
                 _NO_MAPPING_FIX.get(cls, "replace it with supported layers (listed below)"))
 
@@ -360,6 +366,7 @@ REWRITES = (
     transforms.flatten_nested,         # backbone nested in a head -> one flat graph
     transforms.hard_activations,       # MobileNetV3's TFOpLambda hard-swish/-sigmoid -> HardSwish/HardSigmoid
     transforms.tf_ops_to_layers,       # x + y, x * y, tf.nn.relu on Keras tensors -> Add, Multiply, ReLU
+    transforms.drop_linear_activations,  # Activation('linear') -> nothing (its users take its input)
     transforms.split_activations,      # Conv/Dense(activation=softmax|sigmoid|swish) -> layer + Activation
     transforms.split_merges,           # Add/Multiply/Maximum/Minimum of n > 2 inputs -> a chain of pairs
     transforms.grouped_to_depthwise,   # Conv2D(groups == channels) -> DepthwiseConv2D
@@ -368,15 +375,19 @@ REWRITES = (
     transforms.fuse_relu,              # Conv2D/Dense -> ReLU(6) layer: the activation fused, as in the file
     transforms.split_separable,        # SeparableConv2D -> DepthwiseConv2D + 1x1 Conv2D
     transforms.preprocessing_to_conv,  # Rescaling, Normalization -> fixed 1x1 depthwise scale and offset
+    transforms.layer_norm_to_core,     # LayerNormalization(axis=-1) -> LayerNormCore; gamma, beta into the next
+                                       # Dense/Conv2D, else a 1x1 depthwise
     transforms.standalone_batchnorm,   # BN after Add/Concat/pool, depthwise without BN -> foldable pairs
     transforms.requantize_shared_pass_through,  # a pool output two Concatenates read -> 1x1 scale for one
 )
 
 
-def rewrite(model):
-    """``model`` after every rewrite of ``REWRITES`` (the model itself when none applies)."""
+def rewrite(model, keep_float=()):
+    """``model`` after every rewrite of ``REWRITES`` (the model itself when none applies). LayerNormalization
+    layers named in ``keep_float`` are not rewritten (they stay float, as ``quantize(keep_float=...)`` asks)."""
+    skip = () if keep_float in (True, None) else keep_float
     for step in REWRITES:
-        model = step(model)
+        model = step(model, skip=skip) if step is transforms.layer_norm_to_core else step(model)
     return model
 
 
@@ -388,7 +399,7 @@ def audit(model):
     return _audit(model)[0]
 
 
-def _audit(model):
+def _audit(model, keep_float=()):
     """(problems, the rewritten model or None when the model-level rules stop before the rewrites)."""
     problems = []
     for check, fix, final in MODEL_RULES:
@@ -398,7 +409,7 @@ def _audit(model):
             if final:
                 return problems, None
     try:
-        model = rewrite(model)
+        model = rewrite(model, keep_float)
     except ValueError:  # e.g. a shared layer: the layer rules on the model as given say which
         pass
     return problems + _audit_layers(model), model
@@ -464,7 +475,7 @@ def quantize(model, scheme="w8a8", keep_float=()):
     if not isinstance(model, keras.Model):
         raise TypeError(f"quantize() takes a tf_keras Model, got {type(model).__name__}. If it is a Keras 3 "
                         "model, build it with tf_keras (import mobileqat before tensorflow).")
-    problems, rewritten = _audit(model)
+    problems, rewritten = _audit(model, keep_float)
     if rewritten is None:
         raise _refusal(model, problems)
     problems, kept = _kept_float(rewritten, problems, keep_float)
@@ -587,5 +598,6 @@ def quantize_scope():
     """tfmot's quantize_scope with mobileqat's objects (they are also registered with Keras)."""
     from mobileqat import layers, quantizers
     objs = {c.__name__: c for c in (layers.FoldedConvBN, layers.QuantizeConfig, layers.HardSwish, layers.HardSigmoid,
-                                    layers.HardSigmoidQuantizeConfig) + quantizers.ALL}
+                                    layers.HardSigmoidQuantizeConfig, layers.LayerNormCore,
+                                    layers.LayerNormQuantizeConfig) + quantizers.ALL}
     return _qk.quantize_scope(objs)

@@ -7,7 +7,7 @@ chain by one ``FoldedConvBN`` carrying the same weights and statistics, when eve
 import numpy as np
 
 from mobileqat._tf import keras, tf
-from mobileqat.layers import FoldedConvBN, HardSigmoid, HardSwish
+from mobileqat.layers import FoldedConvBN, HardSigmoid, HardSwish, LayerNormCore
 
 FOLDABLE_CONVS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)  # exact types: not Conv2DTranspose
 
@@ -610,6 +610,95 @@ def _affine(name, scale, offset, trainable):
                         np.zeros(channels, np.float32), np.ones(channels, np.float32)])
         return out
     return call
+
+
+def layer_norm_axis_ok(layer):
+    """True for a LayerNormalization ``layer_norm_to_core`` rewrites: over the last axis only, of a rank 2-4
+    input with a known channel count."""
+    shape = layer.input_shape
+    if not isinstance(layer, L.LayerNormalization) or not isinstance(shape, tuple) or not 2 <= len(shape) <= 4:
+        return False
+    axes = [a % len(shape) for a in (layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis])]
+    return axes == [len(shape) - 1] and shape[-1] is not None and None not in shape[1:]
+
+
+def _ln_fold_target(layer):
+    """True when a LayerNormalization's gamma and beta fold exactly into ``layer`` (its only user): a Dense, or a
+    Conv2D (no groups, channels last) with a 1x1 kernel or 'valid' padding (no zero padding sees beta)."""
+    if type(layer) is L.Dense:
+        return True
+    return (type(layer) is L.Conv2D and getattr(layer, "groups", 1) == 1 and layer.data_format == "channels_last"
+            and (tuple(layer.kernel_size) == (1, 1) or layer.padding == "valid"))
+
+
+def _fold_affine_into(layer, gamma, beta):
+    """(new layer with a bias, its weights) computing layer(x * gamma + beta) from x: the kernel's input
+    channels times gamma, the bias plus beta through the kernel."""
+    kernel = layer.kernel.numpy().astype(np.float64)
+    bias = layer.bias.numpy().astype(np.float64) if layer.use_bias else np.zeros(kernel.shape[-1])
+    scaled = kernel * gamma.reshape((-1, 1))  # (..., C_in, C_out)
+    bias = bias + np.tensordot(beta.astype(np.float64), kernel, axes=([0], [kernel.ndim - 2])).reshape(-1, kernel.shape[-1]).sum(0)
+    new = type(layer).from_config(dict(layer.get_config(), use_bias=True))
+    return new, [scaled.astype(np.float32), bias.astype(np.float32)]
+
+
+def layer_norm_to_core(model, skip=()):
+    """LayerNormalization over the last axis (ConvNeXt's stem, blocks, downsampling and head) becomes a
+    ``LayerNormCore`` (``<name>``: (x - mean) * rsqrt(var + eps), six int8 ops); its gamma and beta fold into
+    the layer after it where that is its only user and a Dense, or a Conv2D with a 1x1 kernel or 'valid'
+    padding (kernel rows times gamma, bias plus beta through the kernel: ConvNeXt's blocks, downsampling
+    and head), else they become a 1x1 DepthwiseConv2D with a fixed BatchNormalization (``<name>_affine``,
+    ``<name>_affine_bn``) that ``fold_batchnorm`` makes one int8 DEPTHWISE_CONV_2D (gamma trains, beta stays
+    fixed), a (N, C) or (N, T, C) input reshaped to (N, 1, T, C) around it. Layers named in ``skip``
+    (``quantize``'s keep_float) stay as they are."""
+    _require_graph(model)
+    skip = {skip} if isinstance(skip, str) else set(skip)
+    _, consumers = _model_nodes(model)
+    plan = {}
+    for layer in model.layers:
+        if layer.name in skip or not layer_norm_axis_ok(layer):
+            continue
+        shape = tuple(layer.input_shape[1:])
+        channels = int(shape[-1])
+        gamma = layer.gamma.numpy() if layer.scale else np.ones(channels, np.float32)
+        beta = layer.beta.numpy() if layer.center else np.zeros(channels, np.float32)
+        users = consumers.get(layer.name, [])
+        core = LayerNormCore(epsilon=layer.epsilon, name=layer.name)
+        if not (layer.scale or layer.center):
+            plan[layer.name] = (core, None, [])
+        elif len(users) == 1 and _ln_fold_target(users[0]):
+            plan[layer.name] = (core, None, [])
+            plan[users[0].name] = _fold_affine_into(users[0], gamma, beta) + ([],)
+        else:
+            plan[layer.name] = _core_and_affine(layer.name, core, shape, gamma, beta, layer.trainable)
+    if not plan:
+        return model
+    return rebuild(model, lambda layer: plan.get(layer.name))
+
+
+def _core_and_affine(name, core, shape, gamma, beta, trainable):
+    affine = _affine(f"{name}_affine", gamma, beta, trainable=trainable)
+    channels = int(shape[-1])
+
+    def call(args, kwargs):
+        x = args[0]
+        if len(shape) != 3:
+            x = L.Reshape((1, int(np.prod(shape[:-1], dtype=np.int64)), channels), name=f"{name}_to_4d")(x)
+        y = affine((core(x),), {})
+        if len(shape) != 3:
+            y = L.Reshape(shape, name=f"{name}_from_4d")(y)
+        return y
+    return call
+
+
+def drop_linear_activations(model):
+    """Activation('linear') layers (ConvNeXt's ``_identity`` where drop_path_rate is 0) compute nothing: their
+    users take their input instead (no fake-quant of their own, no op in the file)."""
+    def replace(layer):
+        if type(layer) is L.Activation and function_name(layer.activation) == "linear":
+            return lambda args, kwargs: args[0]
+        return None
+    return _rewrite(model, replace)
 
 
 def preprocessing_to_conv(model):

@@ -15,7 +15,7 @@ the signature
 """
 import importlib
 
-FAMILIES = ("pooling", "elementwise", "activations", "resize", "int16x8")
+FAMILIES = ("pooling", "elementwise", "activations", "resize", "int16x8", "normalization")
 
 KERNELS = {}
 for _family in FAMILIES:
