@@ -195,7 +195,9 @@ class ActivationQuantizer(_Base):
             "seen_var": layer.add_weight(name + "_seen", shape=(), initializer=zeros, trainable=False),
         }
 
-    def __call__(self, inputs, training, weights, **kwargs):
+    def ema_range(self, inputs, training, weights):
+        """(min, max) tensors: in training the moving average updated with this batch (started from the first
+        batch), else the stored one."""
         min_var, max_var, seen = weights["min_var"], weights["max_var"], weights["seen_var"]
 
         def update_range():
@@ -207,7 +209,10 @@ class ActivationQuantizer(_Base):
             with tf.control_dependencies([seen.assign(1.0)]):
                 return tf.identity(new_min), tf.identity(new_max)
 
-        amin, amax = _smart_cond(training, update_range, lambda: (tf.identity(min_var), tf.identity(max_var)))
+        return _smart_cond(training, update_range, lambda: (tf.identity(min_var), tf.identity(max_var)))
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        amin, amax = self.ema_range(inputs, training, weights)
         amax = tf.maximum(amax, amin + MIN_RANGE)  # a degenerate scale cannot be prepared by TFLite
         if self.bypass:
             return _bypassed(inputs, amin, amax)
@@ -262,20 +267,10 @@ class SymmetricActivationQuantizer(_Base):
         self.num_bits, self.ema_decay = 16, float(ema_decay)
 
     build = ActivationQuantizer.build
+    ema_range = ActivationQuantizer.ema_range
 
     def __call__(self, inputs, training, weights, **kwargs):
-        min_var, max_var, seen = weights["min_var"], weights["max_var"], weights["seen_var"]
-
-        def update_range():
-            batch_min = tf.minimum(tf.reduce_min(inputs), 0.0)
-            batch_max = tf.maximum(tf.reduce_max(inputs), 0.0)
-            decay = self.ema_decay * seen
-            new_min = min_var.assign(decay * min_var + (1.0 - decay) * batch_min)
-            new_max = max_var.assign(decay * max_var + (1.0 - decay) * batch_max)
-            with tf.control_dependencies([seen.assign(1.0)]):
-                return tf.identity(new_min), tf.identity(new_max)
-
-        amin, amax = _smart_cond(training, update_range, lambda: (tf.identity(min_var), tf.identity(max_var)))
+        amin, amax = self.ema_range(inputs, training, weights)
         m = tf.maximum(tf.maximum(-amin, amax), MIN_RANGE)
         if self.bypass:
             return _bypassed(inputs, m)
