@@ -1,4 +1,4 @@
-"""The ``mobileqat`` command: demo, run, validate, debug, bench, export, device-check, coverage.
+"""The ``mobileqat`` command: demo, run, compare, validate, debug, bench, export, device-check, coverage.
 
 ``device-check`` is dispatched before anything else is imported: it needs numpy, Pillow and ai-edge-litert
 only (``mobileqat.device_check``), never TensorFlow."""
@@ -328,6 +328,59 @@ def cmd_coverage(args):
     return 0
 
 
+def cmd_compare(args):
+    from mobileqat.compare import CompareConfig, check_variants, compare
+    from mobileqat.data import image_folder_stream, synthetic_shapes
+    from mobileqat.pipeline import check_model_fits, load_model_file
+    variants = check_variants(args.variants.split(","))  # a bad name stops here, before any work
+    fields = dict(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                  qat_epochs=args.qat_epochs, qat_learning_rate=args.qat_learning_rate, qat_warmup=args.qat_warmup,
+                  freeze_bn=args.freeze_bn, distill=args.distill, ptq_method=args.ptq_method,
+                  ptq_bias_correction=not args.no_bias_correction, calibration_images=args.calibration_images,
+                  twin_images=args.twin_images, bench_runs=args.bench_runs, threads=args.threads, seed=args.seed,
+                  verbose=0 if args.quiet else 1, variants=variants)
+    float_model = None
+    if args.model_file:
+        fixed = [flag for flag, value in (("--model", args.model), ("--alpha", args.alpha),
+                                          ("--input-size", args.input_size), ("--channels", args.channels))
+                 if value is not None]
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)} with --model-file {args.model_file}: the model file fixes the "
+                             "architecture, input size and channels; drop " + ("it." if len(fixed) == 1 else "them."))
+        if not args.data:
+            raise ValueError(f"--model-file {args.model_file} needs --data IMAGE_DIR (the folder it was trained on).")
+        float_model, _ = load_model_file(args.model_file)
+        h, w, c = (int(d) for d in float_model.inputs[0].shape[1:])
+        ds = image_folder_stream(args.data, image_size=(h, w), channels=c, seed=args.seed, pixels=args.pixels,
+                                 mean=args.mean, std=args.std)
+        check_model_fits(float_model, ds, args.model_file)
+        cfg = CompareConfig(model=None, alpha=None, model_file=os.path.abspath(args.model_file), **fields)
+    else:
+        model = args.model or "mobilenet_v2"
+        from mobileqat.architectures import takes_alpha
+        if args.alpha is not None and not takes_alpha(model):
+            raise ValueError(f"--alpha {args.alpha} with --model {model}: {model} has no width multiplier; drop --alpha.")
+        cfg = CompareConfig(model=model, alpha=0.35 if args.alpha is None else args.alpha, **fields)
+        if args.data:
+            ds = image_folder_stream(args.data, image_size=args.input_size or 32, channels=args.channels or 3,
+                                     seed=args.seed, pixels=args.pixels, mean=args.mean, std=args.std)
+        else:
+            if args.pixels != "-1..1" or args.mean or args.std:
+                raise ValueError("--pixels/--mean/--std apply to --data (an image folder); the built-in demo data is "
+                                 "scaled to -1..1. Pass --data, or drop them.")
+            ds = synthetic_shapes(n_train=args.train, n_test=args.test, image_size=args.input_size or 32,
+                                  channels=args.channels or 3, seed=args.seed, difficulty=args.difficulty)
+    result = compare(ds, args.out, cfg, float_model=float_model)
+    with open(os.path.join(args.out, "compare.md")) as f:
+        print(f.read(), end="")
+    print(f"written: {os.path.join(args.out, 'compare.json')} and compare.md")
+    failed = [k for k, v in result["variants"].items() if v.get("accuracy") is None]
+    if failed:
+        print(f"mobileqat: failed: XNNPACK could not run {', '.join(failed)} (compare.md: Errors)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _failed(path, failures):
     """Exit code 1 with one line per failure on stderr, 0 when there is none."""
     if failures:
@@ -436,6 +489,53 @@ def build_parser():
                                                             "ai-edge-litert only): `mobileqat device-check -h`")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_device_check)
+
+    from mobileqat.compare import DEFAULT_VARIANTS, VARIANTS
+    from mobileqat.compare import CompareConfig
+    c = CompareConfig()
+    p = sub.add_parser("compare", help="one float model, every quantized variant (PTQ/QAT, W8A8/W4A8, LSQ, "
+                                       "distillation, mixed): accuracy on XNNPACK, bytes, gzip bytes, latency, "
+                                       "train step time, twin LSB, in OUT/compare.json and compare.md")
+    p.add_argument("--out", required=True, help="output folder (compare.json, compare.md, one .tflite per variant); "
+                                                "a rerun skips the variants already measured")
+    p.add_argument("--data", help="image folder DATA/<class>/<image> (default: the built-in synthetic shapes)")
+    p.add_argument("--model-file", help="your trained float model (.keras or .h5, tf_keras): no float training; "
+                                        "needs --data")
+    from mobileqat.architectures import MODELS as _MODELS
+    p.add_argument("--model", default=None, choices=list(_MODELS), help=f"built-in architecture (default {c.model})")
+    p.add_argument("--alpha", type=number(float, 1e-3, 10.0), default=None,
+                   help=f"width multiplier of the MobileNets (default {c.alpha})")
+    p.add_argument("--input-size", type=SIZE, default=None, help="image side in pixels (default 32)")
+    p.add_argument("--channels", type=int, default=None, choices=[1, 3], help="default 3")
+    p.add_argument("--train", type=COUNT, default=10000, help="demo data: training images")
+    p.add_argument("--test", type=COUNT, default=1000, help="demo data: test images")
+    p.add_argument("--difficulty", type=number(float, 0.0, 100.0), default=1.3,
+                   help="demo data: clutter/noise/size spread of the shapes (higher: harder)")
+    _add_pixel_options(p)
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated, from: {', '.join(VARIANTS)} (default: all but ptq_w8a8_mq)")
+    p.add_argument("--epochs", type=COUNT, default=c.epochs, help="float training epochs")
+    p.add_argument("--batch-size", type=COUNT, default=c.batch_size)
+    p.add_argument("--learning-rate", type=RATE, default=c.learning_rate, help="float training peak learning rate")
+    p.add_argument("--qat-epochs", type=COUNT, default=c.qat_epochs, help="QAT epochs of each QAT variant")
+    p.add_argument("--qat-learning-rate", type=RATE, default=c.qat_learning_rate)
+    p.add_argument("--qat-warmup", type=number(float, 0.0, 0.99), default=c.qat_warmup)
+    p.add_argument("--freeze-bn", type=number(int, 0), default=None, metavar="STEP",
+                   help="QAT step from which folded batch norms use moving statistics (step time is reported "
+                        "before and after)")
+    p.add_argument("--distill", type=_distill_arg, default=c.distill, metavar="T,ALPHA",
+                   help="temperature and hard-label weight of the distillation variant (default 4,0.5)")
+    p.add_argument("--ptq-method", choices=["minmax", "percentile", "mse"], default=c.ptq_method,
+                   help="mobileqat.ptq range method of the ptq_* variants")
+    p.add_argument("--no-bias-correction", action="store_true", help="mobileqat.ptq without bias correction")
+    p.add_argument("--calibration-images", type=COUNT, default=c.calibration_images)
+    p.add_argument("--twin-images", type=COUNT, default=c.twin_images,
+                   help="test images on which each file is compared with its integer twin")
+    p.add_argument("--bench-runs", type=COUNT, default=c.bench_runs)
+    p.add_argument("--threads", type=THREADS, default=c.threads)
+    p.add_argument("--seed", type=SEED, default=c.seed)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_compare)
 
     from mobileqat.coverage import MODELS, TOOLS
     p = sub.add_parser("coverage", help="which Keras models quantize, convert and lower exactly (mobileqat and tfmot)")
