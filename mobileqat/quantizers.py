@@ -348,12 +348,21 @@ class LSQWeightQuantizer(_Base):
     Gradients (paper, eq. 3 and 4): w gets the straight-through estimate inside [-Qp s, Qp s] and 0 outside; s gets
     g * sum(dy * (round(w/s) - w/s)) inside, -Qp below, +Qp above, with g = 1 / sqrt(N * Qp), N the number of
     weights sharing the step (per channel: kh * kw * C_in).
-    Initialisation: s = 2 mean|w| / sqrt(Qp) (per channel), from the weights at the first training-mode call (for
-    a folded conv + BN: when ``quantize`` loads the folded weights; for Conv2D/Dense: ``quantize`` calls
-    ``initialize``). Variables: ``step`` (trainable), ``initialized`` (0/1).
+    Initialisation (``init``), from the weights at the first training-mode call (for a folded conv + BN: when
+    ``quantize`` loads the folded weights; for Conv2D/Dense: ``quantize`` calls ``initialize``):
+    "paper": s = 2 mean|w| / sqrt(Qp) (per channel); "max": s = max|w| / Qp, the min-max grid (no weight clipped).
+    With few weights per channel (a depthwise 3x3 has 9) the paper's step puts Qp s at 2 to 3 times max|w| at 4
+    bits (models/README.md), so the weights start on a 3-bit grid; "max" starts where min-max QAT starts.
+    Variables: ``step`` (trainable), ``initialized`` (0/1).
     """
 
-    def __init__(self, num_bits=8, per_channel=True, packed_int4=False):
+    INITS = ("paper", "max")
+
+    def __init__(self, num_bits=8, per_channel=True, packed_int4=False, init="paper"):
+        if init not in self.INITS:
+            raise ValueError(f"LSQWeightQuantizer(init={init!r}): use one of {list(self.INITS)} (paper: 2 mean|w| / "
+                             "sqrt(Qp); max: max|w| / Qp).")
+        self.init = init
         self.num_bits = _check_bits(num_bits)
         self.per_channel = bool(per_channel)
         self.packed_int4 = bool(packed_int4)
@@ -377,7 +386,10 @@ class LSQWeightQuantizer(_Base):
         return list(range(rank - 1)) if self.per_channel else None
 
     def initial_step(self, w):
-        """2 mean|w| / sqrt(Qp), per channel or per tensor (the paper's initialisation)."""
+        """Per channel or per tensor: 2 mean|w| / sqrt(Qp) (init "paper") or max|w| / Qp (init "max")."""
+        if self.init == "max":
+            return tf.maximum(tf.reduce_max(tf.abs(w), axis=self._axes(w.shape.rank)) / float(self.qp),
+                              MIN_WEIGHT_STEP)
         mean = tf.reduce_mean(tf.abs(w), axis=self._axes(w.shape.rank))
         return tf.maximum(2.0 * mean / tf.sqrt(float(self.qp)), MIN_WEIGHT_STEP)
 
@@ -439,6 +451,8 @@ class LSQWeightQuantizer(_Base):
         config = {"num_bits": self.num_bits, "per_channel": self.per_channel}
         if self.packed_int4:
             config["packed_int4"] = True
+        if self.init != "paper":
+            config["init"] = self.init
         return config
 
 

@@ -62,6 +62,7 @@ class QuantScheme:
       non-negative by construction (a fused or standalone ReLU / ReLU6, as in the paper); the other outputs of a
       "pact" scheme, which may be negative, keep "ema".
     pact_l2: L2 weight on PACT's alpha (0: none).
+    lsq_init: initial LSQ weight step: "paper" (2 mean|w| / sqrt(Qp)) or "max" (max|w| / Qp, the min-max grid).
     """
 
     name: str = "w8a8"
@@ -73,8 +74,12 @@ class QuantScheme:
     weight_method: str = "minmax"
     activation_method: str = "ema"
     pact_l2: float = 0.0
+    lsq_init: str = "paper"
 
     def __post_init__(self):
+        if self.lsq_init not in LSQWeightQuantizer.INITS:
+            raise ValueError(f"QuantScheme '{self.name}': lsq_init={self.lsq_init!r}; use one of "
+                             f"{list(LSQWeightQuantizer.INITS)}.")
         if self.weight_method not in WEIGHT_METHODS:
             raise ValueError(f"QuantScheme '{self.name}': weight_method={self.weight_method!r}; use one of "
                              f"{list(WEIGHT_METHODS)}.")
@@ -97,7 +102,8 @@ class QuantScheme:
 
     def _weights(self, per_channel, packed_int4=False):
         if self.weight_method == "lsq":
-            return LSQWeightQuantizer(self.weight_bits, per_channel=per_channel, packed_int4=packed_int4)
+            return LSQWeightQuantizer(self.weight_bits, per_channel=per_channel, packed_int4=packed_int4,
+                                      init=self.lsq_init)
         return WeightQuantizer(self.weight_bits, per_channel=per_channel, narrow_range=True, packed_int4=packed_int4)
 
     def weight_quantizer(self):

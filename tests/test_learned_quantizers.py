@@ -350,3 +350,23 @@ def test_integer_twin_matches_the_file_at_0_lsb(trained, runtime):
     codes = m.quantize_input(x)
     out = np.concatenate([m.invoke_raw(codes[i:i + 1]) for i in range(len(codes))])
     np.testing.assert_array_equal(lowering.lower(qat).run(codes, runtime), out)
+
+
+def test_lsq_max_init_starts_on_the_min_max_grid(rng):
+    """init="max": s = max|w| / Qp per channel (numpy), so no weight is clipped and the codes reach +-Qp; the
+    option round-trips through the config and is a QuantScheme field (lsq_init) that reaches the quantizer."""
+    w = (rng.normal(size=(3, 3, 4, 5)) * np.array([0.1, 1, 3, 0.01, 7])).astype(np.float32)
+    q = LSQWeightQuantizer(4, per_channel=True, init="max")
+    y, _, _, qvars = _grads(q, w, np.ones_like(w))
+    s = np.float32(qvars.step.numpy())
+    np.testing.assert_allclose(s, np.abs(w).max(axis=(0, 1, 2)) / 7, rtol=1e-6)
+    codes = np.round(y / q.steps(qvars))
+    assert np.abs(codes).max(axis=(0, 1, 2)).tolist() == [7] * 5
+    restored = keras.utils.deserialize_keras_object(keras.utils.serialize_keras_object(q))
+    assert restored.init == "max" and LSQWeightQuantizer(4).get_config() == {"num_bits": 4, "per_channel": True}
+    scheme = get_scheme({"weight_bits": 4, "weight_method": "lsq", "lsq_init": "max"})
+    assert scheme.weight_quantizer().init == "max"
+    with pytest.raises(ValueError, match="lsq_init='mse'; use one of"):
+        QuantScheme("x", 4, lsq_init="mse")
+    with pytest.raises(ValueError, match=r"init='mean'\): use one of"):
+        LSQWeightQuantizer(4, init="mean")
