@@ -434,7 +434,8 @@ def markdown(result):
              "| variant | accuracy (XNNPACK) | vs float (points) | bytes | gzip bytes | weight grids | "
              "latency XNNPACK (ms) | train step vs float (before / after BN freeze) | twin max LSB ref / XNNPACK |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for k, e in result["variants"].items():
+    for k in sorted(result["variants"], key=list(VARIANTS).index):  # the table's order, whatever the run's
+        e = result["variants"][k]
         t = e.get("train") or {}
         step = "–" if not t else f"{_x(t.get('step_vs_float'))} / {_x(t.get('after_freeze_step_vs_float'))}"
         tw = e.get("twin")
