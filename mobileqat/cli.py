@@ -359,7 +359,8 @@ def cmd_compare(args):
         model = args.model or "mobilenet_v2"
         from mobileqat.architectures import takes_alpha
         if args.alpha is not None and not takes_alpha(model):
-            raise ValueError(f"--alpha {args.alpha} with --model {model}: {model} has no width multiplier; drop --alpha.")
+            raise ValueError(f"--alpha {args.alpha} with --model {model}: {model} has no width multiplier; "
+                             "drop --alpha.")
         cfg = CompareConfig(model=model, alpha=0.35 if args.alpha is None else args.alpha, **fields)
         if args.data:
             ds = image_folder_stream(args.data, image_size=args.input_size or 32, channels=args.channels or 3,

@@ -211,6 +211,8 @@ def compare(dataset, out_dir, cfg=CompareConfig(), float_model=None):
         old = (previous.get("variants") or {}).get(name)
         if old is not None and old.get("key") == key:
             _log(cfg, f"{name}: measured earlier with the same data and settings, kept")
+            if how == "qat" and "paired" not in old.get("train", {}):  # measured before paired step times existed
+                _paired(old, float_model, os.path.join(out, f"{name}_model.h5"), test_x, test_y, cfg, from_logits)
             result["variants"][name] = old
             continue
         path = os.path.join(out, f"{name}.tflite")
@@ -218,8 +220,8 @@ def compare(dataset, out_dir, cfg=CompareConfig(), float_model=None):
                  "scheme": scheme}
         qmodel = None
         if how == "float":
-            pipeline._once(folder, f"export_{name}", key, (path,), lambda: export.export_tflite(float_model, path, "float"),
-                           pcfg, f"{name}: export")
+            pipeline._once(folder, f"export_{name}", key, (path,),
+                           lambda: export.export_tflite(float_model, path, "float"), pcfg, f"{name}: export")
         elif how == "ptq_converter":
             calib = calib if calib is not None else calibration_subset(dataset, cfg.calibration_images, seed=cfg.seed)
             pipeline._once(folder, f"export_{name}", key, (path,),
@@ -268,11 +270,52 @@ def compare(dataset, out_dir, cfg=CompareConfig(), float_model=None):
             entry["train"]["after_freeze_step_vs_float"] = _ratio(fit.get("after_freeze_step_s"), float_step)
         _log(cfg, f"{name}: accuracy on XNNPACK ({n_test} test images), size, latency, twin")
         entry.update(_measure(path, qmodel, test_x, test_y, cfg))
+        if how == "qat":
+            _paired(entry, float_model, h5, test_x, test_y, cfg, from_logits)
         result["variants"][name] = entry
         _finish(result, out)
         _log(cfg, f"{name}: accuracy {_pct(entry['accuracy'])}, {entry['bytes']:,} B "
                   f"(gzip {entry['gzip_bytes']:,} B), {_ms(entry['latency_ms'])} ms")
     return _finish(result, out)
+
+
+def paired_step_times(float_model, qat_model, x, y, rounds=10, frozen=True, from_logits=False):
+    """Training step times of ``float_model`` and ``qat_model`` measured in turns (float, QAT, float, ...) on the
+    batch ``x`` (N, H, W, C), ``y`` (N,), so that both see the same machine load: {"float_step_s", "qat_step_s"
+    (medians, s), "ratio" (median of the per-round QAT / float ratios), "rounds", "frozen"}. Copies are trained
+    (Adam at a learning rate of 1e-12, so the weights barely move), the models given are left as they are. With
+    ``frozen`` the QAT copy's folded batch norms use their moving statistics (one convolution, as after
+    ``FreezeBatchNorm``); the float copy trains with batch statistics, as float training does."""
+    fl = keras.models.clone_model(float_model)
+    fl.set_weights(float_model.get_weights())
+    if frozen:
+        for layer in training.folded_layers(qat_model):
+            layer.batch_statistics = False
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
+    for m in (fl, qat_model):
+        m.compile(optimizer=keras.optimizers.Adam(1e-12), loss=loss)
+        m.train_on_batch(x, y)  # trace
+        m.train_on_batch(x, y)
+    times = {"float": [], "qat": []}
+    for _ in range(rounds):
+        for kind, m in (("float", fl), ("qat", qat_model)):
+            t0 = time.perf_counter()
+            m.train_on_batch(x, y)
+            times[kind].append(time.perf_counter() - t0)
+    ratio = np.median(np.array(times["qat"]) / np.array(times["float"]))
+    return {"float_step_s": float(np.median(times["float"])), "qat_step_s": float(np.median(times["qat"])),
+            "ratio": float(ratio), "rounds": rounds, "frozen": bool(frozen)}
+
+
+def _paired(entry, float_model, h5, test_x, test_y, cfg, from_logits):
+    """entry["train"]["paired"]: ``paired_step_times`` of a fresh copy of the QAT model saved in ``h5`` (BN frozen
+    when the run freezes it) against the float model, on one batch of test images."""
+    from mobileqat.quantize import load_qat_model
+    _log(cfg, f"{os.path.basename(h5)}: training step time against float, in turns")
+    n = min(cfg.batch_size, len(test_x))
+    entry.setdefault("train", {})["paired"] = paired_step_times(
+        float_model, load_qat_model(h5), test_x[:n], test_y[:n], frozen=cfg.freeze_bn is not None,
+        from_logits=from_logits)
 
 
 def _variant_settings(how, distill, cfg):
@@ -402,8 +445,13 @@ def goals(result):
                 out["qat_w4a8_recovers_2_3_of_ptq_loss"] = {
                     "variant": best, "ptq_loss": ptq_loss, "value": round(recovered, 4), "target": ">= 0.667",
                     "met": recovered >= 2 / 3}
-    ratios = {k: (e.get("train") or {}).get("after_freeze_step_vs_float") for k, e in v.items()}
-    ratios = {k: r for k, r in ratios.items() if r is not None}
+    # the step ratio measured in turns with a frozen BN where there is one (same load for both), else the run's
+    ratios = {}
+    for k, e in v.items():
+        t = e.get("train") or {}
+        p = t.get("paired") or {}
+        ratios[k] = p.get("ratio") if p.get("frozen") else t.get("after_freeze_step_vs_float")
+    ratios = {k: r for k, r in ratios.items() if r is not None and k != "qat_w4a8_lsq_distill"}  # teacher excluded
     if ratios:
         worst = max(ratios, key=ratios.get)
         out["qat_step_after_bn_freeze_within_1.25x_float"] = {
@@ -432,12 +480,15 @@ def markdown(result):
     lines = [f"# mobileqat compare: {name}, {d['name']} ({d['train']:,} train / {d['test']:,} test, {shape}, "
              f"{d['classes']} classes)", "",
              "| variant | accuracy (XNNPACK) | vs float (points) | bytes | gzip bytes | weight grids | "
-             "latency XNNPACK (ms) | train step vs float (before / after BN freeze) | twin max LSB ref / XNNPACK |",
+             "latency XNNPACK (ms) | train step vs float: in the run, before / after BN freeze; in turns | "
+             "twin max LSB ref / XNNPACK |",
              "|---|---|---|---|---|---|---|---|---|"]
     for k in sorted(result["variants"], key=list(VARIANTS).index):  # the table's order, whatever the run's
         e = result["variants"][k]
         t = e.get("train") or {}
         step = "–" if not t else f"{_x(t.get('step_vs_float'))} / {_x(t.get('after_freeze_step_vs_float'))}"
+        if t.get("paired"):
+            step += f"; in turns {_x(t['paired']['ratio'])}"
         tw = e.get("twin")
         if tw is None:
             twin = "–"

@@ -76,6 +76,7 @@ def test_compare_measures_each_file_and_a_rerun_skips_finished_variants(user, tm
     t = qat["train"]
     assert t["step_vs_float"] == pytest.approx(t["before_freeze_step_s"] / result["float_step_s"])
     assert t["after_freeze_step_s"] > 0 and len(t["loss"]) == 1
+    assert t["paired"]["frozen"] is True and t["paired"]["rounds"] == 10 and t["paired"]["ratio"] > 0
     md = (out / "compare.md").read_text()
     for name in VARIANTS:
         assert f"| {name} (" in md
