@@ -47,7 +47,7 @@ _API = {
     "write_package": "mobileqat.package", "export_package": "mobileqat.package",
     "check_tflite": "mobileqat.runtime", "InvalidModelError": "mobileqat.runtime", "RuntimeFailure": "mobileqat.runtime",
 }
-_SUBMODULES = {"architectures", "calibration", "ops", "data", "debug", "integer", "integer_xnnpack", "lowering", "export", "harness", "layers", "quantizers", "quantize", "schemes",
+_SUBMODULES = {"architectures", "calibration", "compare", "ops", "data", "debug", "integer", "integer_xnnpack", "lowering", "export", "harness", "layers", "quantizers", "quantize", "schemes",
                "transforms", "training", "pipeline", "report", "runtime", "cli", "provenance", "stages",
                "tflite_file", "faults", "package", "device_check"}
 
