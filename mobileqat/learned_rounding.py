@@ -199,7 +199,6 @@ def adaround(qat, data, iters=1000, batch_size=32, learning_rate=1e-2, reg=0.01,
     x = _images(qat, data)
     if max_images:
         x = x[:int(max_images)]
-    _quantizers(qat)
     t_start = time.time()
     report = {"adaround": {}, "not_rounded": {}, "bias_correction": {}}
     todo = []
@@ -207,7 +206,8 @@ def adaround(qat, data, iters=1000, batch_size=32, learning_rate=1e-2, reg=0.01,
         if kind == "Conv2DTranspose":
             report["not_rounded"][wrapper.name] = "Conv2DTranspose: nearest rounding (AdaRound not done for it yet)"
             continue
-        todo.append(_Rounded(wrapper, kind))
+        todo.append(_Rounded(wrapper, kind))  # refuses learned-step and uncalibrated weight quantizers
+    _quantizers(qat)  # refuses a float model and quantizers whose ranges calibrate could not have set
     if not todo:
         raise ValueError(f"model '{qat.name}' has no Conv2D/DepthwiseConv2D/Dense layer whose rounding AdaRound "
                          "can learn.")
