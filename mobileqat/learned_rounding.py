@@ -202,7 +202,13 @@ def adaround(qat, data, iters=1000, batch_size=32, learning_rate=1e-2, reg=0.01,
     t_start = time.time()
     report = {"adaround": {}, "not_rounded": {}, "bias_correction": {}}
     todo = []
-    for wrapper, kind in _weighted_layers(qat):
+    weighted = _weighted_layers(qat)
+    covered = {id(w) for w, _ in weighted}
+    for layer in qat.layers:  # other layers with fake-quantized weights keep nearest rounding, named
+        if id(layer) not in covered and getattr(layer, "_weight_vars", None):
+            report["not_rounded"][layer.name] = (f"{type(getattr(layer, 'layer', layer)).__name__}: nearest "
+                                                 "rounding (AdaRound covers Conv2D, DepthwiseConv2D and Dense)")
+    for wrapper, kind in weighted:
         if kind == "Conv2DTranspose":
             report["not_rounded"][wrapper.name] = "Conv2DTranspose: nearest rounding (AdaRound not done for it yet)"
             continue
