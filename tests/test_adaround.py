@@ -254,3 +254,19 @@ def test_adaround_errors_name_the_thing_and_the_fix(model):
         mq.adaround(model, x)
     with pytest.raises(ValueError, match="adaround_options=5"):
         mq.ptq(model, x, adaround=True, adaround_options=5)
+
+
+def test_layers_adaround_does_not_cover_keep_nearest_rounding_and_are_named():
+    keras.utils.set_random_seed(6)
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inp)
+    x = L.Conv2DTranspose(4, 2, strides=2, name="up")(x)
+    model = keras.Model(inp, L.Dense(2, name="head")(L.GlobalAveragePooling2D()(x)))
+    calib = np.random.default_rng(12).uniform(-1, 1, (16, 8, 8, 3)).astype(np.float32)
+    qat = mq.ptq(model, calib, "w8a8")
+    var = qat.get_layer("quant_up")._weight_vars[0][0]
+    before = var.numpy()
+    report = mq.adaround(qat, calib, iters=20)
+    assert sorted(report["adaround"]) == ["quant_conv", "quant_head"]
+    assert list(report["not_rounded"]) == ["quant_up"] and "Conv2DTranspose" in report["not_rounded"]["quant_up"]
+    np.testing.assert_array_equal(var.numpy(), before)
