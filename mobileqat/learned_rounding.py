@@ -186,7 +186,8 @@ def adaround(qat, data, iters=1000, batch_size=32, learning_rate=1e-2, reg=0.01,
     qat: a model from ``mobileqat.ptq`` / ``mobileqat.quantize`` + ``mobileqat.calibrate`` (fixed weight ranges).
     data: calibration images (N, H, W, C) float32 as the model takes them, or a tf.data.Dataset of such batches
       (or of (images, labels)); ``max_images`` keeps the first ones. iters: Adam steps per layer, each on
-      ``batch_size`` random images. reg: lambda; beta_range: (start, end) of the annealed beta.
+      ``batch_size`` random images. reg: lambda; beta_range: (start, end) of the annealed beta. verbose: print
+      one line per layer (errors before / after, time).
     Returns {"adaround": {layer: {"weights", "changed" (fraction of integer weights that differ from nearest
     rounding), "mse_nearest", "mse_adaround" (reconstruction error on all the images, nearest vs learned
     rounding), "seconds"}}, "not_rounded": {layer: why}, "bias_correction": {layer: max |correction|}, "seconds"}.
