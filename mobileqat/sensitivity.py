@@ -301,17 +301,19 @@ def mixed_precision_plan(sensitivities, budget, run=None):
     backed_off, measured = [], None
     if run is not None:
         by_sensitivity = lambda r: (_cost(r, resolution), r["mean_abs_code_change"], r["top1_changed"])  # noqa: E731
+        exact = not run.fast  # the fast variants first; the plan as a user gets it (ptq with its rules) last
         while True:
-            measured = run.measure([r["name"] for r in chosen])
+            measured = run.measure([r["name"] for r in chosen], exact=exact)
             if measured["drop_points"] <= budget + 1e-9 or not chosen:
-                break
+                if exact:
+                    break
+                exact = True
+                continue
             worst = max(chosen, key=by_sensitivity)
             chosen.remove(worst)
             backed_off.append(worst["name"])
             run.log(f"plan: measured drop {measured['drop_points']:.2f} > budget {budget}: "
                     f"{worst['name']} back to the high scheme")
-        if run.fast and chosen:  # the plan as a user gets it: quantized and calibrated with its rules
-            measured = run.measure([r["name"] for r in chosen], exact=True)
     graph = [r["name"] for r in rows]
     names = sorted((r["name"] for r in chosen), key=graph.index)
     return {"budget_points": budget,
