@@ -29,6 +29,8 @@ def main(argv=None):
     p.add_argument("--high", default="w8a8")
     p.add_argument("--low", default="w4a8")
     p.add_argument("--float-model", default=None, help="a trained float .keras (default: OUT/float_*.keras, or train)")
+    p.add_argument("--reuse-sensitivity", action="store_true", help="take the per-layer numbers from "
+                   "OUT/sensitivity_layers.json of an earlier run (same model, data and schemes)")
     p.add_argument("--out", default="/tmp/bench_sensitivity")
     args = p.parse_args(argv)
 
@@ -55,7 +57,13 @@ def main(argv=None):
     run = S.SensitivityRun(model, calib, x, y, args.high, args.low, log=lambda m: print(m, flush=True))
     t_base = time.time() - t
     t = time.time()
-    sens = S.layer_sensitivity(run)
+    sens_path = os.path.join(args.out, "sensitivity_layers.json")
+    if args.reuse_sensitivity and os.path.exists(sens_path):
+        with open(sens_path) as f:
+            sens = json.load(f)
+    else:
+        sens = S.layer_sensitivity(run)
+        S.write_json(sens, sens_path)  # kept: --reuse-sensitivity plans again without measuring every layer
     t_layers = time.time() - t
     plans = {}
     for budget in args.budgets:
