@@ -46,11 +46,14 @@ _API = {
     "save_keras_model": "mobileqat.export",
     "audit": "mobileqat.quantize", "FileMismatchError": "mobileqat.provenance", "fingerprint": "mobileqat.provenance",
     "write_package": "mobileqat.package", "export_package": "mobileqat.package",
+    "SensitivityRun": "mobileqat.sensitivity", "layer_sensitivity": "mobileqat.sensitivity",
+    "mixed_precision_plan": "mobileqat.sensitivity", "plot_sensitivity": "mobileqat.sensitivity",
+    "write_sensitivity": "mobileqat.sensitivity",
     "check_tflite": "mobileqat.runtime", "InvalidModelError": "mobileqat.runtime", "RuntimeFailure": "mobileqat.runtime",
 }
 _SUBMODULES = {"architectures", "calibration", "learned_rounding", "ops", "data", "debug", "integer", "integer_xnnpack", "lowering", "export", "harness", "layers", "quantizers", "quantize", "schemes",
                "transforms", "training", "pipeline", "report", "runtime", "cli", "provenance", "stages",
-               "tflite_file", "faults", "package", "device_check"}
+               "tflite_file", "faults", "package", "device_check", "sensitivity"}
 
 __all__ = sorted(_API) + ["architectures", "debug", "integer", "integer_xnnpack", "lowering"]
 
