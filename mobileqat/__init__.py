@@ -39,17 +39,21 @@ _API = {
     "calibration_subset": "mobileqat.data", "image_folder_stream": "mobileqat.data",
     "ImageFolderStream": "mobileqat.data", "load_model_file": "mobileqat.pipeline",
     "fit": "mobileqat.training", "ptq": "mobileqat.calibration", "calibrate": "mobileqat.calibration",
+    "adaround": "mobileqat.learned_rounding",
     "Distiller": "mobileqat.training", "QuantizationDelay": "mobileqat.training",
     "FreezeBatchNorm": "mobileqat.training", "BitSchedule": "mobileqat.training", "set_bn_folding": "mobileqat.training",
     "run_pipeline": "mobileqat.pipeline", "RunConfig": "mobileqat.pipeline", "load_qat_model": "mobileqat.quantize",
     "save_keras_model": "mobileqat.export",
     "audit": "mobileqat.quantize", "FileMismatchError": "mobileqat.provenance", "fingerprint": "mobileqat.provenance",
     "write_package": "mobileqat.package", "export_package": "mobileqat.package",
+    "SensitivityRun": "mobileqat.sensitivity", "layer_sensitivity": "mobileqat.sensitivity",
+    "mixed_precision_plan": "mobileqat.sensitivity", "plot_sensitivity": "mobileqat.sensitivity",
+    "write_sensitivity": "mobileqat.sensitivity",
     "check_tflite": "mobileqat.runtime", "InvalidModelError": "mobileqat.runtime", "RuntimeFailure": "mobileqat.runtime",
 }
-_SUBMODULES = {"architectures", "calibration", "compare", "ops", "data", "debug", "integer", "integer_xnnpack", "lowering", "export", "harness", "layers", "quantizers", "quantize", "schemes",
+_SUBMODULES = {"architectures", "calibration", "compare", "learned_rounding", "ops", "data", "debug", "integer", "integer_xnnpack", "lowering", "export", "harness", "layers", "quantizers", "quantize", "schemes",
                "transforms", "training", "pipeline", "report", "runtime", "cli", "provenance", "stages",
-               "tflite_file", "faults", "package", "device_check"}
+               "tflite_file", "faults", "package", "device_check", "sensitivity"}
 
 __all__ = sorted(_API) + ["architectures", "debug", "integer", "integer_xnnpack", "lowering"]
 

@@ -328,7 +328,8 @@ def correct_biases(qat, x, batch_size=64):
 
 
 def ptq(model, calibration_data, scheme="w8a8", method="minmax", bias_correction=False, weight_method=None,
-        percentile=99.99, batch_size=64, max_samples=2 ** 18, grid=100, seed=0, keep_float=()):
+        percentile=99.99, batch_size=64, max_samples=2 ** 18, grid=100, seed=0, keep_float=(), adaround=False,
+        adaround_iters=1000, adaround_options=None):
     """Post-training quantization through mobileqat's own path; returns a QAT-style Keras model.
 
     model: the trained float Keras model (one image input (None, H, W, C), as for ``quantize``).
@@ -337,6 +338,9 @@ def ptq(model, calibration_data, scheme="w8a8", method="minmax", bias_correction
     scheme: "w8a8", "w4a8", a ``QuantScheme`` or mixed-precision rules, as ``quantize`` takes.
     method: "minmax" | "percentile" | "mse" (module docstring); weight_method: for weights (default: method).
     bias_correction: empirical bias correction after weight quantization.
+    adaround: learn the rounding of every weighted layer after calibration (``mobileqat.adaround``,
+      ``adaround_iters`` Adam steps per layer; ``adaround_options``: its other keyword arguments); bias
+      correction, if asked, then follows each layer's learned rounding.
     The result is ``quantize(model, scheme)`` with calibrated ranges instead of trained ones: export it with
     ``export_tflite`` and lower it with ``lower`` as a QAT model (0 LSB on both runtimes); it can still be
     fine-tuned with ``fit`` (weight ranges stay fixed). ``calibrate`` does the same on a quantized model and
@@ -346,7 +350,14 @@ def ptq(model, calibration_data, scheme="w8a8", method="minmax", bias_correction
     _check_method(method)
     _check_method(weight_method or method, "weight_method")
     _images(model, calibration_data)  # shape / emptiness errors before the rewrites
+    if adaround_options is not None and not isinstance(adaround_options, dict):
+        raise ValueError(f"adaround_options={adaround_options!r}: give a dict of mobileqat.adaround keyword "
+                         "arguments, e.g. {'batch_size': 32}.")
     qat = quantize(model, scheme, keep_float=keep_float)
-    calibrate(qat, calibration_data, method, weight_method, percentile, bias_correction, batch_size,
-              max_samples, grid, seed)
+    calibrate(qat, calibration_data, method, weight_method, percentile, bias_correction and not adaround,
+              batch_size, max_samples, grid, seed)
+    if adaround:
+        from mobileqat.learned_rounding import adaround as learn_rounding
+        options = {"seed": seed, **(adaround_options or {})}
+        learn_rounding(qat, calibration_data, iters=adaround_iters, bias_correction=bias_correction, **options)
     return qat

@@ -1,4 +1,4 @@
-"""The ``mobileqat`` command: demo, run, compare, validate, debug, bench, export, device-check, coverage.
+"""The ``mobileqat`` command: demo, run, compare, validate, debug, bench, export, device-check, coverage, sensitivity.
 
 ``device-check`` is dispatched before anything else is imported: it needs numpy, Pillow and ai-edge-litert
 only (``mobileqat.device_check``), never TensorFlow."""
@@ -382,6 +382,100 @@ def cmd_compare(args):
     return 0
 
 
+def cmd_sensitivity(args):
+    import numpy as np
+
+    from mobileqat import sensitivity as S
+    from mobileqat.data import calibration_subset, image_folder_stream, synthetic_shapes
+    from mobileqat.schemes import get_scheme
+    S._check_budget(args.budget)
+    for flag, scheme in (("--high", args.high), ("--low", args.low)):
+        try:
+            get_scheme(scheme)
+        except ValueError as e:
+            raise ValueError(f"{flag}: {e}") from e
+    if get_scheme(args.low).weight_bits >= get_scheme(args.high).weight_bits:
+        raise ValueError(f"--low {args.low} must have fewer weight bits than --high {args.high} (e.g. --high w8a8 "
+                         "--low w4a8).")
+    if args.data is None and (args.pixels != "-1..1" or args.mean or args.std):
+        raise ValueError("--pixels/--mean/--std apply to --data (an image folder); the synthetic shapes are scaled "
+                         "to -1..1. Pass --data, or drop them.")
+    pixels = dict(pixels=args.pixels, mean=args.mean, std=args.std)
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    if args.model_file:
+        if args.model or args.alpha is not None or args.epochs is not None:
+            raise ValueError(f"--model/--alpha/--epochs with --model-file {args.model_file}: the file is the trained "
+                             "model; drop them.")
+        from mobileqat.pipeline import check_model_fits, load_model_file
+        model, _ = load_model_file(args.model_file)
+        h, w, c = (int(d) for d in model.inputs[0].shape[1:])
+        ds = (image_folder_stream(args.data, (h, w), c, seed=args.seed, **pixels) if args.data else
+              synthetic_shapes(n_train=args.train, n_test=args.test, image_size=h, seed=args.seed))
+        check_model_fits(model, ds, args.model_file)
+        source = {"model_file": os.path.abspath(args.model_file)}
+    else:
+        size = args.input_size or 32
+        ds = (image_folder_stream(args.data, size, 3, seed=args.seed, **pixels) if args.data else
+              synthetic_shapes(n_train=args.train, n_test=args.test, image_size=size, seed=args.seed))
+        model, source = _sensitivity_float_model(args, ds, log)
+    x, y = ds.arrays("test") if hasattr(ds, "arrays") else (ds.x_test, ds.y_test)
+    calib = calibration_subset(ds, args.calibration, args.seed)
+    float_acc = float(np.mean(np.argmax(model.predict(x, batch_size=256, verbose=0), -1) == y))
+    log(f"float model: accuracy {100 * float_acc:.2f} % on {len(y)} test images; calibrating the baseline")
+    run = S.SensitivityRun(model, calib, x, y, args.high, args.low, args.method, args.bias_correction, args.runtime,
+                           log=log)
+    extra = {"model": {"name": model.name, **source}, "data": {"name": ds.name, "test": int(len(y)),
+             "calibration": int(len(calib))}, "float_accuracy": float_acc}
+    report = S.write_sensitivity(run, args.budget, args.out, export=not args.no_export, extra=extra)
+    print(S.format_table(report, report["plan"]))
+    f = report.get("plan_file")
+    if f:
+        print(f"plan file: {f['bytes']} bytes ({f['gzip_bytes']} gzip), accuracy {100 * f['accuracy']:.2f} % on "
+              f"{args.runtime}, {f['max_lsb_vs_twin']} LSB from the twin")
+    print(f"written: {os.path.join(args.out, 'sensitivity.json')}, plan.json (rules), sensitivity.png")
+    return 0
+
+
+def _sensitivity_float_model(args, ds, log):
+    """--model NAME: trained here for --epochs (kept as OUT/float_model.keras and reused by a rerun with the
+    same model, data and training flags)."""
+    from mobileqat import architectures
+    from mobileqat._tf import keras
+    from mobileqat.export import save_keras_model, write_atomic
+    from mobileqat.stages import data_fingerprint, stage_key
+    from mobileqat.training import fit
+    name = args.model or "mobilenet_v2"
+    alpha = args.alpha if args.alpha is not None else (0.35 if architectures.takes_alpha(name) else None)
+    epochs = args.epochs if args.epochs is not None else 6
+    key = stage_key(model=name, alpha=alpha, epochs=epochs, lr=args.learning_rate, seed=args.seed,
+                    data=ds.fingerprint() if hasattr(ds, "fingerprint") else data_fingerprint(ds))
+    path, meta = os.path.join(args.out, "float_model.keras"), os.path.join(args.out, "float_model.json")
+    source = {"builder": name, "alpha": alpha, "epochs": epochs, "learning_rate": args.learning_rate,
+              "file": os.path.abspath(path)}
+    try:
+        with open(meta) as f:
+            reuse = json.load(f).get("key") == key and os.path.exists(path)
+    except (OSError, ValueError):
+        reuse = False
+    if reuse:
+        log(f"float model: reusing {path}")
+        return keras.models.load_model(path), source
+    os.makedirs(args.out, exist_ok=True)
+    keras.utils.set_random_seed(args.seed)
+    kwargs = {"alpha": alpha} if alpha is not None else {}
+    model = architectures.build(name, ds.input_shape, ds.classes, **kwargs)
+    log(f"float model: training {name} for {epochs} epochs")
+    if hasattr(ds, "dataset"):
+        fit(model, ds.dataset("train", seed=args.seed), None, epochs, learning_rate=args.learning_rate,
+            seed=args.seed, verbose=0 if args.quiet else 2)
+    else:
+        fit(model, ds.x_train, ds.y_train, epochs, learning_rate=args.learning_rate, seed=args.seed,
+            verbose=0 if args.quiet else 2)
+    save_keras_model(model, path)
+    write_atomic(meta, json.dumps({"key": key}).encode())
+    return model, source
+
+
 def _failed(path, failures):
     """Exit code 1 with one line per failure on stderr, 0 when there is none."""
     if failures:
@@ -548,6 +642,37 @@ def build_parser():
                         "QAT model (.h5, SavedModel)")
     p.add_argument("--again", action="store_true", help="redo models already in --out")
     p.set_defaults(func=cmd_coverage)
+
+    p = sub.add_parser("sensitivity", help="per-layer sensitivity to a lower precision on the integer twin, and a "
+                                           "mixed-precision plan (rules) that meets an accuracy budget")
+    p.add_argument("--out", required=True, help="folder for sensitivity.json, plan.json (rules), sensitivity.png, "
+                                                "plan_int8.tflite")
+    p.add_argument("--budget", type=float, required=True, metavar="POINTS",
+                   help="accuracy points (percent) the plan may lose against the all --high baseline, e.g. 0.5")
+    p.add_argument("--model-file", help="your trained float model (.keras or .h5, saved with tf_keras)")
+    from mobileqat.architectures import MODELS
+    p.add_argument("--model", default=None, choices=list(MODELS),
+                   help="without --model-file: a built-in architecture trained here (default mobilenet_v2)")
+    p.add_argument("--alpha", type=number(float, 1e-3, 10.0), default=None, help="width multiplier (default 0.35)")
+    p.add_argument("--epochs", type=COUNT, default=None, help="float training epochs for --model (default 6)")
+    p.add_argument("--learning-rate", type=RATE, default=2e-3)
+    p.add_argument("--data", help="image folder DATA/<class>/<image> (default: the built-in synthetic shapes)")
+    p.add_argument("--input-size", type=SIZE, default=None, help="image side for --model (default 32)")
+    p.add_argument("--train", type=COUNT, default=8000, help="synthetic training images")
+    p.add_argument("--test", type=COUNT, default=1000, help="synthetic test images")
+    _add_pixel_options(p)
+    p.add_argument("--high", default="w8a8", help="the scheme of every other layer (default %(default)s)")
+    p.add_argument("--low", default="w4a8", help="the lower scheme tried per layer (default %(default)s)")
+    from mobileqat.calibration import METHODS
+    p.add_argument("--method", choices=METHODS, default="minmax", help="calibration range method")
+    p.add_argument("--bias-correction", action="store_true")
+    p.add_argument("--calibration", type=COUNT, default=256, help="calibration images from the training split")
+    p.add_argument("--runtime", choices=["xnnpack", "reference"], default="xnnpack",
+                   help="whose arithmetic the integer twin reproduces")
+    p.add_argument("--no-export", action="store_true", help="do not write and check plan_int8.tflite")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_sensitivity)
     return parser
 
 

@@ -209,11 +209,22 @@ SAVE_FORMATS = (".h5", "savedmodel")  # not .keras: tfmot's QuantizeLayer create
 
 def _saving(qat, x, folder, name):
     """Save the fine-tuned QAT model in each of ``SAVE_FORMATS``, load it back with ``load_qat_model`` (no
-    custom_objects) and
-    compare: {format: "ok" (same weights, bit for bit, and the same outputs on ``x``) or what went wrong}.
-    Same graph and same weights give the converter the same input, so the same file."""
+    custom_objects) and compare: {format: "ok" (same weights, bit for bit, the same outputs on ``x``, and
+    ``export_tflite`` writes the same bytes as for the model before saving) or what went wrong}."""
+    from mobileqat.export import export_tflite
     from mobileqat.quantize import load_qat_model
+
+    def exported_bytes(model, tag):
+        path = os.path.join(folder, f"{name}.{tag}.tflite")
+        export_tflite(model, path)
+        with open(path, "rb") as f:
+            return f.read()
+
     want_w, want_y = qat.get_weights(), qat.predict(x, verbose=0)
+    try:
+        want_file = exported_bytes(qat, "before_saving")
+    except Exception as e:  # noqa: BLE001 - the table records any failure
+        return dict.fromkeys(SAVE_FORMATS, f"export before saving failed: {type(e).__name__}: {_short(e)}")
     row = {}
     for fmt in SAVE_FORMATS:
         path = os.path.join(folder, f"{name}.saved{fmt if fmt.startswith('.') else ''}")
@@ -226,7 +237,11 @@ def _saving(qat, x, folder, name):
             elif not np.array_equal(loaded.predict(x, verbose=0), want_y):
                 row[fmt] = "outputs differ after loading"
             else:
-                row[fmt] = "ok"
+                got_file = exported_bytes(loaded, "reloaded_" + fmt.lstrip("."))
+                same = got_file == want_file
+                row[fmt] = "ok" if same else (f"re-export differs ({len(got_file)} against {len(want_file)} bytes, "
+                                              f"first difference at byte "
+                                              f"{next(i for i, (a, b) in enumerate(zip(got_file, want_file)) if a != b) if len(got_file) == len(want_file) else 'n/a'})")
         except Exception as e:  # noqa: BLE001 - the table records any failure
             row[fmt] = f"{type(e).__name__}: {_short(e)}"
     return row

@@ -20,8 +20,8 @@ Delegated int8 ops and their arithmetic:
       a = fl(s1 / so), b = fl(s2 / so); shift = 20 - exponent(max(a, b));
       ma = lrintf(a * 2^shift), mb = lrintf(b * 2^shift);
       y = clamp(((2^(shift-1) - ma*z1 - mb*z2 + ma*x1 + mb*x2) >> shift) + zo)   (floor shift)
-    Only for input/output scale ratios in [1/1024, 256); other ADDs run on the builtin kernel and are
-    refused here (ValueError).
+    Only for input/output scale ratios in [1/1024, 256); other ADDs run on the builtin optimized kernel
+    (``add_builtin``).
   MEAN (reduce-nd.c, qs8 rsum + reference int32->qs8 convert):
       m = fl(fl(si / so) * fl(1 / count)); b = fl(zo - fl(fl(count * zi) * m))
       y = clamp(rint_half_even(fl(fl(float32(sum x) * m) + b)))
@@ -164,11 +164,75 @@ def _add(x1, x2, scale1, zero_point1, scale2, zero_point2, output_scale, output_
     return np.clip(out, *act_range).astype(np.int8)
 
 
+def add_delegated(scale1, scale2, output_scale):
+    """True when XNNPACK takes this int8 ADD: both input/output scale ratios in [1/1024, 256)."""
+    return all(F32(1 / 1024) <= F32(F32(s) / F32(output_scale)) < F32(256) for s in (scale1, scale2))
+
+
+def _vqrdmulh(a, b):
+    """ARM VQRDMULH (and NEON_2_SSE's emulation): sat32((2*a*b + 2^31) >> 32), round half up."""
+    a = np.asarray(a, np.int64)
+    return np.where((a == -2 ** 31) & (b == -2 ** 31), 2 ** 31 - 1, (2 * a * int(b) + (1 << 31)) >> 32)
+
+
+def _wrap(x, bits):
+    half = 1 << (bits - 1)
+    return ((np.asarray(x, np.int64) + half) & ((1 << bits) - 1)) - half
+
+
+def _builtin_add_vector(x1, x2, scale1, zero_point1, scale2, zero_point2, output_scale, output_zero_point,
+                        act_range):
+    """optimized_integer_ops::AddElementwiseInt8's 16-lane loop (NEON, NEON_2_SSE on x86)."""
+    from mobileqat.integer import _rounding_divide_by_pot, quantize_multiplier
+    twice_max = 2.0 * max(np.float64(F32(scale1)), np.float64(F32(scale2)))
+    m1, s1 = quantize_multiplier(np.float64(F32(scale1)) / twice_max)
+    m2, s2 = quantize_multiplier(np.float64(F32(scale2)) / twice_max)
+    mo, so = quantize_multiplier(twice_max / ((1 << 20) * np.float64(F32(output_scale))))
+
+    def scaled(x, zero_point, m, s):
+        v = np.asarray(x, np.int64) - zero_point
+        k = 20 + s  # vshlq_s32: a negative count shifts right (arithmetic, truncating)
+        v = _wrap(v << k, 32) if k >= 0 else v >> -k
+        return _vqrdmulh(v, m)
+
+    total = _wrap(scaled(x1, zero_point1, m1, s1) + scaled(x2, zero_point2, m2, s2), 32)
+    y = _rounding_divide_by_pot(_vqrdmulh(total, mo), -so)
+    y = _wrap(_wrap(y, 16) + int(output_zero_point), 16)  # vmovn_s32 truncates, the int16 add wraps
+    return np.clip(np.clip(y, -128, 127), *act_range).astype(np.int8)  # vqmovn_s16, then the clamp
+
+
+def add_builtin(x1, scale1, zero_point1, x2, scale2, zero_point2, output_scale, output_zero_point,
+                act_range=(-128, 127)):
+    """The builtin optimized int8 ADD (add.cc kGenericOptimized -> optimized_integer_ops::Add), which
+    runs the ADDs XNNPACK refuses, same shapes (N, ...). AddElementwiseInt8 walks the flat tensor: whole
+    blocks of 16 elements take the vector loop (NEON; NEON_2_SSE on x86), whose rounding differs from
+    the reference kernel (input shift folded before a round-half-up VQRDMULH) and whose int32 -> int16
+    narrowing wraps; the last ``size % 16`` elements take the scalar loop, the reference arithmetic. So
+    the result depends on how many images one invoke holds when an image's size is not a multiple of 16:
+    this assumes the runtime was invoked on exactly the batch given here. ``act_range`` as
+    ``integer.activation_range`` computes it (the builtin kernel's clamp)."""
+    from mobileqat import integer
+    params = (scale1, zero_point1, scale2, zero_point2, output_scale, output_zero_point, tuple(act_range))
+    x1, x2 = np.asarray(x1, np.int8), np.asarray(x2, np.int8)
+    if x1.shape != x2.shape:
+        raise ValueError(f"broadcast ADD {x1.shape} + {x2.shape} with scale ratios outside XNNPACK's [1/1024, 256) "
+                         "runs on the builtin broadcast kernel, which mobileqat does not reproduce")
+    y = _binary_by_table(_builtin_add_vector, x1, x2, params).reshape(-1)
+    tail = x1.size % 16
+    if tail:
+        y[-tail:] = integer.add(x1.reshape(-1)[-tail:], scale1, zero_point1, x2.reshape(-1)[-tail:], scale2,
+                                zero_point2, output_scale, output_zero_point, act_range)
+    return y.reshape(x1.shape)
+
+
 def add(x1, scale1, zero_point1, x2, scale2, zero_point2, output_scale, output_zero_point,
         act_range=(-128, 127)):
     """XNNPACK int8 ADD (qs8 vadd), same shapes. A fused activation is a separate clamp. int8 inputs are
-    looked up in a table of all 65,536 input pairs computed this way."""
-    add_params(scale1, zero_point1, scale2, zero_point2, output_scale)  # refuses scales XNNPACK does not take
+    looked up in a table of all 65,536 input pairs computed this way. Scale ratios the delegate refuses
+    go to ``add_builtin`` (what the runtime then runs)."""
+    if not add_delegated(scale1, scale2, output_scale):
+        return add_builtin(x1, scale1, zero_point1, x2, scale2, zero_point2, output_scale, output_zero_point,
+                           act_range)
     return _binary_by_table(_add, x1, x2, (scale1, zero_point1, scale2, zero_point2, output_scale,
                                            output_zero_point, tuple(act_range)))
 

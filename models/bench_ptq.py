@@ -1,7 +1,11 @@
 """Post-training quantization on the demo data: the converter's PTQ against mobileqat.ptq (minmax / percentile /
-mse ranges, with and without bias correction) at W8A8 and W4A8.
+mse ranges, with and without bias correction, nearest or AdaRound rounding) at W8A8 and W4A8.
 
     PYTHONPATH=. .venv/bin/python models/bench_ptq.py [--epochs 6] [--train 8000] [--out /tmp/bench_ptq]
+    PYTHONPATH=. .venv/bin/python models/bench_ptq.py --methods minmax --rounding nearest adaround
+
+``--rounding adaround`` adds ``mobileqat.ptq(..., adaround=True)`` rows (``--adaround-iters`` Adam steps per
+layer on batches of ``--adaround-batch`` calibration images); their "adaround_s" is the time AdaRound took.
 
 One float MobileNetV2-0.35 (32x32x3, synthetic shapes, ``--epochs`` epochs of ``mobileqat.fit``), one
 calibration subset (``--calibration`` images of the training split, ``mobileqat.calibration_subset``), every
@@ -29,6 +33,9 @@ def main(argv=None):
     p.add_argument("--percentile", type=float, default=99.99)
     p.add_argument("--schemes", nargs="+", default=["w8a8", "w4a8"])
     p.add_argument("--methods", nargs="+", default=["minmax", "percentile", "mse"])
+    p.add_argument("--rounding", nargs="+", default=["nearest"], choices=["nearest", "adaround"])
+    p.add_argument("--adaround-iters", type=int, default=1000)
+    p.add_argument("--adaround-batch", type=int, default=32)
     p.add_argument("--no-baselines", action="store_true", help="skip the float and converter PTQ files")
     p.add_argument("--append", action="store_true", help="add rows to OUT/bench_ptq.json instead of replacing it")
     p.add_argument("--out", default="/tmp/bench_ptq")
@@ -79,30 +86,46 @@ def main(argv=None):
 
     for scheme in args.schemes:
         for method in args.methods:
-            for bc in (False, True):
-                t = time.time()
-                qat = mq.ptq(model, calib, scheme, method=method, bias_correction=bc, percentile=args.percentile)
-                path = os.path.join(args.out, f"ptq_{scheme}_{method}{'_bc' if bc else ''}.tflite")
-                export.export_tflite(qat, path)
-                seconds = time.time() - t
-                twin = lowering.lower(qat)
-                lsb = {}
-                for runtime in ("reference", "xnnpack"):
-                    f = TFLiteModel(path, runtime)
-                    codes = f.quantize_input(ds.x_test[:args.twin_images])
-                    out = np.concatenate([f.invoke_raw(codes[i:i + 1]) for i in range(len(codes))])
-                    lsb[runtime] = int(np.abs(out.astype(int) - twin.run(codes, runtime).astype(int)).max())
-                add(f"mobileqat PTQ {method}" + (" + bias corr." if bc else ""), scheme, path, seconds,
-                    {"twin_max_lsb": lsb})
+            for rounding in args.rounding:
+                for bc in (False, True):
+                    t = time.time()
+                    extra = {}
+                    if rounding == "nearest":
+                        qat = mq.ptq(model, calib, scheme, method=method, bias_correction=bc,
+                                     percentile=args.percentile)
+                    else:  # = mq.ptq(..., adaround=True), with AdaRound's report; bias correction after AdaRound
+                        qat = mq.ptq(model, calib, scheme, method=method, percentile=args.percentile)
+                        report = mq.adaround(qat, calib, iters=args.adaround_iters, batch_size=args.adaround_batch,
+                                             bias_correction=bc)
+                        extra = {"adaround_s": report["seconds"], "adaround_iters": args.adaround_iters,
+                                 "changed": round(float(np.mean([e["changed"] for e in report["adaround"].values()])), 4),
+                                 "mse_ratio_median": round(float(np.median(
+                                     [e["mse_adaround"] / max(e["mse_nearest"], 1e-30)
+                                      for e in report["adaround"].values()])), 4)}
+                    suffix = ("_adaround" if rounding == "adaround" else "") + ("_bc" if bc else "")
+                    path = os.path.join(args.out, f"ptq_{scheme}_{method}{suffix}.tflite")
+                    export.export_tflite(qat, path)
+                    seconds = time.time() - t
+                    twin = lowering.lower(qat)
+                    lsb = {}
+                    for runtime in ("reference", "xnnpack"):
+                        f = TFLiteModel(path, runtime)
+                        codes = f.quantize_input(ds.x_test[:args.twin_images])
+                        out = np.concatenate([f.invoke_raw(codes[i:i + 1]) for i in range(len(codes))])
+                        lsb[runtime] = int(np.abs(out.astype(int) - twin.run(codes, runtime).astype(int)).max())
+                    name = f"mobileqat PTQ {method}" + (" + AdaRound" if rounding == "adaround" else "") \
+                        + (" + bias corr." if bc else "")
+                    add(name, scheme, path, seconds, {"twin_max_lsb": lsb, **extra})
 
     float_acc = [r for r in rows if r["variant"] == "float"][0]["accuracy"]
-    print("\n| variant | scheme | accuracy (XNNPACK) | vs float (points) | bytes | twin max LSB ref / XNNPACK |")
-    print("|---|---|---|---|---|---|")
+    print("\n| variant | scheme | accuracy (XNNPACK) | vs float (points) | bytes | twin max LSB ref / XNNPACK "
+          "| AdaRound s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         lsb = r.get("twin_max_lsb")
         lsb = f"{lsb['reference']} / {lsb['xnnpack']}" if lsb else ""
         print(f"| {r['variant']} | {r['scheme']} | {100 * r['accuracy']:.1f} % | "
-              f"{100 * (r['accuracy'] - float_acc):+.1f} | {r['bytes']:,} | {lsb} |")
+              f"{100 * (r['accuracy'] - float_acc):+.1f} | {r['bytes']:,} | {lsb} | {r.get('adaround_s', '')} |")
 
 
 if __name__ == "__main__":

@@ -28,3 +28,33 @@ def test_a_refused_pattern_says_why_in_the_notes(tmp_path):
     (row,) = coverage.run(tmp_path, ["conv1d"], tools=("mobileqat",), log=lambda m: None)
     assert row["mobileqat"]["quantize"].startswith("ValueError: layer 'conv1d' (Conv1D)")
     assert "- conv1d, mobileqat quantize: ValueError: layer 'conv1d' (Conv1D)" in coverage.table([row])
+
+
+def test_saving_re_exports_the_same_file_and_names_a_difference(tmp_path, monkeypatch):
+    """After .h5 and SavedModel save/load the QAT model re-exports byte for byte the file it wrote before
+    saving; a reloaded model whose weights were nudged is caught (the bytes are compared, not trusted)."""
+    import numpy as np
+    from mobileqat._tf import keras
+    from mobileqat.quantize import quantize
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 3))
+    y = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, name="conv")(inp))
+    qat = quantize(keras.Model(inp, keras.layers.Dense(3, name="head")(y)))
+    x = np.random.default_rng(0).uniform(-1, 1, (8, 8, 8, 3)).astype(np.float32)
+    qat(x, training=True)
+    row = coverage._saving(qat, x, str(tmp_path), "tiny")
+    assert row == dict.fromkeys(coverage.SAVE_FORMATS, "ok")
+    files = {p.name: p.read_bytes() for p in tmp_path.glob("tiny.*.tflite")}
+    assert sorted(files) == ["tiny.before_saving.tflite", "tiny.reloaded_h5.tflite", "tiny.reloaded_savedmodel.tflite"]
+    assert len(set(files.values())) == 1
+
+    import mobileqat.quantize as q
+    load = q.load_qat_model
+
+    def nudged(path):  # same weights where compared, but a different file: the output layer's name
+        model = load(path)
+        model.layers[-1]._name = "renamed_head"
+        return model
+    monkeypatch.setattr(q, "load_qat_model", nudged)
+    row = coverage._saving(qat, x, str(tmp_path), "tiny")
+    assert all(v.startswith("re-export differs") for v in row.values()), row

@@ -177,18 +177,18 @@ def test_conv_and_depthwise_equal_xnnpack(tmp_path, kind, stride, activation):
     _assert_exact_and_distinct(out, ours, ref)
 
 
-def _add_file(tmp_path):
+def _add_file(tmp_path, shape=(16, 16, 2)):
     """Add(input, conv1x1(input)), trained, exported: (path, x, conv op, add op, tensors)."""
     keras.utils.set_random_seed(3)
-    x = np.random.default_rng(3).uniform(-1, 1, (256, 16, 16, 2)).astype(np.float32)
-    inp = keras.Input((16, 16, 2))
+    x = np.random.default_rng(3).uniform(-1, 1, (256,) + shape).astype(np.float32)
+    inp = keras.Input(shape)
     b = L.BatchNormalization(name="bn_b")(L.Conv2D(2, 1, use_bias=False, name="b")(inp))
     qat = quantize(keras.Model(inp, L.Add(name="add")([inp, b])))
     wrapper = next(layer for layer in qat.layers if layer.name == "quant_b")
     gamma = next(w for w in wrapper.trainable_weights if "gamma" in w.name)
     gamma.assign(gamma * 5.0)  # branch b gets a much wider range than the input
     qat.compile("adam", "mse")
-    qat.fit(x, np.zeros((256, 16, 16, 2)), epochs=1, batch_size=64, verbose=0)
+    qat.fit(x, np.zeros((256,) + shape), epochs=1, batch_size=64, verbose=0)
     path = str(tmp_path / "add.tflite")
     export.export_tflite(qat, path)
     graph, tensors, _ = read_graph(path)
@@ -236,20 +236,45 @@ def test_add_of_different_scales_equals_xnnpack(tmp_path):
     assert np.sum(ref != out) > 1000  # the tie case
 
 
-def test_add_outside_xnnpack_scale_range_is_refused_by_name(tmp_path):
-    """An input/output scale ratio outside XNNPACK's [1/1024, 256) leaves the ADD to the builtin
-    optimized kernel, which saturates differently from the reference kernel (it returns 127 where
-    the exact sum is far below -128): integer_xnnpack says it cannot reproduce that ADD."""
-    path, _, conv, add, _ = _add_file(tmp_path)
-    _rewrite_as_channel_swap(path, conv, add, 0.5, 0, 1.0, 0.5 / 300, 0)  # ratio 300
+@pytest.mark.parametrize("case", [(0.5, 0, 1.0, 0.5 / 300, 17), (0.01, -5, 3.0, 0.01 / 2000, -40),
+                                  (0.8, -128, 1.0, 0.8 / 400, 127), (0.02, 100, 0.5, 0.02 * 1200, -100)])
+def test_add_outside_xnnpack_scale_range_equals_the_builtin_kernel(add_file, case):
+    """An input/output scale ratio outside XNNPACK's [1/1024, 256) leaves the ADD to the builtin optimized
+    kernel, whose 16-lane loop rounds and narrows differently from the reference kernel (it returns 127
+    where the exact sum is far below -128): ``add_builtin`` matches it on every (x1, x2) pair."""
+    path, conv, add = add_file
+    _rewrite_as_channel_swap(path, conv, add, *case)
     m = TFLiteModel(path, "xnnpack")
     m.interpreter.allocate_tensors()
     assert "ADD" in [op["op_name"] for op in m.interpreter._get_ops_details()]  # not inside the delegate
     out = m.invoke_raw(_ALL_PAIRS)
-    reference = run_numpy(path, _ALL_PAIRS, _Hybrid("add"))[int(m.output["index"])]
-    assert np.any(out != reference)
-    with pytest.raises(ValueError, match="outside XNNPACK's"):
-        run_numpy(path, _ALL_PAIRS, integer_xnnpack)
+    np.testing.assert_array_equal(run_numpy(path, _ALL_PAIRS, integer_xnnpack)[int(m.output["index"])], out)
+    if case[3] < case[0]:  # output scale far below the inputs': the vector loop's int16 narrowing wraps
+        reference = run_numpy(path, _ALL_PAIRS, _Hybrid("add"))[int(m.output["index"])]
+        assert np.sum(reference != out) > 10000
+
+
+@pytest.fixture(scope="module")
+def add_file(tmp_path_factory):
+    path, _, conv, add, _ = _add_file(tmp_path_factory.mktemp("add"))
+    return path, conv, add
+
+
+def test_builtin_add_runs_the_reference_arithmetic_on_the_last_elements(tmp_path):
+    """A flat size that is not a multiple of 16 (5x5x2 per image, 7 images: 350 = 21*16 + 14): the last 14
+    elements take the scalar loop (the reference formula), the others the vector loop."""
+    path, _, conv, add, _ = _add_file(tmp_path, shape=(5, 5, 2))
+    _rewrite_as_channel_swap(path, conv, add, 0.5, 0, 1.0, 0.5 / 300, 17)
+    xq = np.random.default_rng(0).integers(-128, 128, (7, 5, 5, 2)).astype(np.int8)
+    m = TFLiteModel(path, "xnnpack")
+    out = m.invoke_raw(xq)
+    ours = run_numpy(path, xq, integer_xnnpack)[int(m.output["index"])]
+    np.testing.assert_array_equal(ours, out)
+    mid = run_numpy(path, xq, integer_xnnpack)[conv["outputs"][0]]
+    (s1, z1), (s2, z2), so = (0.5, 0), (0.5, 0), 0.5 / 300
+    vector = integer_xnnpack._builtin_add_vector(xq, mid, s1, z1, np.float32(0.5) * np.float32(1.0), z2, so, 17,
+                                                 (-128, 127)).reshape(-1)
+    assert np.any(vector[-14:] != out.reshape(-1)[-14:]) and np.array_equal(vector[:-14], out.reshape(-1)[:-14])
 
 
 def test_mean_equals_xnnpack(tmp_path):

@@ -12,7 +12,8 @@ Inputs broadcast as numpy does ((N,1,1,C) against (N,H,W,C)); every formula belo
 ADD: reference = ``integer.add`` (inputs shifted left 20 bits, each brought to 2*max(s1, s2) by its
   own fixed-point multiplier, the sum to the output scale by a third); xnnpack = ``integer_xnnpack.add``
   (one integer multiply-add per input and a floor shift). The delegate refuses input/output scale
-  ratios outside [1/1024, 256): that ADD runs on the builtin optimized kernel, not reproduced (ValueError).
+  ratios outside [1/1024, 256): that ADD runs on the builtin optimized kernel, ``integer_xnnpack.add_builtin``
+  (NEON / NEON_2_SSE vector loop over whole 16-element blocks, reference arithmetic on the tail).
 SUB: reference (sub.cc, reference_ops::Sub for int8 on every kernel type): ADD's arithmetic with the
   second scaled input subtracted. xnnpack: XNNPACK's ADD with the second input's scale negated
   (binary-elementwise-nd.c, sign_b = -1): b_multiplier < 0, bias = 2^(shift-1) - ma*z1 - mb*z2;
@@ -59,6 +60,9 @@ def add_reference(xs, ins, out, activation=None):
 
 def add_xnnpack(xs, ins, out, activation=None):
     (s1, z1), (s2, z2) = ins
+    if not integer_xnnpack.add_delegated(s1, s2, out[0]):
+        return integer_xnnpack.add_builtin(xs[0], s1, z1, xs[1], s2, z2, out[0], out[1],
+                                           act_range=_act(integer, activation, out))
     return integer_xnnpack.add(xs[0], s1, z1, xs[1], s2, z2, out[0], out[1],
                                act_range=_act(integer_xnnpack, activation, out))
 
