@@ -39,7 +39,7 @@ _API = {
     "calibration_subset": "mobileqat.data", "image_folder_stream": "mobileqat.data",
     "ImageFolderStream": "mobileqat.data", "load_model_file": "mobileqat.pipeline",
     "fit": "mobileqat.training", "ptq": "mobileqat.calibration", "calibrate": "mobileqat.calibration",
-    "adaround": "mobileqat.learned_rounding",
+    "adaround": "mobileqat.learned_rounding", "auto": "mobileqat.ladder", "LadderConfig": "mobileqat.ladder",
     "Distiller": "mobileqat.training", "QuantizationDelay": "mobileqat.training",
     "FreezeBatchNorm": "mobileqat.training", "BitSchedule": "mobileqat.training", "set_bn_folding": "mobileqat.training",
     "run_pipeline": "mobileqat.pipeline", "RunConfig": "mobileqat.pipeline", "load_qat_model": "mobileqat.quantize",
@@ -51,7 +51,7 @@ _API = {
     "write_sensitivity": "mobileqat.sensitivity",
     "check_tflite": "mobileqat.runtime", "InvalidModelError": "mobileqat.runtime", "RuntimeFailure": "mobileqat.runtime",
 }
-_SUBMODULES = {"architectures", "calibration", "compare", "learned_rounding", "ops", "data", "debug", "integer", "integer_xnnpack", "lowering", "export", "harness", "layers", "quantizers", "quantize", "schemes",
+_SUBMODULES = {"ladder", "architectures", "calibration", "compare", "learned_rounding", "ops", "data", "debug", "integer", "integer_xnnpack", "lowering", "export", "harness", "layers", "quantizers", "quantize", "schemes",
                "transforms", "training", "pipeline", "report", "runtime", "cli", "provenance", "stages",
                "tflite_file", "faults", "package", "device_check", "sensitivity"}
 

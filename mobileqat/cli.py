@@ -1,4 +1,5 @@
-"""The ``mobileqat`` command: demo, run, compare, validate, debug, bench, export, device-check, coverage, sensitivity.
+"""The ``mobileqat`` command: demo, run, compare, sensitivity, auto, validate, debug, bench, export, device-check,
+coverage.
 
 ``device-check`` is dispatched before anything else is imported: it needs numpy, Pillow and ai-edge-litert
 only (``mobileqat.device_check``), never TensorFlow."""
@@ -476,6 +477,49 @@ def _sensitivity_float_model(args, ds, log):
     return model, source
 
 
+def _user_model_and_data(args):
+    """--model-file M with --data DIR (or, without --data, the built-in shapes at M's input size): (model, data)."""
+    from mobileqat.data import image_folder_stream, synthetic_shapes
+    from mobileqat.pipeline import check_model_fits, load_model_file
+    model, _ = load_model_file(args.model_file)
+    h, w, c = (int(d) for d in model.inputs[0].shape[1:])
+    if args.data:
+        ds = image_folder_stream(args.data, image_size=(h, w), channels=c, seed=args.seed, pixels=args.pixels,
+                                 mean=args.mean, std=args.std)
+    else:
+        if args.pixels != "-1..1" or args.mean or args.std:
+            raise ValueError("--pixels/--mean/--std apply to --data (an image folder); the built-in shapes are "
+                             "scaled to -1..1. Pass --data, or drop them.")
+        if h != w:
+            raise ValueError(f"--model-file {args.model_file} takes {h}x{w} images; the built-in shapes are square: "
+                             "pass --data IMAGE_DIR.")
+        ds = synthetic_shapes(n_train=args.train, n_test=args.test, image_size=h, channels=c, seed=args.seed,
+                              difficulty=args.difficulty)
+    check_model_fits(model, ds, args.model_file)
+    return model, ds
+
+
+def cmd_auto(args):
+    from mobileqat.ladder import LadderConfig, auto, check_config
+    cfg = LadderConfig(budget=args.budget, scheme=args.scheme, methods=tuple(args.methods),
+                       calibration_images=args.calibration_images, selection_images=args.selection_images,
+                       adaround_iters=args.adaround_iters, qat_epochs=args.qat_epochs,
+                       qat_learning_rate=args.qat_learning_rate, qat_warmup=args.qat_warmup, batch_size=args.batch_size,
+                       twin_images=args.twin_images, bench_runs=args.bench_runs, threads=args.threads, seed=args.seed,
+                       verbose=0 if args.quiet else 1, model_file=os.path.abspath(args.model_file))
+    check_config(cfg)  # a bad setting stops here, before the model and data are read
+    model, ds = _user_model_and_data(args)
+    result = auto(ds, args.out, model, cfg)
+    with open(os.path.join(args.out, "ladder.md")) as f:
+        print(f.read(), end="")
+    print(f"written: {os.path.join(args.out, 'model.tflite')}, report.json, ladder.json")
+    if result["chosen"] is None:
+        print(f"mobileqat: no rung meets the budget of {args.budget} points; model.tflite is the closest "
+              f"({result.get('closest')})", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _failed(path, failures):
     """Exit code 1 with one line per failure on stderr, 0 when there is none."""
     if failures:
@@ -631,6 +675,40 @@ def build_parser():
     p.add_argument("--seed", type=SEED, default=c.seed)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)
+
+    from mobileqat.ladder import LadderConfig
+    c = LadderConfig()
+    p = sub.add_parser("auto", help="PTQ first, QAT when needed: climb PTQ -> better calibration -> AdaRound -> "
+                                    "mixed plan -> QAT and stop at the first int8 file within --budget points of float")
+    p.add_argument("--model-file", required=True, help="your trained float model (.keras or .h5, tf_keras)")
+    p.add_argument("--data", help="image folder DATA/<class>/<image> it was trained on (default: the built-in "
+                                  "synthetic shapes at the model's input size)")
+    p.add_argument("--out", required=True, help="output folder: model.tflite (+ model.h5), report.json, ladder.json "
+                                                "and .md, one .tflite per rung; a rerun resumes")
+    p.add_argument("--budget", type=number(float, 0.0, 100.0), default=c.budget,
+                   help="accuracy points the int8 file may lose against the float file (XNNPACK, test split)")
+    p.add_argument("--scheme", default=c.scheme, help="target scheme with int8 activations: w8a8 (default) or a "
+                                                      "lower-bit-weight preset such as w4a8")
+    p.add_argument("--methods", nargs="+", choices=["minmax", "percentile", "mse"], default=list(c.methods),
+                   help="range methods the calibration rung chooses from")
+    p.add_argument("--calibration-images", type=COUNT, default=c.calibration_images)
+    p.add_argument("--selection-images", type=COUNT, default=c.selection_images,
+                   help="training images that choose the calibration method and the mixed plan")
+    p.add_argument("--adaround-iters", type=COUNT, default=c.adaround_iters, help="AdaRound steps per layer")
+    p.add_argument("--qat-epochs", type=COUNT, default=c.qat_epochs)
+    p.add_argument("--qat-learning-rate", type=RATE, default=c.qat_learning_rate)
+    p.add_argument("--qat-warmup", type=number(float, 0.0, 0.99), default=c.qat_warmup)
+    p.add_argument("--batch-size", type=COUNT, default=c.batch_size)
+    p.add_argument("--train", type=COUNT, default=10000, help="built-in shapes: training images")
+    p.add_argument("--test", type=COUNT, default=1000, help="built-in shapes: test images")
+    p.add_argument("--difficulty", type=number(float, 0.0, 100.0), default=1.3, help="built-in shapes: difficulty")
+    _add_pixel_options(p)
+    p.add_argument("--twin-images", type=COUNT, default=c.twin_images)
+    p.add_argument("--bench-runs", type=COUNT, default=c.bench_runs)
+    p.add_argument("--threads", type=THREADS, default=c.threads)
+    p.add_argument("--seed", type=SEED, default=c.seed)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_auto)
 
     from mobileqat.coverage import MODELS, TOOLS
     p = sub.add_parser("coverage", help="which Keras models quantize, convert and lower exactly (mobileqat and tfmot)")

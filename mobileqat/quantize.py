@@ -367,6 +367,7 @@ REWRITES = (
     transforms.hard_activations,       # MobileNetV3's TFOpLambda hard-swish/-sigmoid -> HardSwish/HardSigmoid
     transforms.tf_ops_to_layers,       # x + y, x * y, tf.nn.relu on Keras tensors -> Add, Multiply, ReLU
     transforms.drop_linear_activations,  # Activation('linear') -> nothing (its users take its input)
+    transforms.merge_duplicate_activations,  # identical activations of one tensor -> one (the converter merges them)
     transforms.split_activations,      # Conv/Dense(activation=softmax|sigmoid|swish) -> layer + Activation
     transforms.split_merges,           # Add/Multiply/Maximum/Minimum of n > 2 inputs -> a chain of pairs
     transforms.grouped_to_depthwise,   # Conv2D(groups == channels) -> DepthwiseConv2D

@@ -4,6 +4,8 @@
 chain by one ``FoldedConvBN`` carrying the same weights and statistics, when every row of
 ``FOLD_CONDITIONS`` holds (``mobileqat.quantize.audit`` reports the BatchNormalizations that fail one).
 """
+import json
+
 import numpy as np
 
 from mobileqat._tf import keras, tf
@@ -571,6 +573,53 @@ def fuse_relu(model):
             return None
         return type(layer).from_config(dict(layer.get_config(), activation=name)), layer.get_weights(), [users[0].name]
     return _rewrite(model, replace)
+
+
+def _activation_signature(layer):
+    """The config of an Activation/ReLU/LeakyReLU layer without its name (equal: the same function), else None."""
+    if type(layer) not in (L.Activation, L.ReLU, L.LeakyReLU):
+        return None
+    config = {k: v for k, v in layer.get_config().items() if k != "name"}
+    return type(layer).__name__, json.dumps(config, sort_keys=True, default=str)
+
+
+def merge_duplicate_activations(model):
+    """Two or more identical activation layers (Activation, ReLU, LeakyReLU: same class and config) reading one
+    tensor become one: the first in graph order, whose output the others' users take (NASNet's stem: one
+    BatchNormalization read by five Activation('relu')). Same float function.
+
+    The converter merges such identical ops itself (and then fuses the one ReLU into a conv whose only reader it
+    is), so the QAT model must have one too: with five, the conv kept a fake-quant of its own before them, which the
+    file does not carry (the twin was 6 LSB off NASNetMobile's file; measured)."""
+    _, consumers = _model_nodes(model)
+    merged = {}  # duplicate layer name -> the name of the first identical reader of the same tensor
+    for users in consumers.values():
+        first = {}
+        for user in users:
+            sig = _activation_signature(user)
+            if sig is None or len(tf.nest.flatten(user._inbound_nodes[0].inbound_layers)) != 1:
+                continue
+            if sig in first:
+                merged[user.name] = first[sig]
+            else:
+                first[sig] = user.name
+    if not merged:
+        return model
+    for name in set(merged.values()):
+        merged[name] = name
+    outputs = {}  # name of the layer kept -> its output in the new graph
+
+    def replace(layer):
+        first = merged.get(layer.name)
+        if first is None:
+            return None
+
+        def call(args, kwargs):  # whichever of the group the rebuild reaches first builds the one kept
+            if first not in outputs:
+                outputs[first] = type(layer).from_config(model.get_layer(first).get_config())(*args, **kwargs)
+            return outputs[first]
+        return call
+    return rebuild(model, replace)
 
 
 def split_separable(model):
