@@ -279,24 +279,13 @@ def cmd_bench(args):
 
 
 def cmd_export(args):
-    from mobileqat.data import image_folder_stream, synthetic_shapes
     from mobileqat.package import export_package
     from mobileqat.quantize import load_qat_model
     if not os.path.isfile(args.qat_model):
         raise FileNotFoundError(f"{args.qat_model}: no such QAT model file; pass the .h5 a run wrote "
                                 "(e.g. OUT/qat_model.h5).")
     model = load_qat_model(args.qat_model)
-    h, w, c = (int(d) for d in model.inputs[0].shape[1:])
-    if args.data:
-        ds = image_folder_stream(args.data, image_size=(h, w), channels=c, seed=args.seed, pixels=args.pixels,
-                                 mean=args.mean, std=args.std)
-    else:
-        if args.pixels != "-1..1" or args.mean or args.std:
-            raise ValueError("--pixels/--mean/--std apply to --data (an image folder); the synthetic test split is "
-                             "scaled to -1..1. Pass --data, or drop them.")
-        if h != w:
-            raise ValueError(f"{args.qat_model} takes {h}x{w} images; the synthetic shapes are square: pass --data.")
-        ds = synthetic_shapes(n_train=0, n_test=args.golden, image_size=h, channels=c, seed=args.seed)
+    ds = _data_for(model, args, args.qat_model, n_train=0, n_test=args.golden)
     report = None
     if args.report:
         with open(args.report) as f:
@@ -477,24 +466,28 @@ def _sensitivity_float_model(args, ds, log):
     return model, source
 
 
-def _user_model_and_data(args):
-    """--model-file M with --data DIR (or, without --data, the built-in shapes at M's input size): (model, data)."""
+def _data_for(model, args, what, **shapes):
+    """The data a model of fixed input (H, W, C) takes: --data DIR read at that size, or the built-in shapes
+    (``synthetic_shapes`` keyword arguments ``shapes``; square inputs only). ``what`` names the model's file."""
     from mobileqat.data import image_folder_stream, synthetic_shapes
-    from mobileqat.pipeline import check_model_fits, load_model_file
-    model, _ = load_model_file(args.model_file)
     h, w, c = (int(d) for d in model.inputs[0].shape[1:])
     if args.data:
-        ds = image_folder_stream(args.data, image_size=(h, w), channels=c, seed=args.seed, pixels=args.pixels,
-                                 mean=args.mean, std=args.std)
-    else:
-        if args.pixels != "-1..1" or args.mean or args.std:
-            raise ValueError("--pixels/--mean/--std apply to --data (an image folder); the built-in shapes are "
-                             "scaled to -1..1. Pass --data, or drop them.")
-        if h != w:
-            raise ValueError(f"--model-file {args.model_file} takes {h}x{w} images; the built-in shapes are square: "
-                             "pass --data IMAGE_DIR.")
-        ds = synthetic_shapes(n_train=args.train, n_test=args.test, image_size=h, channels=c, seed=args.seed,
-                              difficulty=args.difficulty)
+        return image_folder_stream(args.data, image_size=(h, w), channels=c, seed=args.seed, pixels=args.pixels,
+                                   mean=args.mean, std=args.std)
+    if args.pixels != "-1..1" or args.mean or args.std:
+        raise ValueError("--pixels/--mean/--std apply to --data (an image folder); the built-in shapes are scaled "
+                         "to -1..1. Pass --data, or drop them.")
+    if h != w:
+        raise ValueError(f"{what} takes {h}x{w} images; the built-in shapes are square: pass --data IMAGE_DIR.")
+    return synthetic_shapes(image_size=h, channels=c, seed=args.seed, **shapes)
+
+
+def _user_model_and_data(args):
+    """--model-file M with --data DIR (or, without --data, the built-in shapes at M's input size): (model, data)."""
+    from mobileqat.pipeline import check_model_fits, load_model_file
+    model, _ = load_model_file(args.model_file)
+    ds = _data_for(model, args, f"--model-file {args.model_file}", n_train=args.train, n_test=args.test,
+                   difficulty=args.difficulty)
     check_model_fits(model, ds, args.model_file)
     return model, ds
 

@@ -29,7 +29,7 @@ from typing import Optional
 
 import numpy as np
 
-from mobileqat import export, harness, provenance, training
+from mobileqat import compare, export, harness, provenance, training
 from mobileqat.data import ImageFolderStream, calibration_indices, calibration_subset
 from mobileqat.export import write_atomic
 from mobileqat.stages import RunFolder, data_fingerprint, stage_key
@@ -103,24 +103,8 @@ def _accuracy(model, x, y):
     return float(np.mean(model.predict(x, batch_size=256, verbose=0).argmax(-1) == y))
 
 
-def _read(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-def _plain(v):
-    if isinstance(v, (np.integer, np.floating)):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    return str(v)
-
-
 def _write(result, out):
-    write_atomic(os.path.join(out, "ladder.json"), json.dumps(result, indent=2, default=_plain).encode())
+    write_atomic(os.path.join(out, "ladder.json"), json.dumps(result, indent=2, default=compare._plain).encode())
     write_atomic(os.path.join(out, "ladder.md"), markdown(result).encode())
 
 
@@ -129,7 +113,7 @@ def auto(dataset, out_dir, float_model, cfg=LadderConfig()):
     returns the ladder.json dict: {"budget_points", "scheme", "float", "rungs": {name: entry}, "chosen"}. Each
     entry: accuracy (XNNPACK, test split, fraction), drop_points against float, bytes, gzip_bytes, latency_ms,
     seconds (making it), twin max LSB (files mobileqat wrote), meets_budget; or "skipped": why."""
-    from mobileqat import compare, pipeline
+    from mobileqat import pipeline
     from mobileqat.calibration import ptq
     from mobileqat.quantize import load_qat_model, quantize
     scheme = check_config(cfg)
@@ -154,7 +138,7 @@ def auto(dataset, out_dir, float_model, cfg=LadderConfig()):
     calib = calibration_subset(dataset, cfg.calibration_images, seed=cfg.seed)
     sel_x, sel_y = _labelled_training_subset(dataset, cfg.selection_images, cfg.seed + 1)
     json_path = os.path.join(out, "ladder.json")
-    previous = _read(json_path)
+    previous = compare._read(json_path)
     result = {"budget_points": float(cfg.budget), "scheme": cfg.scheme, "dataset": dataset.summary(),
               "config": dataclasses.asdict(cfg), "rungs": {}, "chosen": None}
 
@@ -330,7 +314,7 @@ def _write_chosen(result, out, test_x, test_y, cfg):
               "budget_points": result["budget_points"], "float_accuracy": result["float"]["accuracy"],
               "rung": {k: v for k, v in entry.items() if k != "key"}, "validation": val, "benchmark": bench,
               "weights": export.weight_summary(os.path.join(out, "model.tflite"))}
-    write_atomic(os.path.join(out, "report.json"), json.dumps(report, indent=2, default=_plain).encode())
+    write_atomic(os.path.join(out, "report.json"), json.dumps(report, indent=2, default=compare._plain).encode())
     lines = [f"# mobileqat auto: {'rung ' + repr(name) + ' meets' if result['chosen'] else 'no rung meets'} the "
              f"budget of {result['budget_points']} points", "", markdown(result)]
     write_atomic(os.path.join(out, "report.md"), "\n".join(lines).encode())
