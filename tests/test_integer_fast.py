@@ -201,10 +201,13 @@ def test_add_table_equals_the_previous_implementation_on_every_input_pair(runtim
                                   old(x1[0, 0], 0.1, 1, x2[0, 0], 0.2, -3, 0.3, 4))
 
 
-def test_add_refusal_survives_the_table():
-    x = np.zeros((2, 64, 64, 1), np.int8)
-    with pytest.raises(ValueError, match="outside XNNPACK"):
-        integer_xnnpack.add(x, 1.0, 0, x, 1.0, 0, 1e-4, 0)
+def test_builtin_add_survives_the_table():
+    """An ADD XNNPACK refuses (ratio 10,000) goes to the builtin kernel's arithmetic, table or not."""
+    rng = np.random.default_rng(1)
+    x1, x2 = (rng.integers(-128, 128, (2, 64, 64, 1)).astype(np.int8) for _ in range(2))
+    got = integer_xnnpack.add(x1, 1.0, 0, x2, 1.0, 0, 1e-4, 0)  # 8,192 elements: the table, all 16-lane blocks
+    np.testing.assert_array_equal(got, integer_xnnpack._builtin_add_vector(x1, x2, 1.0, 0, 1.0, 0, 1e-4, 0, (-128, 127)))
+    assert np.any(got != integer.add(x1, 1.0, 0, x2, 1.0, 0, 1e-4, 0))  # not the reference arithmetic
 
 
 def test_patches_view_equals_the_fancy_index_copy():
