@@ -69,3 +69,45 @@ def tiny_files(tmp_path_factory):
     export_tflite(models["a"], folder / "a.tflite")
     np.save(folder / "x.npy", tiny_data()[0][:24])
     return folder
+
+
+def user_cnn_files(root, jpeg_every_other=False):
+    """A user's folder and trained model under ``root``: data/class_{0,1,2}/ with 16 images each (a coloured block
+    on 24x30 noise; PNG, or PNG and JPEG alternating) and a small functional CNN (Conv2D+BN+ReLU,
+    DepthwiseConv2D+BN+ReLU6, Add, GAP, Dense, softmax) on 16x20 inputs scaled to 0..1, trained 3 epochs, saved as
+    user.keras and user.h5. Returns ``root``."""
+    from PIL import Image
+
+    from mobileqat._tf import keras
+    from mobileqat.data import image_folder_stream
+    rng = np.random.default_rng(0)
+    for c, colour in enumerate([(255, 40, 40), (40, 40, 255), (40, 255, 40)]):
+        (root / "data" / f"class_{c}").mkdir(parents=True)
+        for i in range(16):
+            img = rng.integers(0, 60, (24, 30, 3), dtype=np.uint8)
+            img[5:15, 6:20] = colour
+            ext = "jpg" if jpeg_every_other and i % 2 == 0 else "png"
+            Image.fromarray(img).save(root / "data" / f"class_{c}" / f"{i}.{ext}")
+    L = keras.layers
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16, 20, 3))
+    x = L.ReLU()(L.BatchNormalization()(L.Conv2D(8, 3, strides=2, padding="same", use_bias=False)(inp)))
+    y = L.ReLU(6.0)(L.BatchNormalization()(L.DepthwiseConv2D(3, padding="same", use_bias=False)(x)))
+    x = L.Add()([x, L.BatchNormalization()(L.Conv2D(8, 1, use_bias=False)(y))])
+    model = keras.Model(inp, L.Activation("softmax")(L.Dense(3)(L.GlobalAveragePooling2D()(x))), name="user_cnn")
+    stream = image_folder_stream(root / "data", (16, 20), 3, pixels="0..1")
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(stream.dataset("train", 16), epochs=3, verbose=0)
+    model.save(root / "user.keras")
+    model.save(root / "user.h5")
+    return root
+
+
+def labelled_noise(n, seed):
+    """n uniform-noise images (n, 16, 16, 3) in [-1, 1], channel 0 scaled per image, and labels (n,) in 0..4 from
+    channel 0's spread and channel 1's mean: a small task a tiny CNN learns in a few epochs."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 1, (n, 16, 16, 3)).astype(np.float32)
+    x[..., 0] *= rng.uniform(0.2, 1.0, (n, 1, 1))
+    y = ((x[..., 0].std(axis=(1, 2)) > 0.35).astype(int) + 2 * (x[..., 1].mean(axis=(1, 2)) > 0)) % 5
+    return x, y

@@ -7,20 +7,13 @@ import numpy as np
 import pytest
 
 import mobileqat as mq
+from conftest import labelled_noise as data
 from mobileqat import calibration, export, lowering
 from mobileqat._tf import keras
 from mobileqat.quantize import load_qat_model, quantize
 from mobileqat.runtime import TFLiteModel
 
 L = keras.layers
-
-
-def data(n, seed):
-    rng = np.random.default_rng(seed)
-    x = rng.uniform(-1, 1, (n, 16, 16, 3)).astype(np.float32)
-    x[..., 0] *= rng.uniform(0.2, 1.0, (n, 1, 1))
-    y = ((x[..., 0].std(axis=(1, 2)) > 0.35).astype(int) + 2 * (x[..., 1].mean(axis=(1, 2)) > 0)) % 5
-    return x, y
 
 
 def float_net():

@@ -4,6 +4,7 @@ calibrated, exported as full-integer files whose scales are the calibrated range
 reference kernels and XNNPACK."""
 import numpy as np
 import pytest
+from conftest import labelled_noise as data
 from conftest import numpy_fake_quant
 
 import mobileqat as mq
@@ -109,14 +110,6 @@ def float_net():
     model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
     model.fit(x, y, epochs=2, batch_size=32, verbose=0)
     return model
-
-
-def data(n, seed):
-    rng = np.random.default_rng(seed)
-    x = rng.uniform(-1, 1, (n, 16, 16, 3)).astype(np.float32)
-    x[..., 0] *= rng.uniform(0.2, 1.0, (n, 1, 1))
-    y = ((x[..., 0].std(axis=(1, 2)) > 0.35).astype(int) + 2 * (x[..., 1].mean(axis=(1, 2)) > 0)) % 5
-    return x, y
 
 
 @pytest.fixture(scope="module")

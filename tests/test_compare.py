@@ -7,8 +7,8 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from conftest import user_cnn_files
 from mobileqat import cli
 from mobileqat.compare import CompareConfig, check_variants, compare
 
@@ -19,28 +19,7 @@ VARIANTS = ("float", "ptq_w8a8", "qat_w4a8")
 def user(tmp_path_factory):
     """3 classes x 16 images (a coloured block on noise) and a small CNN (Conv2D+BN+ReLU, DepthwiseConv2D+BN+ReLU6,
     Add, GAP, Dense, softmax) on 16x20x3 inputs scaled to 0..1, trained a few epochs, saved as .keras."""
-    from mobileqat._tf import keras
-    from mobileqat.data import image_folder_stream
-    root = tmp_path_factory.mktemp("compare")
-    rng = np.random.default_rng(0)
-    for c, colour in enumerate([(255, 40, 40), (40, 40, 255), (40, 255, 40)]):
-        (root / "data" / f"class_{c}").mkdir(parents=True)
-        for i in range(16):
-            img = rng.integers(0, 60, (24, 30, 3), dtype=np.uint8)
-            img[5:15, 6:20] = colour
-            Image.fromarray(img).save(root / "data" / f"class_{c}" / f"{i}.png")
-    L = keras.layers
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((16, 20, 3))
-    x = L.ReLU()(L.BatchNormalization()(L.Conv2D(8, 3, strides=2, padding="same", use_bias=False)(inp)))
-    y = L.ReLU(6.0)(L.BatchNormalization()(L.DepthwiseConv2D(3, padding="same", use_bias=False)(x)))
-    x = L.Add()([x, L.BatchNormalization()(L.Conv2D(8, 1, use_bias=False)(y))])
-    model = keras.Model(inp, L.Activation("softmax")(L.Dense(3)(L.GlobalAveragePooling2D()(x))), name="user_cnn")
-    stream = image_folder_stream(root / "data", (16, 20), 3, pixels="0..1")
-    model.compile("adam", "sparse_categorical_crossentropy")
-    model.fit(stream.dataset("train", 16), epochs=3, verbose=0)
-    model.save(root / "user.keras")
-    return root
+    return user_cnn_files(tmp_path_factory.mktemp("compare"))
 
 
 def _compare(user, out, variants):
