@@ -78,13 +78,16 @@ def _add_run_options(p, defaults):
     p.add_argument("--bn-folding", choices=["two_pass", "single_conv"], default=defaults.bn_folding,
                    help="folded conv+BN in QAT training: two_pass (exact batch statistics, two convolutions) or "
                         "single_conv (one convolution, PyTorch's approximate form). Default %(default)s")
-    p.add_argument("--scheme", default=defaults.scheme, metavar="w8a8|w4a8|RULES.json",
+    p.add_argument("--scheme", default=defaults.scheme, metavar="w8a8|w4a8|w8a16|RULES.json",
                    help="QAT scheme: a preset (w8a8: int8 weights and activations; w4a8: 4-bit per-channel weights "
-                        "in int8 tensors, int8 activations) or a JSON file of mixed-precision rules, e.g. "
+                        "in int8 tensors, int8 activations; w8a16: TFLite int16x8, int16 activations and "
+                        "input/output, int8 weights; its PTQ baseline is the converter's int16x8) or a JSON file of mixed-precision rules, e.g. "
                         '{"default": "w4a8", "rules": [{"match": {"position": "first"}, "scheme": "w8a8"}, '
                         '{"match": {"position": "last"}, "scheme": "w8a8"}]} (match keys: name (glob), regex, '
                         "type, position). Default %(default)s")
-    p.add_argument("--io-type", default=defaults.io_type, choices=["int8", "uint8"])
+    p.add_argument("--io-type", default=defaults.io_type, choices=["int8", "uint8"],
+                   help="input/output type of the integer files (a w8a16 scheme makes them int16). "
+                        "Default %(default)s")
     p.add_argument("--threads", type=THREADS, default=defaults.threads, help="interpreter threads")
     p.add_argument("--bench-runs", type=COUNT, default=defaults.bench_runs)
     p.add_argument("--seed", type=SEED, default=defaults.seed)
@@ -612,7 +615,8 @@ def build_parser():
     _add_pixel_options(p)
     p.add_argument("--golden", type=COUNT, default=256, help="golden images (from the test split)")
     p.add_argument("--report", help="report.json of the run, for the manifest's test-set numbers")
-    p.add_argument("--io-type", default="int8", choices=["int8", "uint8"])
+    p.add_argument("--io-type", default=None, choices=["int8", "uint8", "int16"],
+                   help="input/output type of the file (default: int16 for a w8a16 model, int8 otherwise)")
     p.add_argument("--threads", type=THREADS, default=1)
     p.add_argument("--seed", type=SEED, default=0)
     p.set_defaults(func=cmd_export)

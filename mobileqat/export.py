@@ -62,7 +62,9 @@ def convert(model, kind="qat_int8", representative_data=None, io_type="int8", ca
     kind: "float" (float32 file), "ptq_int8" (converter's int8 PTQ; needs ``representative_data``,
       float images (N, H, W, C) as the model takes them) or "qat_int8" (a model from
       ``mobileqat.quantize``: ranges come from its fake-quant ops, no calibration).
-    io_type: "int8" or "uint8" for the integer kinds (input/output tensors), "float32" otherwise.
+    io_type: "int8" or "uint8" for the integer kinds (input/output tensors), "float32" otherwise;
+      "int16" for int16x8 files (16-bit activations, 8-bit weights): a QAT model of scheme "w8a16", or
+      the converter's int16x8 PTQ of a float model (kind "ptq_int8", io_type "int16").
     """
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: use one of {KINDS}.")
@@ -83,7 +85,9 @@ def convert(model, kind="qat_int8", representative_data=None, io_type="int8", ca
             for x in samples:
                 yield [x[None]]
         converter.representative_dataset = representative
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.target_spec.supported_ops = [
+            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8 if io_type == "int16"
+            else tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     elif not _has_fake_quant(model):
         raise ValueError(f"model '{model.name}' has no fake-quant layers; qat_int8 export takes a model "
                          "from mobileqat.quantize(...). For a float model use kind='ptq_int8'.")
@@ -100,7 +104,7 @@ def convert(model, kind="qat_int8", representative_data=None, io_type="int8", ca
     converter.inference_input_type = IO_TYPES[io_type]
     converter.inference_output_type = IO_TYPES[io_type]
     data = converter.convert()
-    if kind == "qat_int8" and activation_bits(model) == 16:
+    if io_type == "int16" or (kind == "qat_int8" and activation_bits(model) == 16):
         data, _ = tflite_file.int64_biases(data)  # what the int16 DEPTHWISE_CONV_2D kernel takes
     return data
 

@@ -332,6 +332,7 @@ _INT16_KINDS = {"conv2d": "conv2d_i16", "depthwise_conv2d": "depthwise_conv2d_i1
                 "fully_connected": "fully_connected_i16", "mean_hw": "mean_hw_i16", "softmax": "softmax_i16",
                 "max_pool2d": "max_pool2d_i16", "average_pool2d": "average_pool2d_i16"}
 _INT16_MOVES = ("identity", "reshape")
+TFLITE_OPS.update({i16: TFLITE_OPS[kind] for kind, i16 in _INT16_KINDS.items()})
 
 
 def _int16x8(qat_model, tensors, ops, input_name, output_name, bits):

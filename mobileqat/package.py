@@ -307,7 +307,7 @@ def _twin_agreement(qat_model, codes, desc, outputs, model_path, ops, traces, n_
     except ValueError as e:
         return {"integer_path_error": str(e)}
     shift = 128 if desc["input_dtype"] == "uint8" else 0  # the twin computes int8; uint8 I/O is int8 + 128
-    x8 = (codes.astype(np.int16) - shift).astype(np.int8)
+    x8 = (codes.astype(np.int32) - shift).astype(twin.dtype)  # int16 codes for an int16x8 file
     result = {}
     for name in dc.RUNTIMES:
         try:
@@ -408,7 +408,7 @@ def _test_set_numbers(report):
             "latency_ms": q.get("latency_ms"), "fidelity": {k: fid[k] for k in keep if k in fid}}
 
 
-def export_package(qat_model, out, dataset, io_type="int8", golden=256, report=None, threads=1, log=None):
+def export_package(qat_model, out, dataset, io_type=None, golden=256, report=None, threads=1, log=None):
     """Export ``qat_model`` to full-integer TFLite and write the package ``out`` (``write_package``)."""
     from mobileqat.export import export_tflite
     parent = os.path.dirname(os.path.abspath(os.fspath(out)))

@@ -43,7 +43,7 @@ class RunConfig:
     bit_schedule: Optional[str] = None  # weight bit width by QAT epoch, "BITS:EPOCH,...", e.g. "8:0,6:1,4:2"
     distill: Optional[tuple] = None  # (temperature, alpha): the float model teaches the QAT model (Distiller)
     bn_folding: str = "two_pass"  # FoldedConvBN training form: "two_pass" or "single_conv"
-    io_type: str = "int8"
+    io_type: str = "int8"  # of the integer files; a scheme with 16-bit activations ("w8a16") makes them "int16"
     threads: int = 1
     calibration_images: int = 256
     bench_runs: int = 100
@@ -96,6 +96,7 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig(), float_model=None, qat_model=
         raise ValueError("augment and cache apply to image folders read with mobileqat.data.image_folder_stream; "
                          "pass one, or leave them unset for in-memory data.")
     scheme, scheme_data = _scheme(cfg.scheme)
+    io_type = _io_type(scheme, cfg.io_type)
     qat_schedule(cfg)  # a bad schedule stops the run now, before any training
     # rules that cannot apply stop the run now, before any training (an untrained copy has the same layers)
     layer_schemes = scheme_plan(float_model if user else architectures.build(
@@ -146,8 +147,8 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig(), float_model=None, qat_model=
     def export_float():
         export.export_tflite(float_model, paths["float"], "float")
         calib = calibration_subset(dataset, cfg.calibration_images, seed=cfg.seed)
-        export.export_tflite(float_model, paths["ptq_int8"], "ptq_int8", calib, io_type=cfg.io_type)
-    _once(folder, "export_float", stage_key(float=float_key, io_type=cfg.io_type,
+        export.export_tflite(float_model, paths["ptq_int8"], "ptq_int8", calib, io_type=io_type)
+    _once(folder, "export_float", stage_key(float=float_key, io_type=io_type,
                                             calibration_images=cfg.calibration_images),
           (paths["float"], paths["ptq_int8"]), export_float, cfg, "export: float and PTQ int8")
 
@@ -167,8 +168,8 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig(), float_model=None, qat_model=
                                            verbose=cfg.verbose, warmup=cfg.qat_warmup,
                                            callbacks=_qat_callbacks(cfg)),
         cfg=cfg, what=f"QAT fine-tune: {cfg.qat_epochs} epochs")
-    _once(folder, "export_qat", stage_key(qat=qat_key, io_type=cfg.io_type), (paths["qat_int8"],),
-          lambda: export.export_tflite(qat_model, paths["qat_int8"], "qat_int8", io_type=cfg.io_type), cfg,
+    _once(folder, "export_qat", stage_key(qat=qat_key, io_type=io_type), (paths["qat_int8"],),
+          lambda: export.export_tflite(qat_model, paths["qat_int8"], "qat_int8", io_type=io_type), cfg,
           "export: QAT int8")
 
     _log(cfg, "harness: reference kernels and XNNPACK")
@@ -196,8 +197,9 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig(), float_model=None, qat_model=
         entry = {"accuracy": val["runtimes"].get("xnnpack", {}).get("accuracy"),
                  "accuracy_reference": val["runtimes"].get("reference", {}).get("accuracy"),
                  "tflite_bytes": val["tflite_bytes"], "latency_ms": bench["latency_ms"]}
-        if kind != "float":  # bytes, gzip bytes, weight tensors by grid
+        if kind != "float":  # bytes, gzip bytes, weight tensors by grid; input/output type (int8, uint8, int16)
             entry["weights"] = export.weight_summary(paths[kind])
+            entry["io_dtype"] = export.tensor_types(paths[kind])["input"]
         if kind == "float":
             entry["keras_accuracy"] = float_keras_acc
         if kind == "qat_int8":
@@ -290,6 +292,18 @@ def _qat_trainee(qat, float_model, cfg):
         temperature, alpha = cfg.distill
         return (training.Distiller(qat, float_model, temperature=temperature, alpha=alpha),)
     return (qat,)
+
+
+def _io_type(scheme, io_type):
+    """The integer files' input/output type: ``io_type`` ("int8"/"uint8"), or "int16" when ``scheme`` has
+    16-bit activations (TFLite int16x8: the PTQ baseline is then the converter's int16x8 PTQ too)."""
+    default = scheme.default if isinstance(scheme, schemes.SchemeRules) else scheme
+    if getattr(default, "activation_bits", 8) != 16:
+        return io_type
+    if io_type not in ("int8", "int16"):
+        raise ValueError(f"scheme {default.name!r} has 16-bit activations: its files have int16 input/output, "
+                         f"not {io_type}; leave io_type at its default.")
+    return "int16"
 
 
 def _scheme(given):

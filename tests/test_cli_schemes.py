@@ -57,3 +57,39 @@ def test_bad_schemes_stop_the_run_before_training(tmp_path):
     r = mobileqat("run", "--data", data, "--model", "mobilenet_v1", "--scheme", rules, "--out", tmp_path / "o2", *TINY)
     assert r.returncode == 2 and "rule 0" in r.stderr and "matches no layer" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and not (tmp_path / "o2" / "checkpoints").exists()
+
+
+def test_run_with_scheme_w8a16_writes_int16x8_files_and_package(tmp_path):
+    """``--scheme w8a16``: the QAT file and its PTQ baseline (the converter's int16x8) take and give int16,
+    the integer twin matches both runtimes at 0 LSB on the test split and op by op in the package, and the
+    package passes device-check."""
+    from mobileqat.runtime import TFLiteModel
+    data = _images(tmp_path / "images")
+    out = tmp_path / "out"
+    r = mobileqat("run", "--data", data, "--model", "mobilenet_v1", "--input-size", 32, "--scheme", "w8a16",
+                  "--golden", 4, "--out", out, *TINY)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    v = report["variants"]
+    assert v["qat_int8"]["io_dtype"] == v["ptq_int8"]["io_dtype"] == "int16"
+    for kind in ("ptq_int8", "qat_int8"):  # the interpreter's own view of each file
+        m = TFLiteModel(str(out / f"{kind}.tflite"), "reference")
+        assert m.input["dtype"] == m.output["dtype"] == np.int16
+        assert v[kind]["accuracy"] is not None and v[kind]["accuracy_reference"] is not None
+    fid = v["qat_int8"]["fidelity"]
+    assert fid["simulation"] == "integer" and fid["max_lsb_diff"] == 0 and fid["max_lsb_diff_xnnpack"] == 0
+    manifest = json.loads((out / "package" / "manifest.json").read_text())
+    assert manifest["input"]["dtype"] == "int16"
+    for runtime in ("reference", "xnnpack"):
+        twin = manifest["validation"]["integer_twin"][runtime]
+        assert twin["max_lsb_diff"] == 0 and twin["per_op"]["max_lsb_diff"] == 0
+        assert twin["per_op"]["ops_compared"] == twin["per_op"]["of"] > 10
+    check = mobileqat("device-check", out / "package")
+    assert check.returncode == 0 and "PASS" in check.stdout, check.stdout[-2000:]
+
+
+def test_w8a16_refuses_uint8_io_before_training(tmp_path):
+    data = _images(tmp_path / "images")
+    r = mobileqat("run", "--data", data, "--scheme", "w8a16", "--io-type", "uint8", "--out", tmp_path / "o", *TINY)
+    assert r.returncode == 2 and "16-bit activations" in r.stderr and "int16" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
