@@ -344,8 +344,9 @@ class LayerNormCore(keras.layers.Layer):
     There epsilon is dropped: var is on an int8 grid whose step is far above any epsilon (an int8 ADD of
     it would not change a code), and the int8 RSQRT maps var = 0 to its largest output code, as
     fake-quantizing rsqrt(0) = inf does. In training rsqrt's input is floored at one step of var's grid
-    (a finite gradient; the same clamped output). The range variables exist in the float layer too
-    (unused there), so that a float model and its QAT copy hold the same weights.
+    (a finite gradient; the same clamped output). While a quantization delay bypasses the quantizers,
+    epsilon is back (the float layer's function, ranges still recorded). The range variables exist in the
+    float layer too (unused there), so that a float model and its QAT copy hold the same weights.
     """
 
     INTERMEDIATES = ("mean", "centered", "square", "variance", "rsqrt")
@@ -379,6 +380,8 @@ class LayerNormCore(keras.layers.Layer):
             step = tf.stop_gradient(tf.maximum(v["max_var"], v["min_var"] + MIN_RANGE) - v["min_var"]) / 255.0
             return tf.math.rsqrt(tf.maximum(var, step))
 
+        if self._quantizer.bypass:  # quantization delay: the float layer's function, ranges still recorded
+            return d * fq("rsqrt", tf.math.rsqrt(var + self.epsilon))
         r = tf.__internal__.smart_cond.smart_cond(training, floored, lambda: tf.math.rsqrt(var))
         return d * fq("rsqrt", r)
 

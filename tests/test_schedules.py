@@ -72,6 +72,28 @@ def test_quantization_delay_trains_the_float_model_then_quantizes():
     assert not any(qz.bypass for qz in training.quantizers_of(q))
 
 
+def test_quantization_delay_bypasses_layer_norms_inner_quantizers():
+    """LayerNormCore fake-quantizes its intermediates (mean, var, rsqrt, ...) with its own quantizer: bypassed
+    with the others, the QAT model computes the float LayerNormalization model."""
+    def ln_net():
+        keras.utils.set_random_seed(3)
+        inp = keras.Input((6, 6, 3))
+        x = L.LayerNormalization(name="ln")(L.Conv2D(8, 3, name="c")(inp))
+        return keras.Model(inp, L.Dense(4, activation="softmax", name="fc")(L.GlobalAveragePooling2D()(x)))
+    x, _ = data(16)
+    x = x[:, :6, :6]
+    f, q = ln_net(), quantize(ln_net())
+    q(x, training=True)  # ranges seen once
+    inner = [layer._quantizer for layer in q.submodules if type(layer).__name__ == "LayerNormCore"]
+    assert inner and all(any(qz is i for qz in training.quantizers_of(q)) for i in inner)
+    delay = training.QuantizationDelay(1)
+    delay.set_model(q)
+    assert np.abs(q(x, training=False).numpy() - f(x, training=False).numpy()).max() > 1e-4  # quantized: differs
+    delay._set(True)
+    np.testing.assert_allclose(q(x, training=False).numpy(), f(x, training=False).numpy(), atol=2e-6)
+    delay._set(False)
+
+
 def test_quantization_delay_refuses_a_negative_delay():
     with pytest.raises(ValueError, match="steps=-1"):
         training.QuantizationDelay(-1)
