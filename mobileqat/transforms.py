@@ -325,29 +325,44 @@ def unshare_layers(model):
     nodes = layer_nodes(model)
     if not any(len(nodes[layer.name]) > 1 for layer in model.layers if not isinstance(layer, L.InputLayer)):
         return model
-    tensors, calls = {}, {}
+    names = {layer.name for layer in model.layers}
+
+    def clone(layer, call):
+        new = type(layer).from_config(layer.get_config())
+        if call > 1:
+            k = call
+            while f"{layer.name}_call{k}" in names:
+                k += 1
+            new._name = f"{layer.name}_call{k}"
+            names.add(new.name)
+        return new
+    return _replay_calls(model, clone)
+
+
+def _replay_calls(model, clone, reroute=None):
+    """Rebuild ``model`` call by call (nodes by depth, so a layer called twice is met twice): ``clone(layer,
+    call)`` (call 1, 2, ...) gives the new layer, which gets the old one's weights; ``reroute(old tensor, new
+    tensor, reader name)`` may give another tensor for a call argument (default: the new tensor)."""
     new_inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t._keras_history.layer.name)
                   for t in model.inputs]
-    for old, new in zip(model.inputs, new_inputs):
-        tensors[id(old)] = new
-    names = {layer.name for layer in model.layers}
+    tensors = {id(old): new for old, new in zip(model.inputs, new_inputs)}
+    calls = {}
     for depth in sorted(model._nodes_by_depth, reverse=True):
         for node in model._nodes_by_depth[depth]:
             layer = node.layer
             if isinstance(layer, L.InputLayer):
                 continue
             calls[layer.name] = calls.get(layer.name, 0) + 1
-            clone = type(layer).from_config(layer.get_config())
-            if calls[layer.name] > 1:
-                name, k = f"{layer.name}_call{calls[layer.name]}", calls[layer.name]
-                while name in names:
-                    k += 1
-                    name = f"{layer.name}_call{k}"
-                clone._name = name
-                names.add(name)
-            args = tf.nest.map_structure(lambda x: tensors.get(id(x), x), (node.call_args, node.call_kwargs))
-            out = clone(*args[0], **args[1])
-            clone.set_weights(layer.get_weights())
+            new = clone(layer, calls[layer.name])
+
+            def mapped(t, reader=layer.name):
+                got = tensors.get(id(t), t)
+                return reroute(t, got, reader) if reroute else got
+            args = tf.nest.map_structure(mapped, (node.call_args, node.call_kwargs))
+            out = new(*args[0], **args[1])
+            new.set_weights(layer.get_weights())
+            if rewritten_from(layer) != type(new).__name__:
+                new._rewritten_from = rewritten_from(layer)
             for o, n in zip(tf.nest.flatten(node.outputs), tf.nest.flatten(out)):
                 tensors[id(o)] = n
     outputs = tf.nest.map_structure(lambda t: tensors[id(t)], model.outputs)
@@ -404,39 +419,19 @@ def requantize_shared_pass_through(model):
 def _reroute_readers(model, rerouted):
     """Rebuild ``model``; the readers ``rerouted[v]`` of layer v read ``<v>_requantize`` (an identity 1x1
     depthwise scale after v, one per v) instead of v."""
-    new_inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t._keras_history.layer.name)
-                  for t in model.inputs]
-    tensors = {id(old): new for old, new in zip(model.inputs, new_inputs)}
-    outputs_of = {}  # id(old output tensor of v) -> v
+    outputs_of = {id(o): v for v in rerouted for node in model.get_layer(v)._inbound_nodes
+                  for o in tf.nest.flatten(node.outputs)}  # id(old output tensor of v) -> v
     scaled = {}
-    for depth in sorted(model._nodes_by_depth, reverse=True):
-        for node in model._nodes_by_depth[depth]:
-            layer = node.layer
-            if isinstance(layer, L.InputLayer):
-                continue
 
-            def mapped(t, reader=layer.name):
-                new = tensors.get(id(t), t)
-                v = outputs_of.get(id(t))
-                if v is None or reader not in rerouted[v]:
-                    return new
-                if v not in scaled:
-                    channels = int(model.get_layer(v).output_shape[-1])
-                    scaled[v] = _affine(f"{v}_requantize", np.ones(channels), np.zeros(channels), False)((new,), {})
-                return scaled[v]
-
-            clone = type(layer).from_config(layer.get_config())
-            args = tf.nest.map_structure(mapped, (node.call_args, node.call_kwargs))
-            out = clone(*args[0], **args[1])
-            clone.set_weights(layer.get_weights())
-            if rewritten_from(layer) != type(clone).__name__:
-                clone._rewritten_from = rewritten_from(layer)
-            for o, n in zip(tf.nest.flatten(node.outputs), tf.nest.flatten(out)):
-                tensors[id(o)] = n
-                if layer.name in rerouted:
-                    outputs_of[id(o)] = layer.name
-    outputs = tf.nest.map_structure(lambda t: tensors[id(t)], model.outputs)
-    return keras.Model(new_inputs, outputs, name=model.name)
+    def reroute(old, new, reader):
+        v = outputs_of.get(id(old))
+        if v is None or reader not in rerouted[v]:
+            return new
+        if v not in scaled:
+            channels = int(model.get_layer(v).output_shape[-1])
+            scaled[v] = _affine(f"{v}_requantize", np.ones(channels), np.zeros(channels), False)((new,), {})
+        return scaled[v]
+    return _replay_calls(model, lambda layer, call: type(layer).from_config(layer.get_config()), reroute)
 
 
 def flatten_nested(model):
