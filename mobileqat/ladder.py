@@ -266,7 +266,7 @@ def auto(dataset, out_dir, float_model, cfg=LadderConfig()):
         if "skipped" in entry:
             _log(cfg, f"{name}: skipped: {entry['skipped']}")
             continue
-        _log(cfg, f"{name}: accuracy {100 * (entry['accuracy'] or 0):.2f} % ({entry['drop_points']:+.2f} points "
+        _log(cfg, f"{name}: accuracy {100 * (entry['accuracy'] or 0):.2f} % (drop {entry['drop_points']:+.2f} points "
                   f"against float), {entry['bytes']:,} B")
         if entry["meets_budget"]:
             result["chosen"] = name
