@@ -19,7 +19,8 @@ import time
 
 # model -> width multiplier given with --alpha (None: the model has none)
 ZOO = {"mobilenet_v3_small": 1.0, "mobilenet_v3_small_minimalistic": 1.0, "mobilenet_v3_large": 1.0,
-       "mobilenet_v3_large_minimalistic": 1.0, "efficientnet_lite_b0": None, "resnet20": None}
+       "mobilenet_v3_large_minimalistic": 1.0, "efficientnet_lite_b0": None, "efficientnet_lite_b1": None,
+       "efficientnet_lite_b2": None, "resnet20": None}
 
 
 def demo_command(name, out, args):
