@@ -41,7 +41,7 @@ _FIXED_OUTPUT_16 = (-1.0, 32767.0 / 32768.0)  # 16-bit, zero point 0, scale 1/32
 _OWN_RANGE = _FUSABLE + ("swish", "gelu")  # activation layers whose output gets its own (moving-average) range
 _ACTIVATIONS = set(_OWN_RANGE) | set(_FIXED_OUTPUT)  # what an Activation/ReLU/Softmax layer may apply
 SUPPORTED = ("Conv2D; Conv2DTranspose; Conv2D or DepthwiseConv2D + BatchNormalization [+ ReLU/ReLU6] "
-             "(folded into one layer); Dense; "
+             "(folded into one layer); Conv1D and 1D pools (as their 2D layers); Dense; "
              "Activation/ReLU/Softmax (" + ", ".join(sorted(_ACTIVATIONS)) + "); "
              + ", ".join(c.__name__ for c in _REQUANTIZE + _PASS_THROUGH))
 
@@ -368,6 +368,7 @@ REWRITES = (
     transforms.tf_ops_to_layers,       # x + y, x * y, tf.nn.relu on Keras tensors -> Add, Multiply, ReLU
     transforms.drop_linear_activations,  # Activation('linear') -> nothing (its users take its input)
     transforms.merge_duplicate_activations,  # identical activations of one tensor -> one (the converter merges them)
+    transforms.layers_1d_to_2d,        # Conv1D, 1D pools -> Reshape, the 2D layer over (N, 1, L, C), Reshape
     transforms.split_activations,      # Conv/Dense(activation=softmax|sigmoid|swish) -> layer + Activation
     transforms.split_merges,           # Add/Multiply/Maximum/Minimum of n > 2 inputs -> a chain of pairs
     transforms.grouped_to_depthwise,   # Conv2D(groups == channels) -> DepthwiseConv2D

@@ -617,6 +617,52 @@ def merge_duplicate_activations(model):
     return rebuild(model, replace)
 
 
+def layers_1d_to_2d(model):
+    """1D layers (channels last) over (N, L, C) become their 2D layer over (N, 1, L, C), between a Reshape to
+    (N, 1, L, C) (``<name>_to2d``) and one back (``<name>_to1d``): what TensorFlow computes for them, as layers
+    mobileqat quantizes. Conv1D -> Conv2D with a 1 x k kernel (``<name>``: the same weights, strides,
+    dilation, groups, bias and activation; "causal" as ``ZeroPadding2D`` of (k - 1) * dilation on the left,
+    ``<name>_causal``, then "valid"); MaxPooling1D / AveragePooling1D -> their 2D pool of 1 x p;
+    GlobalAveragePooling1D / GlobalMaxPooling1D -> the 2D global pool (no Reshape back unless keepdims)."""
+    pools = {L.MaxPooling1D: L.MaxPooling2D, L.AveragePooling1D: L.AveragePooling2D}
+    global_pools = {L.GlobalAveragePooling1D: L.GlobalAveragePooling2D, L.GlobalMaxPooling1D: L.GlobalMaxPooling2D}
+
+    def replace(layer):
+        kind = type(layer)
+        if kind not in (L.Conv1D, *pools, *global_pools) or getattr(layer, "data_format", None) != "channels_last" \
+                or len(layer.input_shape) != 3:
+            return None
+        channels, steps, name = int(layer.input_shape[-1]), layer.output_shape[1], layer.name
+        if kind in global_pools:
+            flat = global_pools[kind](name=name)
+            back = (lambda x: L.Reshape((1, channels), name=f"{name}_to1d")(x)) if layer.keepdims else (lambda x: x)
+            return lambda args, kwargs: back(flat(L.Reshape((1, -1, channels), name=f"{name}_to2d")(args[0])))
+        weights, pad = [], None
+        if kind is L.Conv1D:
+            (k,), (s,), (d,) = layer.kernel_size, layer.strides, layer.dilation_rate
+            pad = (k - 1) * d if layer.padding == "causal" else None
+            new = L.Conv2D(layer.filters, (1, k), strides=(1, s), padding="valid" if pad else layer.padding,
+                           dilation_rate=(1, d), groups=layer.groups, activation=layer.activation,
+                           use_bias=layer.use_bias, name=name)
+            weights = [layer.kernel.numpy()[None]] + ([layer.bias.numpy()] if layer.use_bias else [])
+        else:
+            new = pools[kind]((1, layer.pool_size[0]), strides=(1, layer.strides[0]), padding=layer.padding,
+                              name=name)
+        new._rewritten_from = rewritten_from(layer)  # errors and scheme rules name the class the user wrote
+        out_channels = int(layer.output_shape[-1])
+
+        def call(args, kwargs):
+            x = L.Reshape((1, -1, channels), name=f"{name}_to2d")(args[0])
+            if pad:
+                x = L.ZeroPadding2D(((0, 0), (pad, 0)), name=f"{name}_causal")(x)
+            out = L.Reshape((-1 if steps is None else steps, out_channels), name=f"{name}_to1d")(new(x))
+            if weights:
+                new.set_weights(weights)
+            return out
+        return call
+    return _rewrite(model, replace)
+
+
 def split_separable(model):
     """SeparableConv2D becomes DepthwiseConv2D (``<name>_dw``, no bias) followed by the 1x1 Conv2D
     (``<name>``, with the bias and activation) it computes, with the same weights (Xception, NASNet)."""

@@ -25,9 +25,9 @@ def test_a_pattern_is_covered_once_and_tabled(tmp_path):
 
 
 def test_a_refused_pattern_says_why_in_the_notes(tmp_path):
-    (row,) = coverage.run(tmp_path, ["conv1d"], tools=("mobileqat",), log=lambda m: None)
-    assert row["mobileqat"]["quantize"].startswith("ValueError: layer 'conv1d' (Conv1D)")
-    assert "- conv1d, mobileqat quantize: ValueError: layer 'conv1d' (Conv1D)" in coverage.table([row])
+    (row,) = coverage.run(tmp_path, ["subclassed_layer"], tools=("mobileqat",), log=lambda m: None)
+    assert row["mobileqat"]["quantize"].startswith("ValueError: layer 'scale' (Scale)")
+    assert "- subclassed_layer, mobileqat quantize: ValueError: layer 'scale' (Scale)" in coverage.table([row])
 
 
 def test_saving_re_exports_the_same_file_and_names_a_difference(tmp_path, monkeypatch):

@@ -76,7 +76,7 @@ def test_bad_model_files_exit_2_with_one_line_naming_the_file(user, tmp_path, ca
     junk.write_bytes(b"PK not a model")
     inp = keras.Input((16, 20, 3))
     refused = tmp_path / "refused.h5"
-    keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling1D()(L.Conv1D(4, 3)(L.Reshape((16 * 20, 3))(inp))))).save(refused)
+    keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling1D()(L.Conv1D(4, 3, dilation_rate=2)(L.Reshape((16 * 20, 3))(inp))))).save(refused)
     five = tmp_path / "five.keras"
     keras.Model(inp, L.Dense(5)(L.GlobalAveragePooling2D()(L.Conv2D(4, 3)(inp)))).save(five)
     cases = [(junk, [], ["cannot be loaded", "model.save('model.keras')"]),
