@@ -364,8 +364,10 @@ def _run(check, fix, *args):
 REWRITES = (
     transforms.unshare_layers,         # a layer called n times -> n copies with the same weights
     transforms.flatten_nested,         # backbone nested in a head -> one flat graph
+    transforms.inline_custom_layers,   # a weightless layer of the user's class -> the TF ops its call runs
     transforms.hard_activations,       # MobileNetV3's TFOpLambda hard-swish/-sigmoid -> HardSwish/HardSigmoid
     transforms.tf_ops_to_layers,       # x + y, x * y, tf.nn.relu on Keras tensors -> Add, Multiply, ReLU
+    transforms.scalar_ops_to_affine,   # x * c, x + c on rank-4 tensors -> a fixed 1x1 depthwise scale, offset
     transforms.drop_linear_activations,  # Activation('linear') -> nothing (its users take its input)
     transforms.merge_duplicate_activations,  # identical activations of one tensor -> one (the converter merges them)
     transforms.layers_1d_to_2d,        # Conv1D, 1D pools -> Reshape, the 2D layer over (N, 1, L, C), Reshape

@@ -474,6 +474,107 @@ def tf_ops_to_layers(model):
     return _rewrite(model, replace)
 
 
+# TF ops of a Keras tensor and a scalar constant -> (scale, offset) of the per-channel affine they compute
+_TF_SCALAR = {"math.multiply": lambda c: (c, 0.0), "__operators__.add": lambda c: (1.0, c),
+              "math.add": lambda c: (1.0, c), "math.subtract": lambda c: (1.0, -c),
+              "math.truediv": lambda c: (1.0 / c, 0.0), "math.divide": lambda c: (1.0 / c, 0.0)}
+
+
+def scalar_ops_to_affine(model):
+    """``x * c``, ``x + c``, ``x - c``, ``x / c`` (c a Python or 0-d scalar, x of rank 4 with known channels) become
+    the fixed per-channel affine they compute (``_affine``: a 1x1 depthwise scale and offset that folds into one
+    int8 DEPTHWISE_CONV_2D). Runs after ``hard_activations``, which knows the constants of its own patterns."""
+    nodes = layer_nodes(model)
+
+    def replace(layer):
+        if type(layer).__name__ != "TFOpLambda" or layer.symbol not in _TF_SCALAR or len(nodes.get(layer.name, ())) != 1:
+            return None
+        node = nodes[layer.name][0]
+        args = list(node.call_args) + [v for k, v in node.call_kwargs.items() if k in ("y",)]
+        extra = {k: v for k, v in node.call_kwargs.items() if k not in ("name", "y") and v is not None}
+        if len(args) != 2 or extra or not _is_keras_tensor(args[0]) or _is_keras_tensor(args[1]):
+            return None
+        c = np.asarray(args[1])
+        shape = args[0].shape
+        if c.ndim != 0 or not np.issubdtype(c.dtype, np.number) or len(shape) != 4 or shape[-1] is None \
+                or (layer.symbol in ("math.truediv", "math.divide") and float(c) == 0.0):
+            return None
+        scale, offset = _TF_SCALAR[layer.symbol](float(c))
+        channels = int(shape[-1])
+        return _affine(layer.name, np.full(channels, scale), np.full(channels, offset), False)
+    return _rewrite(model, replace)
+
+
+_KERAS_MODULES = ("tf_keras.", "keras.", "tensorflow.", "tensorflow_model_optimization.", "mobileqat.layers")
+
+
+def inline_custom_layers(model):
+    """A Lambda layer, or a layer of the user's own class (not tf_keras / tfmot / mobileqat), with no weights,
+    called once, is replaced by what its ``call`` does on the Keras tensors: the TensorFlow ops it runs become
+    TF-op lambdas, named after it (``<name>``, ``<name>_1``, ...; errors name its class), which the next
+    rewrites turn into Keras layers (``tf_ops_to_layers``, ``scalar_ops_to_affine``). A layer whose call cannot
+    run on Keras tensors is left as it is (the audit then names it)."""
+    nodes = layer_nodes(model)
+
+    def custom(layer):
+        return ((type(layer) is L.Lambda or not type(layer).__module__.startswith(_KERAS_MODULES))
+                and not layer.weights and not isinstance(layer, keras.Model) and len(nodes.get(layer.name, ())) == 1)
+
+    def replace(layer):
+        if not custom(layer):
+            return None
+        node = nodes[layer.name][0]
+        if len(tf.nest.flatten(node.call_args)) != 1 or node.call_kwargs:
+            return None
+
+        def call(args, kwargs):
+            out = layer.call(args[0])
+            if not _is_keras_tensor(out) or out is args[0]:
+                raise _NotInlined
+            made = _layers_between(args[0], out)  # named after the user's layer, which errors then name
+            for k, piece in enumerate(made):
+                piece._name = layer.name if k == 0 else _free_name(f"{layer.name}_{k}", model)
+                piece._rewritten_from = rewritten_from(layer)
+            return out
+        return call
+    try:
+        return _rewrite(model, replace)
+    except _NotInlined:
+        return model
+    except Exception as e:  # noqa: BLE001  (user code that cannot run on Keras tensors: the audit names the layer)
+        if isinstance(e, (ValueError, TypeError, AttributeError, NotImplementedError)):
+            return model
+        raise
+
+
+class _NotInlined(Exception):
+    pass
+
+
+def _layers_between(start, end):
+    """The layers that compute Keras tensor ``end`` from ``start``, from the last one back."""
+    found, stack, seen = [], [end], set()
+    while stack:
+        t = stack.pop()
+        if t is start or not _is_keras_tensor(t):
+            continue
+        layer, node_index, _ = t._keras_history
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        found.append(layer)
+        stack.extend(tf.nest.flatten(layer._inbound_nodes[node_index].keras_inputs))
+    return found
+
+
+def _free_name(name, model):
+    taken = {layer.name for layer in model.layers}
+    k, base = 1, name
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
 def _named(layer, name):
     layer._name = name
     return layer

@@ -25,9 +25,17 @@ def test_a_pattern_is_covered_once_and_tabled(tmp_path):
 
 
 def test_a_refused_pattern_says_why_in_the_notes(tmp_path):
-    (row,) = coverage.run(tmp_path, ["subclassed_layer"], tools=("mobileqat",), log=lambda m: None)
-    assert row["mobileqat"]["quantize"].startswith("ValueError: layer 'scale' (Scale)")
-    assert "- subclassed_layer, mobileqat quantize: ValueError: layer 'scale' (Scale)" in coverage.table([row])
+    """Every pattern of the list quantizes now; a dilated convolution (still refused) goes through the same
+    column code, in process."""
+    import numpy as np
+    from mobileqat._tf import keras
+    inp = keras.Input((8, 8, 3))
+    out = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, dilation_rate=2, name="dil")(inp))
+    x = np.zeros((4, 8, 8, 3), np.float32)
+    part = coverage._tool("mobileqat", keras.Model(inp, out), x, np.zeros(4, int), str(tmp_path), "dilated")
+    assert part["quantize"].startswith("ValueError: layer 'dil' (Conv2D): dilation_rate=(2, 2)")
+    text = coverage.table([{"model": "dilated", "mobileqat": part}])
+    assert "| dilated | no |" in text and "- dilated, mobileqat quantize: ValueError: layer 'dil' (Conv2D)" in text
 
 
 def test_saving_re_exports_the_same_file_and_names_a_difference(tmp_path, monkeypatch):
