@@ -539,12 +539,8 @@ def inline_custom_layers(model):
         return call
     try:
         return _rewrite(model, replace)
-    except _NotInlined:
-        return model
-    except Exception as e:  # noqa: BLE001  (user code that cannot run on Keras tensors: the audit names the layer)
-        if isinstance(e, (ValueError, TypeError, AttributeError, NotImplementedError)):
-            return model
-        raise
+    except (_NotInlined, ValueError, TypeError, AttributeError, NotImplementedError):
+        return model  # user code that cannot run on Keras tensors: the model as it was, the audit names the layer
 
 
 class _NotInlined(Exception):

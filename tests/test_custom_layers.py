@@ -26,6 +26,13 @@ class Cosine(L.Layer):
         return tf.math.cos(x)
 
 
+class Center(L.Layer):
+    """x - mean(x) over the whole tensor: inlined, its tf.reduce_mean has no int8 mapping here."""
+
+    def call(self, x):
+        return x - tf.reduce_mean(x)
+
+
 class Gain(L.Layer):
     def build(self, shape):
         self.g = self.add_weight("g", (int(shape[-1]),), initializer="ones")
@@ -80,6 +87,7 @@ def test_scalar_ops_become_a_fixed_affine_with_the_same_function():
 @pytest.mark.parametrize("middle,words", [
     (lambda: Cosine(name="cos_layer"), "layer 'cos_layer' (Cosine)"),
     (lambda: Gain(name="gain"), "layer 'gain' (Gain)"),
+    (lambda: Center(name="center"), "layer 'center' (Center)"),
 ])
 def test_what_cannot_be_int8_is_refused_by_the_users_name_and_class(middle, words):
     with pytest.raises(ValueError, match="cannot quantize") as e:
