@@ -312,7 +312,8 @@ def cmd_device_check(args):
 def cmd_coverage(args):
     from mobileqat import coverage
     models = args.models or coverage.MODELS
-    rows = coverage.run(args.out, models, tools=args.tools, again=args.again, log=lambda m: print(m, flush=True))
+    rows = coverage.run(args.out, models, tools=args.tools, again=args.again, timeout=args.timeout,
+                        log=lambda m: print(m, flush=True))
     text = coverage.table(rows)
     from mobileqat.export import write_atomic
     write_atomic(os.path.join(args.out, "coverage.md"), text.encode())
@@ -716,6 +717,9 @@ def build_parser():
                    help="quantize with mobileqat, with plain tfmot quantize_model, and/or save and load mobileqat's "
                         "QAT model (.h5, SavedModel)")
     p.add_argument("--again", action="store_true", help="redo models already in --out")
+    p.add_argument("--timeout", type=number(int, 1), default=3600, metavar="SECONDS",
+                   help="a model's worker is stopped after this long (default %(default)s; NASNet-size models on a "
+                        "busy 2-core machine may need more)")
     p.set_defaults(func=cmd_coverage)
 
     p = sub.add_parser("sensitivity", help="per-layer sensitivity to a lower precision on the integer twin, and a "
