@@ -888,6 +888,30 @@ def drop_linear_activations(model):
     return _rewrite(model, replace)
 
 
+def pool_reshape_to_keepdims(model):
+    """A GlobalAveragePooling2D / GlobalMaxPooling2D whose only user is a Reshape to (1, 1, C) (the
+    squeeze-excite blocks of tf_keras EfficientNet) becomes the pool with ``keepdims=True`` and the Reshape
+    goes: same function, and the file has no RESHAPE, whose batch-dependent shape (SHAPE, STRIDED_SLICE,
+    PACK) XNNPACK does not take, so each block's ops stayed on the builtin kernels."""
+    _, consumers = _model_nodes(model)
+    pools = {}  # pool name -> the Reshape after it
+    for layer in model.layers:
+        users = consumers.get(layer.name, [])
+        if type(layer) in (L.GlobalAveragePooling2D, L.GlobalMaxPooling2D) and not layer.keepdims \
+                and layer.data_format == "channels_last" and len(users) == 1 and type(users[0]) is L.Reshape \
+                and tuple(users[0].target_shape) == (1, 1, int(layer.output_shape[-1])):
+            pools[layer.name] = users[0].name
+    reshapes = set(pools.values())
+
+    def replace(layer):
+        if layer.name in pools:
+            return type(layer)(keepdims=True, name=layer.name), [], []
+        if layer.name in reshapes:
+            return lambda args, kwargs: args[0]
+        return None
+    return _rewrite(model, replace)
+
+
 def preprocessing_to_conv(model):
     """Rescaling (x * scale + offset) and Normalization ((x - mean) / sqrt(variance)) become a fixed
     (non-trainable) 1x1 depthwise FoldedConvBN with the same per-channel scale and offset, written as one
