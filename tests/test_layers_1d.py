@@ -4,9 +4,9 @@ full int8 and the integer twin matches the file at 0 LSB on the reference kernel
 import numpy as np
 import pytest
 
-import mobileqat as mq
 from mobileqat import export, lowering, transforms
 from mobileqat._tf import keras
+from mobileqat.quantize import quantize
 from mobileqat.runtime import TFLiteModel
 
 L = keras.layers
@@ -50,7 +50,7 @@ def test_rewrite_keeps_the_function(padding, strides, keepdims):
 @pytest.mark.parametrize("sequence_input", [False, True])
 def test_conv1d_model_quantizes_and_its_twin_matches_the_file(tmp_path, sequence_input):
     m = net("causal" if sequence_input else "same", sequence_input=sequence_input)
-    q = mq.quantize(m)
+    q = quantize(m)
     x = _x(m, 64)
     q(x, training=True)  # ranges from one batch
     path = tmp_path / "c1d.tflite"
@@ -68,4 +68,4 @@ def test_dilated_conv1d_is_refused_by_name():
     inp = keras.Input((24, 6))
     out = L.GlobalAveragePooling1D()(L.Conv1D(4, 3, dilation_rate=2, name="dil")(inp))
     with pytest.raises(ValueError, match=r"layer 'dil' \(Conv1D\): dilation_rate=\(1, 2\)"):
-        mq.quantize(keras.Model(inp, out))
+        quantize(keras.Model(inp, out))
