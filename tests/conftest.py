@@ -111,3 +111,16 @@ def labelled_noise(n, seed):
     x[..., 0] *= rng.uniform(0.2, 1.0, (n, 1, 1))
     y = ((x[..., 0].std(axis=(1, 2)) > 0.35).astype(int) + 2 * (x[..., 1].mean(axis=(1, 2)) > 0)) % 5
     return x, y
+
+
+def assert_twin_matches_file(qat, x, path):
+    """Export ``qat`` (ranges already set) to ``path`` and check that ``mobileqat.lower(qat)`` gives the file's
+    output codes for images ``x`` exactly, on the reference kernels and on XNNPACK."""
+    from mobileqat import export, lowering
+    from mobileqat.runtime import TFLiteModel
+    export.export_tflite(qat, path)
+    twin = lowering.lower(qat)
+    for runtime in ("reference", "xnnpack"):
+        f = TFLiteModel(str(path), runtime)
+        codes = f.quantize_input(x)
+        np.testing.assert_array_equal(f.invoke_raw(codes).astype(np.int64), twin.run(codes, runtime).astype(np.int64))

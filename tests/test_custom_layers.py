@@ -6,10 +6,10 @@ int8 is refused naming the user's layer and class."""
 import numpy as np
 import pytest
 
-from mobileqat import export, lowering, transforms
+from conftest import assert_twin_matches_file
+from mobileqat import transforms
 from mobileqat._tf import keras, tf
 from mobileqat.quantize import quantize, rewrite
-from mobileqat.runtime import TFLiteModel
 
 L = keras.layers
 
@@ -62,13 +62,7 @@ def test_inlined_layer_keeps_the_function_and_its_twin_matches_the_file(tmp_path
     np.testing.assert_allclose(r.predict(x, verbose=0), m.predict(x, verbose=0), atol=1e-6)
     q = quantize(m)
     q(x, training=True)
-    path = tmp_path / "m.tflite"
-    export.export_tflite(q, path)
-    twin = lowering.lower(q)
-    for runtime in ("reference", "xnnpack"):
-        f = TFLiteModel(str(path), runtime)
-        codes = f.quantize_input(x)
-        assert np.array_equal(f.invoke_raw(codes).astype(np.int64), twin.run(codes, runtime).astype(np.int64))
+    assert_twin_matches_file(q, x, tmp_path / "m.tflite")
 
 
 def test_scalar_ops_become_a_fixed_affine_with_the_same_function():

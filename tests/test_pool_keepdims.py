@@ -5,10 +5,10 @@ every op but the SOFTMAX (counted by the runtime); the integer twin matches the 
 runtimes."""
 import numpy as np
 
-from mobileqat import export, lowering, runtime, transforms
+from conftest import assert_twin_matches_file
+from mobileqat import runtime, transforms
 from mobileqat._tf import keras
 from mobileqat.quantize import quantize
-from mobileqat.runtime import TFLiteModel
 
 L = keras.layers
 
@@ -45,11 +45,6 @@ def test_file_is_fully_delegated_and_its_twin_matches(tmp_path):
     x = _x(32)
     q(x, training=True)
     path = str(tmp_path / "se.tflite")
-    export.export_tflite(q, path)
+    assert_twin_matches_file(q, x, path)
     cover, error = runtime.run_isolated(runtime.xnnpack_coverage, path, timeout=600)
     assert error is None and cover["left"] == {"SOFTMAX": 1}, cover
-    twin = lowering.lower(q)
-    for rt in ("reference", "xnnpack"):
-        f = TFLiteModel(path, rt)
-        codes = f.quantize_input(x)
-        assert np.array_equal(f.invoke_raw(codes).astype(np.int64), twin.run(codes, rt).astype(np.int64))
