@@ -487,7 +487,8 @@ def scalar_ops_to_affine(model):
     nodes = layer_nodes(model)
 
     def replace(layer):
-        if type(layer).__name__ != "TFOpLambda" or layer.symbol not in _TF_SCALAR or len(nodes.get(layer.name, ())) != 1:
+        if type(layer).__name__ != "TFOpLambda" or layer.symbol not in _TF_SCALAR \
+                or len(nodes.get(layer.name, ())) != 1:
             return None
         node = nodes[layer.name][0]
         args = list(node.call_args) + [v for k, v in node.call_kwargs.items() if k in ("y",)]
@@ -532,8 +533,10 @@ def inline_custom_layers(model):
             if not _is_keras_tensor(out) or out is args[0]:
                 raise _NotInlined
             made = _layers_between(args[0], out)  # named after the user's layer, which errors then name
+            taken = {other.name for other in model.layers} - {layer.name}
             for k, piece in enumerate(made):
-                piece._name = layer.name if k == 0 else _free_name(f"{layer.name}_{k}", model)
+                piece._name = layer.name if k == 0 else f"{layer.name}_{k}"
+                _unique(piece, taken, None)
                 piece._rewritten_from = rewritten_from(layer)
             return out
         return call
@@ -561,14 +564,6 @@ def _layers_between(start, end):
         found.append(layer)
         stack.extend(tf.nest.flatten(layer._inbound_nodes[node_index].keras_inputs))
     return found
-
-
-def _free_name(name, model):
-    taken = {layer.name for layer in model.layers}
-    k, base = 1, name
-    while name in taken:
-        name, k = f"{base}_{k}", k + 1
-    return name
 
 
 def _named(layer, name):
