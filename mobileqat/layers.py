@@ -402,3 +402,21 @@ class LayerNormQuantizeConfig(QuantizeConfig):
 
     def set_quantize_activations(self, layer, quantize_activations):
         layer.quantized = True
+
+
+@_serializable
+class ConstantShapeReshape(keras.layers.Reshape):
+    """Keras' Reshape with the batch written as -1: (N, ...) -> (N, *target_shape), no -1 in target_shape.
+
+    Keras' Reshape builds its shape from tf.shape(x)[0], which the converter writes as SHAPE, STRIDED_SLICE
+    and PACK ops in front of the RESHAPE; XNNPACK takes none of them, so the graph splits there. This layer
+    gives the converter a constant shape: one RESHAPE, which XNNPACK takes (``transforms.constant_shape_reshapes``)."""
+
+    def __init__(self, target_shape, **kwargs):
+        if any(d is None or int(d) < 1 for d in target_shape):
+            raise ValueError(f"ConstantShapeReshape: target_shape={tuple(target_shape)!r} must be positive sizes "
+                             "(the batch is the only unknown dimension); use keras.layers.Reshape for -1.")
+        super().__init__(tuple(int(d) for d in target_shape), **kwargs)
+
+    def call(self, inputs):
+        return tf.reshape(inputs, (-1,) + self.target_shape)

@@ -384,6 +384,7 @@ REWRITES = (
                                        # Dense/Conv2D, else a 1x1 depthwise
     transforms.standalone_batchnorm,   # BN after Add/Concat/pool, depthwise without BN -> foldable pairs
     transforms.requantize_shared_pass_through,  # a pool output two Concatenates read -> 1x1 scale for one
+    transforms.constant_shape_reshapes,  # Reshape -> the same Reshape with a constant shape (-1 batch)
 )
 
 
@@ -604,5 +605,5 @@ def quantize_scope():
     from mobileqat import layers, quantizers
     objs = {c.__name__: c for c in (layers.FoldedConvBN, layers.QuantizeConfig, layers.HardSwish, layers.HardSigmoid,
                                     layers.HardSigmoidQuantizeConfig, layers.LayerNormCore,
-                                    layers.LayerNormQuantizeConfig) + quantizers.ALL}
+                                    layers.LayerNormQuantizeConfig, layers.ConstantShapeReshape) + quantizers.ALL}
     return _qk.quantize_scope(objs)

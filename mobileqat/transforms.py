@@ -9,7 +9,7 @@ import json
 import numpy as np
 
 from mobileqat._tf import keras, tf
-from mobileqat.layers import FoldedConvBN, HardSigmoid, HardSwish, LayerNormCore
+from mobileqat.layers import ConstantShapeReshape, FoldedConvBN, HardSigmoid, HardSwish, LayerNormCore
 
 FOLDABLE_CONVS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)  # exact types: not Conv2DTranspose
 
@@ -904,6 +904,21 @@ def pool_reshape_to_keepdims(model):
         if layer.name in reshapes:
             return lambda args, kwargs: args[0]
         return None
+    return _rewrite(model, replace)
+
+
+def constant_shape_reshapes(model):
+    """Each Keras Reshape whose output shape is known but for the batch becomes a ConstantShapeReshape to the
+    same shape (a -1 in its target resolved): same function, and the file's RESHAPE takes a constant shape,
+    so XNNPACK runs it instead of leaving SHAPE, STRIDED_SLICE, PACK and the RESHAPE on the builtin kernels
+    (tf_keras MobileNet's classifier, the Reshapes of ``layers_1d_to_2d``)."""
+    def replace(layer):
+        if type(layer) is not L.Reshape or not isinstance(layer.output_shape, tuple):
+            return None
+        shape = layer.output_shape[1:]
+        if any(d is None for d in shape):
+            return None
+        return ConstantShapeReshape(shape, name=layer.name), [], []
     return _rewrite(model, replace)
 
 

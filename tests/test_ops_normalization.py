@@ -59,7 +59,7 @@ def test_rewrite_keeps_the_float_function(shape, center, scale):
     new = rewrite(model)
     kinds = [type(layer).__name__ for layer in new.layers]
     assert "LayerNormalization" not in kinds and kinds.count("LayerNormCore") == 1
-    assert kinds.count("Reshape") == (0 if len(shape) == 3 else 2)
+    assert sum(isinstance(layer, L.Reshape) for layer in new.layers) == (0 if len(shape) == 3 else 2)
     x = np.random.default_rng(2).normal(1.0, 3.0, (16,) + shape).astype(np.float32)
     np.testing.assert_allclose(new.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
     assert new.get_layer("ln").epsilon == 1e-3
