@@ -5,9 +5,10 @@ The ladder climbs, cheapest first, and stops at the first rung whose integer fil
 
 1. ``ptq``: the converter's PTQ (W8A8; min-max ``mobileqat.ptq`` for a lower-bit target, the converter
    writes no 4-bit grid);
-2. ``calibration``: ``mobileqat.ptq`` with bias correction and the best range method of ``methods``, chosen
-   on *training* images (``selection_images``, not the test split) by the fake-quant model's accuracy;
-3. ``adaround``: the same with learned rounding (``mobileqat.adaround``);
+2. ``calibration``: ``mobileqat.ptq`` with the best range method of ``methods``, with or without bias
+   correction, chosen on *training* images (``selection_images``, not the test split) by the fake-quant
+   model's accuracy (bias correction helps at 4 bits and can cost at 8: both are tried);
+3. ``adaround``: the same ranges and bias-correction choice with learned rounding (``mobileqat.adaround``);
 4. ``mixed``: below 8 bits only: the per-layer sensitivity (``mobileqat.sensitivity``, on the selection
    images, min-max ranges) and the smallest mixed W8A8 / target plan meeting what is left of the budget (the
    budget minus what all-W8A8 PTQ loses there), then its file with the chosen calibration and AdaRound;
@@ -35,7 +36,7 @@ from mobileqat.export import write_atomic
 from mobileqat.stages import RunFolder, data_fingerprint, stage_key
 
 RUNGS = ("ptq", "calibration", "adaround", "mixed", "qat")
-DESCRIPTIONS = {"float": "float32 file", "ptq": "PTQ, min-max ranges", "calibration": "PTQ, best calibration + bias correction",
+DESCRIPTIONS = {"float": "float32 file", "ptq": "PTQ, min-max ranges", "calibration": "PTQ, best calibration, with or without bias correction",
                 "adaround": "PTQ + AdaRound", "mixed": "mixed-precision plan + AdaRound", "qat": "QAT fine-tune"}
 
 
@@ -163,7 +164,11 @@ def auto(dataset, out_dir, float_model, cfg=LadderConfig()):
         raise RuntimeError(f"the float file could not run on XNNPACK: {entry.get('errors')}")
     _write(result, out)
 
-    state = {"method": None, "rules": None}  # carried up the ladder: the chosen range method, the mixed plan
+    # carried up the ladder: the chosen range method and bias correction, the mixed plan
+    state = {"method": None, "bias_correction": True, "rules": None}
+
+    def calibrated(how):  # "percentile<how> + bias correction": the calibration rung's choice, described
+        return f"{state['method']}{how}{' + bias correction' if state['bias_correction'] else ''}"
 
     def make(name, path, h5):
         """Make rung ``name``'s file at ``path`` (and its model at ``h5``); returns (info dict, made a model?)
@@ -177,25 +182,26 @@ def auto(dataset, out_dir, float_model, cfg=LadderConfig()):
             export.export_tflite(q, path)
             return {"how": "mobileqat.ptq min-max (the converter writes no sub-8-bit grid)"}, True
         if name == "calibration":
-            scores = {}
-            best = None
+            scores, best = {}, None
             for m in cfg.methods:
-                q = ptq(float_model, calib, cfg.scheme, method=m, bias_correction=True)
-                scores[m] = _accuracy(q, sel_x, sel_y)
-                if best is None or scores[m] > scores[best[0]]:
-                    best = (m, q)
-            state["method"] = best[0]
-            export.save_keras_model(best[1], h5)
-            export.export_tflite(best[1], path)
-            return {"method": best[0], "selection_accuracy": scores,
-                    "how": f"mobileqat.ptq {best[0]} + bias correction (chosen on {len(sel_y)} training images)"}, True
+                for bc in (False, True):
+                    q = ptq(float_model, calib, cfg.scheme, method=m, bias_correction=bc)
+                    label = m + (" + bias correction" if bc else "")
+                    scores[label] = _accuracy(q, sel_x, sel_y)
+                    if best is None or scores[label] > scores[best[0]]:
+                        best = (label, m, bc, q)
+            state["method"], state["bias_correction"] = best[1], best[2]
+            export.save_keras_model(best[3], h5)
+            export.export_tflite(best[3], path)
+            return {"method": best[1], "bias_correction": best[2], "selection_accuracy": scores,
+                    "how": f"mobileqat.ptq {best[0]} (chosen on {len(sel_y)} training images)"}, True
         if name == "adaround":
-            q = ptq(float_model, calib, cfg.scheme, method=state["method"], bias_correction=True, adaround=True,
-                    adaround_iters=cfg.adaround_iters, seed=cfg.seed)
+            q = ptq(float_model, calib, cfg.scheme, method=state["method"], bias_correction=state["bias_correction"],
+                    adaround=True, adaround_iters=cfg.adaround_iters, seed=cfg.seed)
             export.save_keras_model(q, h5)
             export.export_tflite(q, path)
-            return {"method": state["method"], "how": f"mobileqat.ptq {state['method']} + AdaRound "
-                                                      f"({cfg.adaround_iters} steps per layer) + bias correction"}, True
+            return {"method": state["method"], "bias_correction": state["bias_correction"],
+                    "how": "mobileqat.ptq " + calibrated(f" + AdaRound ({cfg.adaround_iters} steps per layer)")}, True
         if name == "mixed":
             if scheme.weight_bits >= 8:
                 return (f"the target {cfg.scheme!r} is already the highest full-integer precision: no layer can "
@@ -212,13 +218,13 @@ def auto(dataset, out_dir, float_model, cfg=LadderConfig()):
             plan = mixed_precision_plan(layer_sensitivity(run), left, run)
             state["rules"] = plan["rules"]
             write_atomic(os.path.join(out, "plan.json"), json.dumps(plan["rules"], indent=2).encode())
-            q = ptq(float_model, calib, plan["rules"], method=state["method"], bias_correction=True, adaround=True,
-                    adaround_iters=cfg.adaround_iters, seed=cfg.seed)
+            q = ptq(float_model, calib, plan["rules"], method=state["method"], bias_correction=state["bias_correction"],
+                    adaround=True, adaround_iters=cfg.adaround_iters, seed=cfg.seed)
             export.save_keras_model(q, h5)
             export.export_tflite(q, path)
             return {"plan_budget_points": round(left, 4), "low_layers": plan["low_layers"], "rules": plan["rules"],
                     "how": f"{len(plan['low_layers'])} layers at {cfg.scheme}, the rest W8A8 (plan.json), "
-                           f"+ AdaRound + bias correction"}, True
+                           f"+ " + calibrated(" ranges + AdaRound")}, True
         # qat
         target = state["rules"] or cfg.scheme
         qmodel, fit = pipeline._trained(
@@ -233,9 +239,10 @@ def auto(dataset, out_dir, float_model, cfg=LadderConfig()):
                 "how": f"QAT {cfg.qat_epochs} epochs, learning rate {cfg.qat_learning_rate:g}"}, True
 
     for name in RUNGS:
-        settings = {"ptq": {}, "calibration": {"methods": list(cfg.methods), "selection": cfg.selection_images},
-                    "adaround": {"methods": list(cfg.methods), "iters": cfg.adaround_iters},
-                    "mixed": {"methods": list(cfg.methods), "iters": cfg.adaround_iters, "budget": cfg.budget},
+        calibration = {"methods": list(cfg.methods), "bias_correction": "chosen"}  # both tried since 2026-11-27
+        settings = {"ptq": {}, "calibration": {**calibration, "selection": cfg.selection_images},
+                    "adaround": {**calibration, "iters": cfg.adaround_iters},
+                    "mixed": {**calibration, "iters": cfg.adaround_iters, "budget": cfg.budget},
                     "qat": _qat_settings(cfg)}[name]
         key = stage_key(float=float_key, rung=name, scheme=cfg.scheme, calibration_images=cfg.calibration_images,
                         seed=cfg.seed, **settings)
@@ -258,6 +265,7 @@ def auto(dataset, out_dir, float_model, cfg=LadderConfig()):
                 entry["meets_budget"] = acc is not None and entry["drop_points"] <= cfg.budget + 1e-9
         else:  # carry what later rungs need; the budget may differ from the earlier run's
             state["method"] = entry.get("method", state["method"])
+            state["bias_correction"] = entry.get("bias_correction", state["bias_correction"])
             state["rules"] = entry.get("rules", state["rules"])
             if "skipped" not in entry:
                 entry["meets_budget"] = entry.get("drop_points") is not None and entry["drop_points"] <= cfg.budget + 1e-9

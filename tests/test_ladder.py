@@ -81,7 +81,9 @@ def test_a_tight_budget_climbs_in_order_and_every_rung_is_measured(trained, tmp_
         entry = result["rungs"][name]
         assert entry["accuracy"] == pytest.approx(_accuracy(str(out / f"{name}.tflite"), ds))
         assert (entry["twin"]["max_lsb_reference"], entry["twin"]["max_lsb_xnnpack"]) == (0, 0)
-    assert result["rungs"]["calibration"]["method"] in ("minmax", "percentile", "mse")
+    calibration = result["rungs"]["calibration"]
+    assert calibration["method"] in ("minmax", "percentile", "mse") and calibration["bias_correction"] in (False, True)
+    assert len(calibration["selection_accuracy"]) == 2 * len(("minmax", "percentile", "mse"))  # each with and without
     if "mixed" in result["rungs"] and "skipped" not in result["rungs"]["mixed"]:
         from mobileqat.schemes import parse_rules
         parse_rules(json.loads((out / "plan.json").read_text()))
