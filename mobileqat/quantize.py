@@ -372,6 +372,7 @@ REWRITES = (
     transforms.merge_duplicate_activations,  # identical activations of one tensor -> one (the converter merges them)
     transforms.layers_1d_to_2d,        # Conv1D, 1D pools -> Reshape, the 2D layer over (N, 1, L, C), Reshape
     transforms.pool_reshape_to_keepdims,  # global pool + Reshape to (1, 1, C) -> the pool with keepdims=True
+    transforms.drop_identity_pools,    # a global pool with keepdims over 1 x 1 -> nothing (the identity)
     transforms.split_activations,      # Conv/Dense(activation=softmax|sigmoid|swish) -> layer + Activation
     transforms.split_merges,           # Add/Multiply/Maximum/Minimum of n > 2 inputs -> a chain of pairs
     transforms.grouped_to_depthwise,   # Conv2D(groups == channels) -> DepthwiseConv2D

@@ -922,6 +922,22 @@ def constant_shape_reshapes(model):
     return _rewrite(model, replace)
 
 
+def drop_identity_pools(model):
+    """A GlobalAveragePooling2D / GlobalMaxPooling2D with keepdims over a 1 x 1 feature map (MobileNetV3's
+    squeeze-excite and head at 32 x 32 inputs) is the identity: it goes, its users take its input. The converter
+    removes such a MEAN and lets its reader take the pool's input codes, with the reader's bias still quantized
+    at the pool's own output scale; with the pool gone there is no second range for the file and the integer
+    twin to part on. (Pools without keepdims stay: the file keeps their op.)"""
+    def replace(layer):
+        shape = layer.input_shape
+        if type(layer) in (L.GlobalAveragePooling2D, L.GlobalMaxPooling2D) and layer.keepdims \
+                and layer.data_format == "channels_last" and isinstance(shape, tuple) and len(shape) == 4 \
+                and tuple(shape[1:3]) == (1, 1):
+            return lambda args, kwargs: args[0]
+        return None
+    return _rewrite(model, replace)
+
+
 def preprocessing_to_conv(model):
     """Rescaling (x * scale + offset) and Normalization ((x - mean) / sqrt(variance)) become a fixed
     (non-trainable) 1x1 depthwise FoldedConvBN with the same per-channel scale and offset, written as one
