@@ -124,3 +124,13 @@ def assert_twin_matches_file(qat, x, path):
         f = TFLiteModel(str(path), runtime)
         codes = f.quantize_input(x)
         np.testing.assert_array_equal(f.invoke_raw(codes).astype(np.int64), twin.run(codes, runtime).astype(np.int64))
+
+
+def assert_twin_matches_and_xnnpack_takes_all_but_softmax(qat, x, path):
+    """Set ``qat``'s ranges on ``x`` (one training-mode pass), then ``assert_twin_matches_file``, and check with
+    the runtime's own count that XNNPACK takes every op of the file but its SOFTMAX."""
+    from mobileqat import runtime
+    qat(x, training=True)
+    assert_twin_matches_file(qat, x, path)
+    cover, error = runtime.run_isolated(runtime.xnnpack_coverage, str(path), timeout=600)
+    assert error is None and cover["left"] == {"SOFTMAX": 1}, cover

@@ -6,8 +6,8 @@ round-trips through get_config and Keras saving (.h5, SavedModel: same weights, 
 import numpy as np
 import pytest
 
-from conftest import assert_twin_matches_file
-from mobileqat import coverage, runtime, transforms
+from conftest import assert_twin_matches_and_xnnpack_takes_all_but_softmax
+from mobileqat import coverage, transforms
 from mobileqat._tf import keras
 from mobileqat.layers import ConstantShapeReshape
 from mobileqat.quantize import quantize
@@ -46,13 +46,7 @@ def test_rewrite_keeps_the_function_and_writes_constant_shapes():
 
 
 def test_file_is_fully_delegated_and_its_twin_matches(tmp_path):
-    q = quantize(reshape_net())
-    x = _x(32)
-    q(x, training=True)
-    path = str(tmp_path / "reshape.tflite")
-    assert_twin_matches_file(q, x, path)
-    cover, error = runtime.run_isolated(runtime.xnnpack_coverage, path, timeout=600)
-    assert error is None and cover["left"] == {"SOFTMAX": 1}, cover
+    assert_twin_matches_and_xnnpack_takes_all_but_softmax(quantize(reshape_net()), _x(32), tmp_path / "reshape.tflite")
 
 
 def test_round_trips_through_config_and_saving(tmp_path):

@@ -5,8 +5,8 @@ every op but the SOFTMAX (counted by the runtime); the integer twin matches the 
 runtimes."""
 import numpy as np
 
-from conftest import assert_twin_matches_file
-from mobileqat import runtime, transforms
+from conftest import assert_twin_matches_and_xnnpack_takes_all_but_softmax
+from mobileqat import transforms
 from mobileqat._tf import keras
 from mobileqat.quantize import quantize
 
@@ -41,10 +41,4 @@ def test_rewrite_keeps_the_function_and_drops_the_reshapes():
 
 
 def test_file_is_fully_delegated_and_its_twin_matches(tmp_path):
-    q = quantize(se_net())
-    x = _x(32)
-    q(x, training=True)
-    path = str(tmp_path / "se.tflite")
-    assert_twin_matches_file(q, x, path)
-    cover, error = runtime.run_isolated(runtime.xnnpack_coverage, path, timeout=600)
-    assert error is None and cover["left"] == {"SOFTMAX": 1}, cover
+    assert_twin_matches_and_xnnpack_takes_all_but_softmax(quantize(se_net()), _x(32), tmp_path / "se.tflite")
