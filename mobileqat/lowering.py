@@ -142,14 +142,23 @@ def _arithmetic(runtime):
 
 # --- reading quantization parameters the way the converter does ---------------------------------
 
+# The converter widens a FakeQuant range no wider than this to [min(rmin, -5e-7), max(rmax, 5e-7)]
+# (kNearZeroTolerance, ExpandVerySmallRange in its quantization_utils.cc), so a channel of zero weights gets the
+# scale 1e-6 / 254, not 0.
+NEAR_ZERO_RANGE = 1.0e-6
+
+
 def quantization_params(rmin, rmax, num_bits=8, narrow_range=False):
     """Scale (double) and signed zero point of a FakeQuant range [rmin, rmax], as the TFLite converter
     computes them (fakeQuantAttrsToType): double arithmetic on the unsigned grid [0, 2^bits - 1]
     ([1, ...] with narrow_range), the zero point from the end with the smaller rounding error, nudged
     with round-half-away, then shifted to signed. The unsigned grid matters: a range [-1, 1] gives
-    zero point 127.5 -> 128 -> 0, where the signed grid would give -0.5 -> -1."""
+    zero point 127.5 -> 128 -> 0, where the signed grid would give -0.5 -> -1. A range of at most
+    ``NEAR_ZERO_RANGE`` is widened first, as the converter does."""
     qmin, qmax = int(narrow_range), (1 << num_bits) - 1
     rmin, rmax = float(np.float32(rmin)), float(np.float32(rmax))
+    if not rmax - rmin > NEAR_ZERO_RANGE:  # the converter's ExpandVerySmallRange (a dead channel's weights)
+        rmin, rmax = min(rmin, -NEAR_ZERO_RANGE / 2), max(rmax, NEAR_ZERO_RANGE / 2)
     scale = (rmax - rmin) / (qmax - qmin)
     from_min, from_max = qmin - rmin / scale, qmax - rmax / scale
     err_min, err_max = abs(qmin) + abs(rmin / scale), abs(qmax) + abs(rmax / scale)

@@ -62,7 +62,8 @@ class QuantScheme:
       non-negative by construction (a fused or standalone ReLU / ReLU6, as in the paper); the other outputs of a
       "pact" scheme, which may be negative, keep "ema".
     pact_l2: L2 weight on PACT's alpha (0: none).
-    lsq_init: initial LSQ weight step: "paper" (2 mean|w| / sqrt(Qp)) or "max" (max|w| / Qp, the min-max grid).
+    lsq_init: initial LSQ weight step: "max" (max|w| / Qp, the min-max grid; default) or "paper" (2 mean|w| /
+      sqrt(Qp), which starts 4-bit depthwise channels on a 3-bit grid: ``LSQWeightQuantizer``).
     """
 
     name: str = "w8a8"
@@ -74,7 +75,7 @@ class QuantScheme:
     weight_method: str = "minmax"
     activation_method: str = "ema"
     pact_l2: float = 0.0
-    lsq_init: str = "paper"
+    lsq_init: str = "max"
 
     def __post_init__(self):
         if self.lsq_init not in LSQWeightQuantizer.INITS:

@@ -38,7 +38,7 @@ def _grads(quantizer, x, dy, training=True, qvars=None):
 def test_lsq_weight_forward_init_and_gradients_match_the_paper(rng, bits, per_channel):
     w = (rng.normal(size=(3, 3, 4, 5)) * np.array([0.1, 1, 3, 0.01, 7])).astype(np.float32)
     dy = rng.normal(size=w.shape).astype(np.float32)
-    q = LSQWeightQuantizer(bits, per_channel=per_channel)
+    q = LSQWeightQuantizer(bits, per_channel=per_channel, init="paper")
     y, gw, g, qvars = _grads(q, w, dy)
     qp = 2 ** (bits - 1) - 1
     axes = (0, 1, 2) if per_channel else None
@@ -316,7 +316,7 @@ def test_the_file_holds_the_learned_scales_and_the_4_bit_grid(trained):
             if isinstance(oq[0], PACTQuantizer):
                 assert zp == -128 and file_out["scales"][0] == np.float32(np.float64(oq[1].alpha.numpy()) / 255)
             else:  # LSQ+: the step within float32 rounding
-                assert file_out["scales"][0] == pytest.approx(oq[1].step.numpy(), rel=1e-5)
+                assert file_out["scales"][0] == pytest.approx(abs(oq[1].step.numpy()), rel=1e-5)
             assert debug.keras_quant_params(qat.get_layer(op.output)) == (file_out["scales"][0], zp)  # the debugger
             checked_a.add(name)
         if wq is None or "weights" not in op.params:
@@ -325,7 +325,7 @@ def test_the_file_holds_the_learned_scales_and_the_4_bit_grid(trained):
         wt = tensors[fop["inputs"][1]]
         file_scales = np.asarray(wt["quantization_parameters"]["scales"], np.float32)
         np.testing.assert_array_equal(file_scales, np.atleast_1d(wq[0].steps(wq[1])), err_msg=name)
-        s = np.atleast_1d(np.float32(wq[1].step.numpy()))
+        s = np.abs(np.atleast_1d(np.float32(wq[1].step.numpy())))
         assert np.all(np.abs(file_scales.view(np.int32) - s.view(np.int32)) <= 1), (name, file_scales, s)
         codes = it.get_tensor(wt["index"]).astype(int)
         qp = 2 ** (wq[0].num_bits - 1) - 1
@@ -353,19 +353,23 @@ def test_integer_twin_matches_the_file_at_0_lsb(trained, runtime):
 
 
 def test_lsq_max_init_starts_on_the_min_max_grid(rng):
-    """init="max": s = max|w| / Qp per channel (numpy), so no weight is clipped and the codes reach +-Qp; the
-    option round-trips through the config and is a QuantScheme field (lsq_init) that reaches the quantizer."""
+    """init="max" (the default): s = max|w| / Qp per channel (numpy), so no weight is clipped and the codes reach
+    +-Qp; the option round-trips through the config and is a QuantScheme field (lsq_init) that reaches the
+    quantizer."""
     w = (rng.normal(size=(3, 3, 4, 5)) * np.array([0.1, 1, 3, 0.01, 7])).astype(np.float32)
-    q = LSQWeightQuantizer(4, per_channel=True, init="max")
+    q = LSQWeightQuantizer(4, per_channel=True)
     y, _, _, qvars = _grads(q, w, np.ones_like(w))
     s = np.float32(qvars.step.numpy())
     np.testing.assert_allclose(s, np.abs(w).max(axis=(0, 1, 2)) / 7, rtol=1e-6)
     codes = np.round(y / q.steps(qvars))
     assert np.abs(codes).max(axis=(0, 1, 2)).tolist() == [7] * 5
     restored = keras.utils.deserialize_keras_object(keras.utils.serialize_keras_object(q))
-    assert restored.init == "max" and LSQWeightQuantizer(4).get_config() == {"num_bits": 4, "per_channel": True}
-    scheme = get_scheme({"weight_bits": 4, "weight_method": "lsq", "lsq_init": "max"})
-    assert scheme.weight_quantizer().init == "max"
+    assert restored.init == "max" and q.get_config() == {"num_bits": 4, "per_channel": True, "init": "max"}
+    paper = LSQWeightQuantizer(4, init="paper")
+    assert keras.utils.deserialize_keras_object(keras.utils.serialize_keras_object(paper)).init == "paper"
+    assert get_scheme("w4a8_lsq").weight_quantizer().init == "max"
+    scheme = get_scheme({"weight_bits": 4, "weight_method": "lsq", "lsq_init": "paper"})
+    assert scheme.weight_quantizer().init == "paper"
     with pytest.raises(ValueError, match="lsq_init='mse'; use one of"):
         QuantScheme("x", 4, lsq_init="mse")
     with pytest.raises(ValueError, match=r"init='mean'\): use one of"):
