@@ -33,6 +33,7 @@ from mobileqat import architectures, export, harness, training
 from mobileqat._tf import keras
 from mobileqat.data import ImageFolderStream, calibration_subset
 from mobileqat.export import write_atomic
+from mobileqat.schemes import resolved
 from mobileqat.stages import RunFolder, data_fingerprint, stage_key
 
 # 8-bit first and last layers with weights, 4-bit weights in between (int8 activations everywhere)
@@ -207,7 +208,7 @@ def compare(dataset, out_dir, cfg=CompareConfig(), float_model=None):
 
     for name in names:
         how, scheme, distill = VARIANTS[name]
-        key = stage_key(float=float_key, variant=name, scheme=scheme, **_variant_settings(how, distill, cfg))
+        key = stage_key(float=float_key, variant=name, scheme=resolved(scheme), **_variant_settings(how, distill, cfg))
         old = (previous.get("variants") or {}).get(name)
         if old is not None and old.get("key") == key:
             _log(cfg, f"{name}: measured earlier with the same data and settings, kept")

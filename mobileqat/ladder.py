@@ -33,6 +33,7 @@ import numpy as np
 from mobileqat import compare, export, harness, provenance, training
 from mobileqat.data import ImageFolderStream, calibration_indices, calibration_subset
 from mobileqat.export import write_atomic
+from mobileqat.schemes import resolved
 from mobileqat.stages import RunFolder, data_fingerprint, stage_key
 
 RUNGS = ("ptq", "calibration", "adaround", "mixed", "qat")
@@ -228,7 +229,7 @@ def auto(dataset, out_dir, float_model, cfg=LadderConfig()):
         # qat
         target = state["rules"] or cfg.scheme
         qmodel, fit = pipeline._trained(
-            folder, "auto_qat", stage_key(float=float_key, rung="qat", scheme=target, **_qat_settings(cfg)), h5,
+            folder, "auto_qat", stage_key(float=float_key, rung="qat", scheme=resolved(target), **_qat_settings(cfg)), h5,
             load=load_qat_model, build=lambda: quantize(float_model, target),
             train=lambda m, ckpt: training.fit(m, *_training_data(dataset, cfg), cfg.qat_epochs, cfg.batch_size,
                                                cfg.qat_learning_rate, from_logits=from_logits, checkpoint_dir=ckpt,
@@ -244,7 +245,7 @@ def auto(dataset, out_dir, float_model, cfg=LadderConfig()):
                     "adaround": {**calibration, "iters": cfg.adaround_iters},
                     "mixed": {**calibration, "iters": cfg.adaround_iters, "budget": cfg.budget},
                     "qat": _qat_settings(cfg)}[name]
-        key = stage_key(float=float_key, rung=name, scheme=cfg.scheme, calibration_images=cfg.calibration_images,
+        key = stage_key(float=float_key, rung=name, scheme=resolved(cfg.scheme), calibration_images=cfg.calibration_images,
                         seed=cfg.seed, **settings)
         entry = kept(name, key)
         if entry is None:

@@ -158,7 +158,7 @@ def run_pipeline(dataset, out_dir, cfg=RunConfig(), float_model=None, qat_model=
                         qat_warmup=cfg.qat_warmup, **schedule,
                         **({"batch_size": cfg.batch_size, "seed": cfg.seed} if user else {}),
                         **({"augment": augment} if augment else {}),
-                        **({} if default_scheme else {"scheme": scheme.to_dict()}))
+                        **({} if default_scheme else {"scheme": schemes.resolved(scheme)}))
     qat_model, qat_fit = _trained(
         folder, "qat", qat_key, os.path.join(out_dir, "qat_model.h5"), load=load_qat_model,
         build=lambda: prebuilt_qat if prebuilt_qat is not None and default_scheme else quantize(float_model, scheme),

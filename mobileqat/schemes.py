@@ -276,6 +276,18 @@ def as_scheme_or_rules(scheme):
     return get_scheme(scheme)
 
 
+def resolved(scheme):
+    """Plain data of what ``scheme`` (anything ``as_scheme_or_rules`` takes; None stays None) means, preset names
+    replaced by their fields: the key of a finished stage, so that a preset whose fields change (``w4a8_lsq``'s
+    weight initialisation did) is not taken for the one measured before."""
+    if scheme is None:
+        return None
+    s = as_scheme_or_rules(scheme)
+    if isinstance(s, QuantScheme):
+        return s.to_dict()
+    return {"default": s.default.to_dict(), "rules": [{"match": r.match, "scheme": r.scheme.to_dict()} for r in s.rules]}
+
+
 def _original_classes(model):
     """{layer name: class name the user wrote} over the model and the models nested in it (a nested
     layer also under ``<nested>_<layer>``, the name ``flatten_nested`` gives it where names clash)."""

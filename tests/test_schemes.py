@@ -173,3 +173,20 @@ def test_layers_a_rewrite_adds_keep_8_bit_weights():
     assert qat.get_layer("quant_a").layer.weight_quantizer.num_bits == 4
     with pytest.raises(ValueError, match="matches only layers without weights to quantize"):
         quantize(model, [{"match": {"name": "after_add*"}, "scheme": "w8a8"}])
+
+
+def test_resolved_spells_out_presets_so_a_changed_preset_gets_a_new_stage_key():
+    """``resolved``: preset names inside a scheme or rules become their fields, so the key of a finished stage
+    changes when a preset's meaning does (w4a8_lsq's weight initialisation); equal meanings give equal data."""
+    from mobileqat.schemes import PRESETS, resolved
+    from mobileqat.stages import stage_key
+    assert resolved(None) is None
+    assert resolved("w4a8_lsq") == PRESETS["w4a8_lsq"].to_dict() and resolved("w4a8_lsq")["lsq_init"] == "max"
+    paper = dict(PRESETS["w4a8_lsq"].to_dict(), lsq_init="paper")
+    assert stage_key(scheme=resolved("w4a8_lsq")) != stage_key(scheme=resolved(paper))
+    rules = {"default": "w4a8", "rules": [{"match": {"position": "first"}, "scheme": "w8a8"}]}
+    spelled = {"default": PRESETS["w4a8"].to_dict(),
+               "rules": [{"match": {"position": "first"}, "scheme": PRESETS["w8a8"].to_dict()}]}
+    assert resolved(rules) == spelled
+    assert resolved({"default": PRESETS["w4a8"].to_dict(), "rules": [{"match": {"position": "first"},
+                                                                      "scheme": "w8a8"}]}) == spelled
