@@ -158,6 +158,11 @@ def _match(integer_model, path):
     for lop in twin_ops:
         want = [mapped.get(twin_alias.get(n, n)) for n in lop.inputs]
         candidates = [i for i, fop in enumerate(file_ops) if i not in matched and fop["ins"] == want]
+        if lop.kind == "pad" and want[0] is not None and all(file_ops[i]["op_name"] != "PAD" for i in candidates):
+            # the converter folds a PAD into the CONV_2D / DEPTHWISE_CONV_2D after it when the padding is the
+            # conv's SAME padding: that conv then reads the PAD's input (the PAD keeps its input's scale)
+            twin_alias[lop.output] = twin_alias.get(lop.inputs[0], lop.inputs[0])
+            continue
         if not candidates:
             rest = [i for i in range(len(file_ops)) if i not in matched]
             if not rest:

@@ -120,3 +120,32 @@ def test_cli_validate_accepts_the_models_own_file(tiny_files):
              "--test", 8, "--max-lsb", 0, "--min-agreement", 1.0)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["provenance"]["check"] == "fingerprint"
+
+
+def test_a_pad_the_converter_folds_into_the_next_conv_is_no_difference(tmp_path):
+    """ZeroPadding2D((0, 1), (0, 1)) + stride-2 'valid' DepthwiseConv2D on 16x16 is the conv's SAME padding: the
+    converter writes no PAD and the DEPTHWISE_CONV_2D reads the padding's input. The twin keeps its pad op;
+    ``first_difference`` must not report it, and still reports a weight changed after that conv."""
+    from mobileqat import lowering
+    from mobileqat._tf import keras
+    from mobileqat.quantize import quantize
+    L = keras.layers
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((16, 16, 3))
+    x = L.ReLU(6.0)(L.BatchNormalization()(L.Conv2D(8, 3, padding="same", use_bias=False, name="stem")(inp)))
+    x = L.ZeroPadding2D(((0, 1), (0, 1)), name="pad")(x)
+    x = L.ReLU(6.0)(L.BatchNormalization()(L.DepthwiseConv2D(3, strides=2, padding="valid", use_bias=False,
+                                                              name="dw")(x)))
+    x = L.Dense(4, name="fc")(L.GlobalAveragePooling2D()(x))
+    qat = quantize(keras.Model(inp, x, name="padded"), "w8a8")
+    qat(np.random.default_rng(0).uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32), training=True)
+    path = str(tmp_path / "padded.tflite")
+    export.export_tflite(qat, path)
+    ops = [op["op_name"] for op in TFLiteModel(path, "reference").interpreter._get_ops_details()]
+    assert "PAD" not in ops and "DEPTHWISE_CONV_2D" in ops, ops  # the converter's fold this test is about
+    twin = lowering.lower(qat)
+    assert "pad" in [op.kind for op in twin.ops]
+    assert provenance.first_difference(twin, path) is None
+    kernel = next(v for v in qat.get_layer("quant_fc").weights if v.name.endswith("kernel:0"))
+    kernel.assign(kernel.numpy() * 1.5)
+    assert "fc" in (provenance.first_difference(lowering.lower(qat), path) or "")
