@@ -353,7 +353,7 @@ class LSQWeightQuantizer(_Base):
     "max" (default): s = max|w| / Qp, the min-max grid (no weight clipped), where min-max QAT starts;
     "paper": s = 2 mean|w| / sqrt(Qp) (per channel). With few weights per channel (a depthwise 3x3 has 9) the
     paper's step puts Qp s at 2 to 3 times max|w| at 4 bits, so the weights start on a 3-bit grid, and a short
-    fine-tune does not move it back: measured 5 to 17 points below "max" at W4A8 (models/README.md).
+    fine-tune does not move it back: measured 3 to 17 points below "max" at W4A8 (models/README.md).
     The step used is |step| (at least ``MIN_WEIGHT_STEP``): under Adam a small step can be pushed through 0 in one
     update, and a floor alone would leave it there with no gradient (a dead channel); |step| keeps the gradient.
     Variables: ``step`` (trainable), ``initialized`` (0/1).
