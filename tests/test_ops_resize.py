@@ -119,8 +119,10 @@ def test_provenance_compares_transpose_conv_weights_and_bias(exported):
     finally:
         op.params["bias"] = saved
     nobias = next(o for o in integer_model.ops if o.output == "quant_tconv3_valid_nobias")
-    nobias.params["bias"] = np.zeros(4, np.int32)
     try:
+        nobias.params["bias"] = np.zeros(4, np.int32)  # a bias of zeros is what no bias computes
+        assert provenance.first_difference(integer_model, path) is None
+        nobias.params["bias"] = np.ones(4, np.int32)
         assert "has a bias where the other has none" in provenance.first_difference(integer_model, path)
     finally:
         nobias.params["bias"] = None
